@@ -1,0 +1,195 @@
+"""advfast's two fused operators: the loss head on the logits and the perturbation step.
+
+Both run as registered PyTorch operators (``torch.ops.advfast.*``, C++ on CPU and CUDA on GPU)
+when the compiled library ``advfast._C`` is present, and fall back to the pure-PyTorch
+reference in :mod:`advfast.reference` (with one warning) when it is not.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Literal
+
+import torch
+
+from . import reference
+from .reference import HEAD_STATS, STEP_STATS
+
+__all__ = ["LOSSES", "KAPPA_MODES", "HEAD_STATS", "STEP_STATS", "backend", "loss_head",
+           "perturb_step_"]
+
+LOSSES: tuple[str, ...] = ("ce", "ce-sign", "logit", "m-logit")
+KAPPA_MODES: tuple[str, ...] = ("clamp", "balance")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+try:
+    from . import _C  # noqa: F401  (loading it registers torch.ops.advfast.*)
+
+    _COMPILED = True
+except ImportError as err:  # pragma: no cover - exercised only on a broken install
+    _COMPILED = False
+    warnings.warn(f"advfast: compiled kernels unavailable ({err}); using the pure-PyTorch "
+                  "reference, which is correct but slower. Reinstall with "
+                  "`pip install --no-build-isolation -e .` to build them.", RuntimeWarning,
+                  stacklevel=2)
+
+
+def backend() -> Literal["cpu+cuda", "cpu", "reference"]:
+    """Which implementation the ops use: compiled with CUDA kernels, compiled CPU only, or the
+    pure-PyTorch reference."""
+    if not _COMPILED:
+        return "reference"
+    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("advfast::loss_head", "CUDA")
+    return "cpu+cuda" if has_cuda else "cpu"
+
+
+if _COMPILED:
+
+    @torch.library.register_fake("advfast::loss_head")
+    def _loss_head_fake(logits, target, source, loss, kappa, kappa_mode, threshold):
+        batch, classes = logits.shape
+        return (logits.new_empty((batch, classes), dtype=torch.float32),
+                logits.new_empty((batch, len(HEAD_STATS)), dtype=torch.float32))
+
+    @torch.library.register_fake("advfast::perturb_step_")
+    def _perturb_step_fake(x, grad, x0, active, sign, alpha, beta, lo, hi, eps):
+        return x.new_empty((x.shape[0], len(STEP_STATS)))
+
+
+def _require_tensor(value: object, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _require_finite(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_indices(index: torch.Tensor, classes: int, name: str) -> None:
+    # A data-dependent check: it synchronises on a GPU, so the attack engine validates once
+    # and then passes validate_indices=False inside its loop.
+    if index.numel() and bool(((index < 0) | (index >= classes)).any()):
+        bad = index[(index < 0) | (index >= classes)][0].item()
+        raise IndexError(f"{name} holds class {bad}, outside [0, {classes})")
+
+
+def loss_head(logits: torch.Tensor, target: torch.Tensor, source: torch.Tensor, loss: str,
+              kappa: float = 20.0, kappa_mode: str = "clamp", threshold: float = 0.9, *,
+              validate_indices: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seed and statistics of the objective O an attack maximises, from the logits g.
+
+    Args:
+        logits: [B, M] float32/float16/bfloat16, any strides.
+        target: [B] int64, the class c the attack drives towards.
+        source: [B] int64, the initial class (recorded only).
+        loss: ``ce`` / ``ce-sign``: O = log softmax(g)_c, seed = onehot(c) - softmax(g);
+            ``logit``: O = g_c, seed = onehot(c) (Eq. 14);
+            ``m-logit``: CW's margin m = g_c - g_c*, c* = argmax_{i != c} g_i (Eqs. 4, 15),
+            seed = w * (onehot(c) - onehot(c*)).
+        kappa: the M-logit margin target (paper: 20).
+        kappa_mode: ``clamp``: w = 1 while m < kappa, else 0 (the sample stops moving);
+            ``balance``: w = 1 below kappa, 0 at kappa, -1 above (Eq. 16 read literally).
+        threshold: the confidence that separates D1/D3 from D2 (Definition IV.1).
+        validate_indices: check target/source lie in [0, M) (a host sync on GPUs).
+
+    Returns:
+        seed: [B, M] float32, dO/dlogits.
+        stats: [B, 10] float32 with columns :data:`HEAD_STATS`.
+    """
+    for value, name in ((logits, "logits"), (target, "target"), (source, "source")):
+        _require_tensor(value, name)
+    if logits.dtype not in _FLOATS:
+        raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [B, M], got shape {tuple(logits.shape)}")
+    batch, classes = logits.shape
+    if classes < 2:
+        raise ValueError(f"logits need at least 2 classes, got M = {classes}")
+    for index, name in ((target, "target"), (source, "source")):
+        if index.dtype != torch.int64:
+            raise TypeError(f"{name} must be int64, got {index.dtype}")
+        if tuple(index.shape) != (batch,):
+            raise ValueError(f"{name} must have shape [{batch}] to match logits, "
+                             f"got {tuple(index.shape)}")
+        if index.device != logits.device:
+            raise ValueError(f"{name} is on {index.device} but logits on {logits.device}")
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    if kappa_mode not in KAPPA_MODES:
+        raise ValueError(f"unknown kappa_mode {kappa_mode!r}; choose one of "
+                         f"{', '.join(KAPPA_MODES)}")
+    kappa = _require_finite(kappa, "kappa")
+    threshold = _require_finite(threshold, "threshold")
+    if validate_indices and not torch.compiler.is_compiling():
+        _check_indices(target, classes, "target")
+        _check_indices(source, classes, "source")
+    if _COMPILED:
+        return torch.ops.advfast.loss_head(logits, target, source, loss, kappa, kappa_mode,
+                                           threshold)
+    return reference.loss_head(logits, target, source, loss, kappa, kappa_mode, threshold)
+
+
+def perturb_step_(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, *, sign: bool,
+                  alpha: float | None = None, beta: float | None = None, lo: float = 0.0,
+                  hi: float = 1.0, eps: float | None = None,
+                  active: torch.Tensor | None = None) -> torch.Tensor:
+    """One fused attack step X <- clip_[lo,hi](X + a * P), in place (paper Eq. 11).
+
+    Args:
+        x: [B, ...] float32, the current images; updated in place.
+        grad: [B, ...] float32/float16/bfloat16, dO/dx.
+        x0: [B, ...] float32, the clean images.
+        sign: P = sign(grad) (IFGS, Eq. 13; sign(0) = 0) instead of P = grad.
+        alpha: equal multiplier rule, a = alpha.
+        beta: equal perturbation rule, a = beta / sum|P| per sample, so each step adds beta in
+            L1 before clipping; a sample with sum|P| = 0 takes no step.  Exactly one of alpha
+            and beta.
+        lo, hi: the box the images live in.
+        eps: optional Linf radius around x0 (IFGS's Clip_{X,eps}, Eq. 2).
+        active: [B] bool, None = all; inactive samples are neither stepped nor written.
+
+    Returns:
+        [B, 4] float32 with columns :data:`STEP_STATS`: sum|P| (0 for inactive samples), then the
+        L1, L2 and Linf norms of x - x0 after the step.
+    """
+    for value, name in ((x, "x"), (grad, "grad"), (x0, "x0")):
+        _require_tensor(value, name)
+    if x.dtype != torch.float32 or x0.dtype != torch.float32:
+        raise TypeError(f"x and x0 must be float32, got {x.dtype} and {x0.dtype}")
+    if grad.dtype not in _FLOATS:
+        raise TypeError(f"grad must be float32, float16 or bfloat16, got {grad.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have a batch dimension [B, ...]")
+    if grad.shape != x.shape or x0.shape != x.shape:
+        raise ValueError(f"x, grad and x0 must have the same shape, got {tuple(x.shape)}, "
+                         f"{tuple(grad.shape)} and {tuple(x0.shape)}")
+    if grad.device != x.device or x0.device != x.device:
+        raise ValueError(f"x, grad and x0 must be on one device, got {x.device}, {grad.device} "
+                         f"and {x0.device}")
+    if (alpha is None) == (beta is None):
+        raise ValueError("give exactly one of alpha (equal multiplier) or beta (equal "
+                         "perturbation)")
+    alpha = None if alpha is None else _require_finite(alpha, "alpha")
+    beta = None if beta is None else _require_finite(beta, "beta")
+    lo, hi = _require_finite(lo, "lo"), _require_finite(hi, "hi")
+    if lo > hi:
+        raise ValueError(f"lo ({lo}) must not exceed hi ({hi})")
+    if eps is not None and _require_finite(eps, "eps") < 0:
+        raise ValueError(f"eps must be non-negative, got {eps}")
+    eps = None if eps is None else float(eps)
+    if active is not None:
+        _require_tensor(active, "active")
+        if active.dtype != torch.bool or tuple(active.shape) != (x.shape[0],):
+            raise ValueError(f"active must be a bool tensor of shape [{x.shape[0]}], got "
+                             f"{active.dtype} {tuple(active.shape)}")
+        if active.device != x.device:
+            raise ValueError(f"active is on {active.device} but x on {x.device}")
+    if _COMPILED:
+        return torch.ops.advfast.perturb_step_(x, grad, x0, active, bool(sign), alpha, beta, lo,
+                                               hi, eps)
+    return reference.perturb_step_(x, grad, x0, sign=bool(sign), alpha=alpha, beta=beta, lo=lo,
+                                   hi=hi, eps=eps, active=active)

@@ -1,0 +1,101 @@
+"""Pure-PyTorch reference of advfast's two fused ops.
+
+This is the oracle the compiled kernels are tested against and the fallback used when the
+compiled library is missing.  It follows the same formulas (``csrc/advfast_math.h``) with
+eager tensor operations, computing in float32 whatever the input precision.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+HEAD_STATS: tuple[str, ...] = ("pred", "max_prob", "target_prob", "target_logit", "source_prob",
+                               "source_logit", "runner_up", "margin", "subspace", "hit")
+STEP_STATS: tuple[str, ...] = ("p_l1", "delta_l1", "delta_l2", "delta_linf")
+
+
+def kappa_weight(margin: torch.Tensor, kappa: float, kappa_mode: str) -> torch.Tensor:
+    """Multiplier w of the M-logit seed (paper Eqs. 4, 15-16).
+
+    ``clamp``: w = 1 while margin < kappa, else 0 (CW's max(., -kappa)).
+    ``balance``: w = 1 below kappa, 0 at kappa, -1 above (the margin is held at kappa).
+    """
+    above = torch.zeros_like(margin) if kappa_mode == "clamp" else -(margin > kappa).float()
+    return torch.where(margin < kappa, torch.ones_like(margin), above)
+
+
+def loss_head(logits: torch.Tensor, target: torch.Tensor, source: torch.Tensor, loss: str,
+              kappa: float = 20.0, kappa_mode: str = "clamp",
+              threshold: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seed dO/dlogits [B, M] and HEAD_STATS [B, 10] of the objective O the attack maximises.
+
+    ce, ce-sign: O = log softmax(g)_c, seed = onehot(c) - softmax(g)
+    logit:       O = g_c,              seed = onehot(c)
+    m-logit:     O = w * (g_c - g_c*), seed = w * (onehot(c) - onehot(c*)), c* = argmax_{i != c} g_i
+    """
+    g = logits.float()
+    batch, classes = g.shape
+    rows = torch.arange(batch, device=g.device)
+    prob = torch.softmax(g, dim=1)
+    pred = g.argmax(dim=1)
+    max_prob = prob.gather(1, pred[:, None])[:, 0]
+    masked = g.scatter(1, target[:, None], float("-inf"))
+    runner_up = masked.argmax(dim=1)
+    target_logit = g[rows, target]
+    margin = target_logit - g[rows, runner_up]
+    hit = pred == target
+    subspace = torch.where(max_prob < threshold, torch.full_like(max_prob, 2.0),
+                           torch.where(hit, torch.full_like(max_prob, 3.0),
+                                       torch.ones_like(max_prob)))
+    onehot = F.one_hot(target, classes).float()
+    if loss in ("ce", "ce-sign"):
+        seed = onehot - prob
+    elif loss == "logit":
+        seed = onehot
+    else:
+        w = kappa_weight(margin, kappa, kappa_mode)
+        seed = w[:, None] * (onehot - F.one_hot(runner_up, classes).float())
+    stats = torch.stack([pred.float(), max_prob, prob[rows, target], target_logit,
+                         prob[rows, source], g[rows, source], runner_up.float(), margin, subspace,
+                         hit.float()], dim=1)
+    return seed, stats
+
+
+def perturb_step_(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, *, sign: bool,
+                  alpha: float | None = None, beta: float | None = None, lo: float = 0.0,
+                  hi: float = 1.0, eps: float | None = None,
+                  active: torch.Tensor | None = None) -> torch.Tensor:
+    """One step X <- clip(X + a * P) in place (paper Eq. 11); returns STEP_STATS [B, 4].
+
+    P = sign(grad) or grad; a = alpha (equal multiplier) or beta / sum|P| per sample (equal
+    perturbation; no step where sum|P| = 0).  Then clip to [lo, hi] and, with eps, to the
+    Linf ball around x0 (Eq. 2).  Inactive samples are not stepped and report p_l1 = 0.
+    """
+    batch = x.shape[0]
+    if x.numel() == 0:
+        return x.new_zeros((batch, 4))
+    p = grad.float().reshape(batch, -1)
+    if sign:
+        p = torch.sign(p)
+    p_l1 = p.abs().sum(dim=1)
+    if beta is None:
+        step = alpha * p
+    else:
+        scale = beta / p_l1
+        # beta / sum overflows only for a denormal sum; divide element-wise there instead.
+        step = torch.where(torch.isinf(scale)[:, None], beta * (p / p_l1[:, None]),
+                           scale[:, None] * p)
+        step = torch.where((p_l1 == 0)[:, None], torch.zeros_like(step), step)
+    xf = x.reshape(batch, -1)
+    x0f = x0.reshape(batch, -1)
+    new = torch.clamp(xf + step, lo, hi)
+    if eps is not None:
+        new = torch.minimum(torch.maximum(new, (x0f - eps).clamp_min(lo)), (x0f + eps).clamp_max(hi))
+    if active is not None:
+        new = torch.where(active[:, None], new, xf)
+        p_l1 = torch.where(active, p_l1, torch.zeros_like(p_l1))
+    x.copy_(new.view_as(x))
+    delta = new - x0f
+    return torch.stack([p_l1, delta.abs().sum(dim=1), delta.square().sum(dim=1).sqrt(),
+                        delta.abs().amax(dim=1)], dim=1)

@@ -1,0 +1,107 @@
+"""Kernel benchmark: advfast's fused ops against eager PyTorch, torch.compile and the memory floor.
+
+For each image shape and each step variant (equal multiplier / equal perturbation, raw
+gradient / its sign) it times, in one process:
+  * ``perturb_step_``,
+  * the eager reference chain (advfast.reference.perturb_step_),
+  * torch.compile of that chain,
+  * one ``x.copy_(grad)``: the memory floor (read one tensor, write one),
+and ``loss_head`` against its eager reference on [B, 1000] logits.  Ratios are to the copy
+(step) or to eager (head), all measured in the same run.
+
+    python bench/bench_ops.py [--device cpu|cuda] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+
+import torch
+from torch.utils import benchmark
+
+from advfast import ops, reference
+
+SHAPES = [(8, 3, 224, 224), (32, 3, 64, 64), (256, 3, 32, 32)]
+VARIANTS = {"alpha": dict(sign=False, alpha=5e-4), "beta": dict(sign=False, beta=5.0),
+            "alpha-sign": dict(sign=True, alpha=5e-4), "beta-sign": dict(sign=True, beta=5.0)}
+CLASSES = 1000
+
+
+def _median_ms(fn, min_run_time: float) -> float:
+    fn()  # warm-up (and compilation for torch.compile)
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def bench_step(shape, variant: dict, device: str, min_run_time: float) -> dict:
+    x0 = torch.rand(shape, device=device)
+    grad = torch.randn(shape, device=device) * 1e-3
+    x = x0.clone()
+    torch._dynamo.reset()
+    compiled_chain = torch.compile(reference.perturb_step_, fullgraph=True)
+    rows = {
+        "copy": lambda: x.copy_(grad),
+        "advfast": lambda: ops.perturb_step_(x, grad, x0, **variant),
+        "eager": lambda: reference.perturb_step_(x, grad, x0, **variant),
+        "compile": lambda: compiled_chain(x, grad, x0, **variant),
+    }
+    return {name: _median_ms(fn, min_run_time) for name, fn in rows.items()}
+
+
+def bench_head(batch: int, device: str, min_run_time: float) -> dict:
+    logits = torch.randn(batch, CLASSES, device=device) * 5
+    target = torch.randint(0, CLASSES, (batch,), device=device)
+    source = torch.randint(0, CLASSES, (batch,), device=device)
+    out = {}
+    for loss in ("ce", "m-logit"):
+        out[loss] = {
+            "advfast": _median_ms(lambda: ops.loss_head(logits, target, source, loss,
+                                                        validate_indices=False), min_run_time),
+            "eager": _median_ms(lambda: reference.loss_head(logits, target, source, loss),
+                                min_run_time),
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    device_name = (torch.cuda.get_device_name() if args.device == "cuda"
+                   else f"{platform.machine()}, {torch.ops.advfast.cpu_isa()} kernels, "
+                        f"{torch.get_num_threads()} threads")
+    print(f"advfast ops benchmark: backend={ops.backend()} device={args.device} ({device_name}) "
+          f"torch={torch.__version__}\n")
+    print("perturb_step_ (ms, and ratio to one x.copy_(grad))\n")
+    print("| shape | rule | copy | advfast | eager | torch.compile | advfast/copy | eager/copy | "
+          "compile/copy |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    steps, heads = [], []
+    for shape in SHAPES:
+        for name, variant in VARIANTS.items():
+            t = bench_step(shape, variant, args.device, args.min_run_time)
+            print(f"| {'x'.join(map(str, shape))} | {name} | {t['copy']:.3f} | {t['advfast']:.3f} | "
+                  f"{t['eager']:.3f} | {t['compile']:.3f} | {t['advfast'] / t['copy']:.2f}x | "
+                  f"{t['eager'] / t['copy']:.1f}x | {t['compile'] / t['copy']:.1f}x |", flush=True)
+            steps.append({"shape": list(shape), "rule": name, "ms": t})
+    print(f"\nloss_head on [B, {CLASSES}] logits (ms)\n")
+    print("| B | loss | advfast | eager | eager/advfast |")
+    print("|---|---|---|---|---|")
+    for batch in sorted({shape[0] for shape in SHAPES}):
+        for loss, t in bench_head(batch, args.device, args.min_run_time).items():
+            print(f"| {batch} | {loss} | {t['advfast']:.3f} | {t['eager']:.3f} | "
+                  f"{t['eager'] / t['advfast']:.2f}x |", flush=True)
+            heads.append({"batch": batch, "loss": loss, "ms": t})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "device_name": device_name,
+                       "backend": ops.backend(), "perturb_step": steps, "loss_head": heads},
+                      f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+// Scalar math shared by the CPU and CUDA kernels, so both backends compute
+// bit-for-bit the same per-element and per-row formulas.
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define ADVFAST_HD __host__ __device__ __forceinline__
+#else
+#define ADVFAST_HD inline
+#endif
+
+namespace advfast {
+
+// Loss codes shared by the dispatcher and both backends (see advfast/ops.py LOSSES).
+enum class Loss : int64_t { CE = 0, CE_SIGN = 1, LOGIT = 2, M_LOGIT = 3 };
+enum class KappaMode : int64_t { CLAMP = 0, BALANCE = 1 };
+
+// Number of per-row statistics written by loss_head, in advfast.ops.HEAD_STATS order.
+constexpr int kHeadStats = 10;
+// Number of per-sample statistics written by perturb_step_, in advfast.ops.STEP_STATS order.
+constexpr int kStepStats = 4;
+
+// sign(v) with sign(0) = 0 and NaN passed through (torch.sign semantics).  Branch-free: gradient
+// signs are random, so a branch would be mispredicted on every other element.
+ADVFAST_HD float sign_of(float v) {
+  const float s = (v > 0.f ? 1.f : 0.f) - (v < 0.f ? 1.f : 0.f);
+  return v == v ? s : v;
+}
+
+// min(max(v, lo), hi) as torch.clamp computes it: lo > hi resolves to hi and NaN propagates.
+// Written with comparisons so that the CPU compiler maps it to vector min/max instructions.
+ADVFAST_HD float clamp_to(float v, float lo, float hi) {
+  v = v < lo ? lo : v;
+  return v > hi ? hi : v;
+}
+
+ADVFAST_HD float max_of(float a, float b) { return a > b ? a : b; }
+
+// Running (max, sum of exp(v - max)) pair for a one-pass, max-subtracted softmax.
+struct OnlineSoftmax {
+  float max;
+  float sum;
+};
+
+ADVFAST_HD OnlineSoftmax softmax_push(OnlineSoftmax s, float v) {
+  if (v > s.max) {
+    // exp(-inf - v) is 0, so the first element resets the sum cleanly.
+    s.sum = s.sum * expf(s.max - v) + 1.f;
+    s.max = v;
+  } else {
+    s.sum += expf(v - s.max);
+  }
+  return s;
+}
+
+ADVFAST_HD OnlineSoftmax softmax_merge(OnlineSoftmax a, OnlineSoftmax b) {
+  if (b.sum == 0.f) return a;
+  if (a.sum == 0.f) return b;
+  const float m = fmaxf(a.max, b.max);
+  return OnlineSoftmax{m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
+}
+
+// (value, index) argmax with ties resolved to the smallest index, like torch.argmax.
+// index < 0 marks "nothing seen yet".
+struct ArgMax {
+  float value;
+  int64_t index;
+};
+
+ADVFAST_HD ArgMax argmax_push(ArgMax a, float v, int64_t i) {
+  if (a.index < 0 || v > a.value || (v == a.value && i < a.index)) return ArgMax{v, i};
+  return a;
+}
+
+ADVFAST_HD ArgMax argmax_merge(ArgMax a, ArgMax b) {
+  if (b.index < 0) return a;
+  return argmax_push(a, b.value, b.index);
+}
+
+// Kappa-balancing multiplier w of the M-logit seed (paper Eqs. 4, 15-16).
+// clamp:   CW's max(., -kappa): w = 1 while margin < kappa, else 0.
+// balance: the margin is held at kappa: w = 1 below, 0 at, -1 above.
+ADVFAST_HD float kappa_weight(float margin, float kappa, KappaMode mode) {
+  if (margin < kappa) return 1.f;
+  if (mode == KappaMode::CLAMP) return 0.f;
+  return margin > kappa ? -1.f : 0.f;
+}
+
+// Subspace D1/D2/D3 of Definition IV.1.
+ADVFAST_HD float subspace_of(float max_prob, bool hit, float threshold) {
+  if (max_prob < threshold) return 2.f;
+  return hit ? 3.f : 1.f;
+}
+
+// Writes the 10 HEAD_STATS of one row from its reductions.
+ADVFAST_HD void write_head_stats(float* out, OnlineSoftmax sm, ArgMax best, ArgMax runner_up,
+                                 float target_logit, float source_logit, int64_t target,
+                                 float threshold) {
+  const float inv = 1.f / sm.sum;
+  const bool hit = best.index == target;
+  const float max_prob = inv;  // exp(max - max) / sum
+  out[0] = static_cast<float>(best.index);
+  out[1] = max_prob;
+  out[2] = expf(target_logit - sm.max) * inv;
+  out[3] = target_logit;
+  out[4] = expf(source_logit - sm.max) * inv;
+  out[5] = source_logit;
+  out[6] = static_cast<float>(runner_up.index);
+  out[7] = target_logit - runner_up.value;
+  out[8] = subspace_of(max_prob, hit, threshold);
+  out[9] = hit ? 1.f : 0.f;
+}
+
+// d(objective)/d(logit_i) for one element of the row, given the row's reductions.
+ADVFAST_HD float seed_of(Loss loss, float logit, int64_t i, int64_t target, int64_t runner_up,
+                         float w, OnlineSoftmax sm) {
+  const float onehot_t = i == target ? 1.f : 0.f;
+  switch (loss) {
+    case Loss::CE:
+    case Loss::CE_SIGN:
+      return onehot_t - expf(logit - sm.max) / sm.sum;
+    case Loss::LOGIT:
+      return onehot_t;
+    case Loss::M_LOGIT:
+    default:
+      return w * (onehot_t - (i == runner_up ? 1.f : 0.f));
+  }
+}
+
+// Per-sample step scale: alpha for the equal multiplier rule; beta / sum|P| for the equal
+// perturbation rule (Section V-B), with no step where sum|P| is 0.  A sum so small that
+// beta / sum overflows is handled by the caller dividing per element (divide_each).
+struct StepScale {
+  float scale;
+  bool divide_each;  // step = beta * (p / p_l1) instead of scale * p
+};
+
+ADVFAST_HD StepScale step_scale(bool equal_perturbation, float alpha, float beta, float p_l1) {
+  if (!equal_perturbation) return StepScale{alpha, false};
+  if (p_l1 == 0.f) return StepScale{0.f, false};
+  const float s = beta / p_l1;
+  // !(|s| <= FLT_MAX) is true for inf, and spelled so for host and device alike.
+  return !(fabsf(s) <= FLT_MAX) ? StepScale{beta, true} : StepScale{s, false};
+}
+
+ADVFAST_HD float step_of(StepScale st, float p, float p_l1) {
+  return st.divide_each ? st.scale * (p / p_l1) : st.scale * p;
+}
+
+// New value of one element: box clip, then the optional eps-ball around x0 (IFGS, Eq. 2).
+ADVFAST_HD float updated_value(float x, float step, float x0, float lo, float hi, bool use_eps,
+                               float eps) {
+  float v = clamp_to(x + step, lo, hi);
+  if (use_eps) {
+    const float below = x0 - eps, above = x0 + eps;
+    v = clamp_to(v, below > lo ? below : lo, above < hi ? above : hi);
+  }
+  return v;
+}
+
+}  // namespace advfast

@@ -1,0 +1,100 @@
+// Argument checks and argument decoding shared by the CPU and CUDA entry points. They keep a
+// direct torch.ops.advfast call from crashing; advfast/ops.py gives the friendlier messages.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string_view>
+
+#include "advfast_math.h"
+
+namespace advfast {
+
+inline Loss parse_loss(std::string_view loss) {
+  if (loss == "ce") return Loss::CE;
+  if (loss == "ce-sign") return Loss::CE_SIGN;
+  if (loss == "logit") return Loss::LOGIT;
+  TORCH_CHECK_VALUE(loss == "m-logit", "advfast: unknown loss '", loss,
+                    "' (expected ce, ce-sign, logit or m-logit)");
+  return Loss::M_LOGIT;
+}
+
+inline KappaMode parse_kappa_mode(std::string_view mode) {
+  if (mode == "clamp") return KappaMode::CLAMP;
+  TORCH_CHECK_VALUE(mode == "balance", "advfast: unknown kappa_mode '", mode,
+                    "' (expected clamp or balance)");
+  return KappaMode::BALANCE;
+}
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_loss_head_args(const at::Tensor& logits, const at::Tensor& target,
+                                 const at::Tensor& source) {
+  TORCH_CHECK_TYPE(is_supported_float(logits.scalar_type()),
+                   "advfast.loss_head: logits must be float32, float16 or bfloat16, got ",
+                   logits.scalar_type());
+  TORCH_CHECK_VALUE(logits.dim() == 2, "advfast.loss_head: logits must be [B, M], got ",
+                    logits.sizes());
+  TORCH_CHECK_VALUE(logits.size(1) >= 2, "advfast.loss_head: need at least 2 classes, got ",
+                    logits.size(1));
+  for (const at::Tensor* t : {&target, &source}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kLong,
+                     "advfast.loss_head: target and source must be int64, got ",
+                     t->scalar_type());
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == logits.size(0),
+                      "advfast.loss_head: target and source must be [B] with B = ",
+                      logits.size(0), ", got ", t->sizes());
+    TORCH_CHECK_VALUE(t->device() == logits.device(),
+                      "advfast.loss_head: target and source must be on ", logits.device());
+  }
+}
+
+inline void check_perturb_step_args(const at::Tensor& x, const at::Tensor& grad,
+                                    const at::Tensor& x0, const std::optional<at::Tensor>& active,
+                                    const std::optional<double>& alpha,
+                                    const std::optional<double>& beta, double lo, double hi,
+                                    const std::optional<double>& eps) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "advfast.perturb_step_: x must be float32, got ",
+                   x.scalar_type());
+  TORCH_CHECK_TYPE(x0.scalar_type() == at::kFloat,
+                   "advfast.perturb_step_: x0 must be float32, got ", x0.scalar_type());
+  TORCH_CHECK_TYPE(is_supported_float(grad.scalar_type()),
+                   "advfast.perturb_step_: grad must be float32, float16 or bfloat16, got ",
+                   grad.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1, "advfast.perturb_step_: x must be [B, ...]");
+  TORCH_CHECK_VALUE(grad.sizes() == x.sizes() && x0.sizes() == x.sizes(),
+                    "advfast.perturb_step_: x, grad and x0 must have one shape, got ", x.sizes(),
+                    ", ", grad.sizes(), ", ", x0.sizes());
+  TORCH_CHECK_VALUE(grad.device() == x.device() && x0.device() == x.device(),
+                    "advfast.perturb_step_: x, grad and x0 must be on one device");
+  TORCH_CHECK_VALUE(alpha.has_value() != beta.has_value(),
+                    "advfast.perturb_step_: give exactly one of alpha or beta");
+  TORCH_CHECK_VALUE(lo <= hi, "advfast.perturb_step_: lo must not exceed hi");
+  TORCH_CHECK_VALUE(!eps.has_value() || *eps >= 0.0,
+                    "advfast.perturb_step_: eps must be non-negative");
+  if (active.has_value()) {
+    TORCH_CHECK_TYPE(active->scalar_type() == at::kBool,
+                     "advfast.perturb_step_: active must be bool");
+    TORCH_CHECK_VALUE(active->dim() == 1 && active->size(0) == x.size(0),
+                      "advfast.perturb_step_: active must be [B] with B = ", x.size(0));
+    TORCH_CHECK_VALUE(active->device() == x.device(),
+                      "advfast.perturb_step_: active must be on ", x.device());
+  }
+}
+
+// True when x, grad and x0 can be walked as flat per-sample memory without copies: one dense,
+// non-overlapping layout shared by all three (contiguous, channels_last, ...), with the batch
+// as the outermost dimension.  Element order inside a sample does not matter to the step.
+inline bool shares_flat_sample_layout(const at::Tensor& x, const at::Tensor& grad,
+                                      const at::Tensor& x0) {
+  if (x.is_contiguous() && grad.is_contiguous() && x0.is_contiguous()) return true;
+  const int64_t per_sample = x.size(0) == 0 ? 0 : x.numel() / x.size(0);
+  return x.is_non_overlapping_and_dense() && grad.strides() == x.strides() &&
+         x0.strides() == x.strides() && (x.size(0) <= 1 || x.stride(0) == per_sample);
+}
+
+}  // namespace advfast

@@ -1,0 +1,189 @@
+// CUDA fused step, mirroring csrc/cpu/perturb_step.cpp: every sample is cut into fixed chunks,
+// one block per chunk.  (1) equal perturbation only: sum|P| per chunk; (2) update the chunk and
+// reduce its delta norms; (3) combine the chunks of each sample into stats.  Fixed chunking and
+// ordered combination keep the result deterministic (no atomics).
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "reduce.cuh"
+
+namespace advfast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kChunk = kThreads * 16;
+
+struct Sum {
+  __device__ float operator()(float a, float b) const { return a + b; }
+};
+struct Max {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+template <bool SIGN, typename g_t>
+__device__ __forceinline__ float perturbation(g_t g) {
+  const float v = static_cast<float>(g);
+  return SIGN ? sign_of(v) : v;
+}
+
+struct ChunkRange {
+  int64_t sample;
+  int64_t begin;
+  int64_t end;
+};
+
+__device__ __forceinline__ ChunkRange chunk_range(int64_t N, int64_t chunks) {
+  const int64_t task = blockIdx.x;
+  const int64_t b = task / chunks;
+  const int64_t begin = b * N + (task % chunks) * kChunk;
+  return ChunkRange{b, begin, min(begin + kChunk, (b + 1) * N)};
+}
+
+// partial: [B * chunks, 4] = p_l1, delta_l1, delta_l2^2, delta_linf of each chunk.
+template <bool SIGN, typename g_t>
+__global__ void abs_sum_kernel(const g_t* __restrict__ g, const bool* __restrict__ active,
+                               int64_t N, int64_t chunks, float* __restrict__ partial) {
+  __shared__ float smem[kThreads / kWarp];
+  const ChunkRange r = chunk_range(N, chunks);
+  if (active != nullptr && !active[r.sample]) {
+    if (threadIdx.x == 0) partial[blockIdx.x * kStepStats] = 0.f;
+    return;
+  }
+  float acc = 0.f;
+  for (int64_t i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {
+    acc += fabsf(perturbation<SIGN>(g[i]));
+  }
+  acc = block_reduce(acc, Sum{}, smem);
+  if (threadIdx.x == 0) partial[blockIdx.x * kStepStats] = acc;
+}
+
+template <bool SIGN, typename g_t>
+__global__ void update_kernel(float* __restrict__ x, const g_t* __restrict__ g,
+                              const float* __restrict__ x0, const bool* __restrict__ active,
+                              int64_t N, int64_t chunks, bool equal_perturbation, float alpha,
+                              float beta, float lo, float hi, bool use_eps, float eps,
+                              float* __restrict__ partial) {
+  __shared__ float smem[kThreads / kWarp];
+  __shared__ float sample_p_l1;
+  const ChunkRange r = chunk_range(N, chunks);
+  const bool stepping = active == nullptr || active[r.sample];
+  if (threadIdx.x == 0) {
+    float total = 0.f;
+    if (equal_perturbation) {
+      for (int64_t k = 0; k < chunks; ++k) total += partial[(r.sample * chunks + k) * kStepStats];
+    }
+    sample_p_l1 = total;
+  }
+  __syncthreads();
+  const float p_l1 = sample_p_l1;
+  const StepScale st = step_scale(equal_perturbation, alpha, beta, p_l1);
+  float p_acc = 0.f, l1 = 0.f, l2 = 0.f, linf = 0.f;
+  for (int64_t i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {
+    float v = x[i];
+    const float v0 = x0[i];
+    if (stepping) {
+      const float p = perturbation<SIGN>(g[i]);
+      v = updated_value(v, step_of(st, p, p_l1), v0, lo, hi, use_eps, eps);
+      x[i] = v;
+      p_acc += fabsf(p);
+    }
+    const float d = v - v0;
+    l1 += fabsf(d);
+    l2 += d * d;
+    linf = fmaxf(linf, fabsf(d));
+  }
+  l1 = block_reduce(l1, Sum{}, smem);
+  l2 = block_reduce(l2, Sum{}, smem);
+  linf = block_reduce(linf, Max{}, smem);
+  if (!equal_perturbation) p_acc = block_reduce(p_acc, Sum{}, smem);
+  if (threadIdx.x == 0) {
+    float* out = partial + blockIdx.x * kStepStats;
+    if (!equal_perturbation) out[0] = p_acc;
+    out[1] = l1;
+    out[2] = l2;
+    out[3] = linf;
+  }
+}
+
+__global__ void finalize_kernel(const float* __restrict__ partial, int64_t B, int64_t chunks,
+                                float* __restrict__ stats) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= B) return;
+  float out[kStepStats] = {0.f, 0.f, 0.f, 0.f};
+  for (int64_t k = 0; k < chunks; ++k) {
+    const float* p = partial + (b * chunks + k) * kStepStats;
+    out[0] += p[0];
+    out[1] += p[1];
+    out[2] += p[2];
+    out[3] = fmaxf(out[3], p[3]);
+  }
+  float* st = stats + b * kStepStats;
+  st[0] = out[0];
+  st[1] = out[1];
+  st[2] = sqrtf(out[2]);
+  st[3] = out[3];
+}
+
+at::Tensor perturb_step_cuda(at::Tensor x, const at::Tensor& grad, const at::Tensor& x0,
+                             const std::optional<at::Tensor>& active, bool sign,
+                             std::optional<double> alpha, std::optional<double> beta, double lo,
+                             double hi, std::optional<double> eps) {
+  check_perturb_step_args(x, grad, x0, active, alpha, beta, lo, hi, eps);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0);
+  at::Tensor stats = at::zeros({B, kStepStats}, x.options());
+  if (x.numel() == 0) return stats;
+  const int64_t N = x.numel() / B;
+  const int64_t chunks = (N + kChunk - 1) / kChunk;
+  const int64_t blocks = B * chunks;
+  TORCH_CHECK(blocks < (int64_t{1} << 31), "advfast.perturb_step_: input too large");
+  const bool flat = shares_flat_sample_layout(x, grad, x0);
+  at::Tensor xc = flat ? x : x.contiguous();
+  const at::Tensor g = flat ? grad : grad.contiguous();
+  const at::Tensor x0c = flat ? x0 : x0.contiguous();
+  const at::Tensor act = active.has_value() ? active->contiguous() : at::Tensor();
+  at::Tensor partial = at::empty({blocks, kStepStats}, x.options());
+  const bool equal_perturbation = beta.has_value();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "perturb_step_cuda", [&] {
+        auto run = [&](auto sign_tag) {
+          constexpr bool SIGN = decltype(sign_tag)::value;
+          const bool* act_ptr = act.defined() ? act.const_data_ptr<bool>() : nullptr;
+          const auto grid = static_cast<unsigned int>(blocks);
+          if (equal_perturbation) {
+            abs_sum_kernel<SIGN, scalar_t><<<grid, kThreads, 0, stream>>>(
+                g.const_data_ptr<scalar_t>(), act_ptr, N, chunks, partial.data_ptr<float>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          }
+          update_kernel<SIGN, scalar_t><<<grid, kThreads, 0, stream>>>(
+              xc.data_ptr<float>(), g.const_data_ptr<scalar_t>(), x0c.const_data_ptr<float>(),
+              act_ptr, N, chunks, equal_perturbation, static_cast<float>(alpha.value_or(0.0)),
+              static_cast<float>(beta.value_or(0.0)), static_cast<float>(lo),
+              static_cast<float>(hi), eps.has_value(), static_cast<float>(eps.value_or(0.0)),
+              partial.data_ptr<float>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        if (sign) {
+          run(std::true_type{});
+        } else {
+          run(std::false_type{});
+        }
+      });
+  finalize_kernel<<<static_cast<unsigned int>((B + kThreads - 1) / kThreads), kThreads, 0,
+                    stream>>>(partial.const_data_ptr<float>(), B, chunks,
+                              stats.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (!xc.is_same(x)) x.copy_(xc);
+  return stats;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(advfast, CUDA, m) { m.impl("perturb_step_", &perturb_step_cuda); }
+
+}  // namespace advfast

@@ -1,0 +1,174 @@
+"""advfast.ops.perturb_step_ against the pure-PyTorch reference."""
+
+import pytest
+import torch
+
+from advfast import ops, reference
+from conftest import DEVICES
+
+RULES = [dict(alpha=5e-3), dict(beta=2.0)]
+
+
+def _inputs(shape, device, grad_dtype=torch.float32, grad_scale=1e-3):
+    x0 = torch.rand(shape, device=device)
+    x = (x0 + 0.02 * torch.randn(shape, device=device)).clamp(0, 1)
+    grad = (torch.randn(shape, device=device) * grad_scale).to(grad_dtype)
+    return x, grad, x0
+
+
+def _compare(x, grad, x0, **kw):
+    x_ref = x.clone()
+    stats = ops.perturb_step_(x, grad, x0, **kw)
+    ref_stats = reference.perturb_step_(x_ref, grad, x0, **kw)
+    assert stats.shape == (x.shape[0], len(ops.STEP_STATS)) and stats.dtype == torch.float32
+    torch.testing.assert_close(x, x_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(stats, ref_stats, atol=1e-5, rtol=1e-4)
+    assert torch.isfinite(x).all() and torch.isfinite(stats).all()
+    return stats
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sign", [False, True])
+@pytest.mark.parametrize("rule", RULES, ids=["alpha", "beta"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(0, 3, 5, 5), (1, 3, 7, 7), (5, 3, 32, 32), (2, 278011)])
+def test_matches_reference(device, sign, rule, dtype, shape):
+    _compare(*_inputs(shape, device, dtype), sign=sign, **rule)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rule", RULES, ids=["alpha", "beta"])
+def test_non_contiguous_inputs(device, rule):
+    x, grad, x0 = _inputs((4, 3, 9, 11), device)
+    x_cl = x.to(memory_format=torch.channels_last)
+    grad_strided = torch.zeros(4, 3, 9, 22, device=device)[..., ::2]
+    grad_strided.copy_(grad)
+    x0_t = x0.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not (x_cl.is_contiguous() or grad_strided.is_contiguous() or x0_t.is_contiguous())
+    x_ref = x.clone()
+    stats = ops.perturb_step_(x_cl, grad_strided, x0_t, sign=False, **rule)
+    ref_stats = reference.perturb_step_(x_ref, grad, x0, sign=False, **rule)
+    assert x_cl.is_contiguous(memory_format=torch.channels_last)  # updated in place, layout kept
+    torch.testing.assert_close(x_cl, x_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(stats, ref_stats, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sign", [False, True])
+@pytest.mark.parametrize("rule", RULES, ids=["alpha", "beta"])
+def test_zero_gradient_takes_no_step(device, sign, rule):
+    x, grad, x0 = _inputs((3, 2, 5, 5), device)
+    grad[1] = 0
+    before = x.clone()
+    stats = _compare(x, grad, x0, sign=sign, **rule)
+    assert torch.equal(x[1], before[1])
+    assert stats[1, 0].item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_denormal_gradient_gives_finite_unit_step(device):
+    """beta / sum|P| overflows float32 for a denormal sum; the step must still be finite and
+    add exactly beta in L1."""
+    x0 = torch.full((1, 8), 0.5, device=device)
+    x = x0.clone()
+    grad = torch.zeros(1, 8, device=device)
+    grad[0, :4] = 1e-45
+    stats = _compare(x, grad, x0, sign=False, beta=0.1)
+    assert stats[0, 1].item() == pytest.approx(0.1, rel=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sign", [False, True])
+def test_equal_perturbation_adds_beta_in_l1(device, sign):
+    x0 = torch.full((3, 3, 16, 16), 0.5, device=device)
+    x = x0.clone()
+    grad = torch.randn_like(x) * torch.tensor([1e-6, 1.0, 1e3], device=device)[:, None, None, None]
+    stats = _compare(x, grad, x0, sign=sign, beta=1.5)
+    torch.testing.assert_close(stats[:, 1], torch.full((3,), 1.5, device=device), rtol=1e-5, atol=0)
+    torch.testing.assert_close((x - x0).abs().sum((1, 2, 3)), stats[:, 1], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rule", RULES, ids=["alpha", "beta"])
+def test_inactive_samples_untouched(device, rule):
+    x, grad, x0 = _inputs((5, 3, 8, 8), device, grad_scale=1.0)
+    active = torch.tensor([True, False, True, False, False], device=device)
+    before = x.clone()
+    stats = _compare(x, grad, x0, sign=True, active=active, **rule)
+    assert torch.equal(x[~active], before[~active])
+    assert not torch.equal(x[active], before[active])
+    assert (stats[~active, 0] == 0).all()
+    # The norms are still reported for inactive samples.
+    torch.testing.assert_close(stats[~active, 3], (before - x0)[~active].abs().amax((1, 2, 3)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rule", RULES, ids=["alpha", "beta"])
+def test_eps_ball_and_box(device, rule):
+    x, grad, x0 = _inputs((4, 3, 10, 10), device, grad_scale=10.0)
+    for _ in range(5):
+        _compare(x, grad, x0, sign=True, eps=0.03, lo=0.0, hi=1.0, **rule)
+    assert (x - x0).abs().max().item() <= 0.03 + 1e-6
+    assert x.min().item() >= 0.0 and x.max().item() <= 1.0
+
+
+def test_opcheck():
+    x, grad, x0 = _inputs((3, 2, 5, 7), "cpu")
+    active = torch.tensor([True, False, True])
+    for args in [(x, grad, x0, None, True, 0.01, None, 0.0, 1.0, None),
+                 (x, grad.half(), x0, active, False, None, 3.0, 0.0, 1.0, 0.1)]:
+        torch.library.opcheck(torch.ops.advfast.perturb_step_.default, args)
+
+
+def _args(**bad):
+    args = dict(x=torch.rand(2, 3, 4), grad=torch.rand(2, 3, 4), x0=torch.rand(2, 3, 4),
+                sign=False, alpha=0.1)
+    args.update(bad)
+    return args
+
+
+@pytest.mark.parametrize(
+    "bad,error",
+    [
+        (_args(grad=torch.ones(2, 3, 4, dtype=torch.int32)), TypeError),
+        (_args(x=torch.rand(2, 3, 4).double()), TypeError),
+        (_args(x=torch.rand(2, 3, 4).half()), TypeError),
+        (_args(x0=torch.rand(2, 3, 4).half()), TypeError),
+        (_args(grad=torch.rand(2, 3, 5)), ValueError),
+        (_args(x0=torch.rand(3, 3, 4)), ValueError),
+        (_args(grad=torch.rand(2, 3, 4, device="meta")), ValueError),
+        (_args(beta=1.0), ValueError),
+        (_args(alpha=None), ValueError),
+        (_args(lo=1.0, hi=0.0), ValueError),
+        (_args(eps=-0.1), ValueError),
+        (_args(alpha=float("inf")), ValueError),
+        (_args(active=torch.ones(3, dtype=torch.bool)), ValueError),
+        (_args(active=torch.ones(2)), ValueError),
+        (_args(x=[[0.0]]), TypeError),
+    ],
+)
+def test_bad_input(bad, error):
+    with pytest.raises(error):
+        ops.perturb_step_(**bad)
+
+
+@pytest.mark.skipif(ops.backend() == "reference", reason="compiled library missing")
+@pytest.mark.parametrize("isa", ["default", "avx2"])
+def test_every_cpu_isa_copy_matches_reference(isa):
+    """The CPU kernel is compiled once per instruction set; run the comparisons on the copies
+    this process does not pick by itself."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ADVFAST_CPU_ISA=isa)
+    code = "import torch, advfast.ops; print(torch.ops.advfast.cpu_isa())"
+    picked = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            check=True).stdout.split()[-1]
+    if picked != isa:
+        pytest.skip(f"this CPU does not support {isa}")
+    here = os.path.dirname(__file__)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+                           "cpu and not isa", os.path.join(here, "test_perturb_step.py")],
+                          env=env, capture_output=True, text=True, cwd=here)
+    assert done.returncode == 0, done.stdout[-3000:]
