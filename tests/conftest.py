@@ -8,3 +8,17 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[CUDA, pytest.mark.cuda])]
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Tests train and cache the digits model in a fresh folder, never the user's cache."""
+    import os
+
+    old = os.environ.get("ADVFAST_CACHE")
+    os.environ["ADVFAST_CACHE"] = str(tmp_path_factory.mktemp("advfast-cache"))
+    yield
+    if old is None:
+        os.environ.pop("ADVFAST_CACHE", None)
+    else:
+        os.environ["ADVFAST_CACHE"] = old

@@ -1,0 +1,121 @@
+"""The paper's figures from Table I's trajectories, as PNG files.
+
+Fig. 1: source/target probability (mean, 95% CI) with the D1/D2/D3 subspaces as bands.
+Figs. 2 and 3: (a) softmax and (b) logits of the source and target class per loss, (c) box
+plots of L2 and Linf at the first flip; Fig. 2 for the equal multiplier, Fig. 3 for equal
+perturbation.  Fig. 4: the gradient magnitude sum|P_n| under the equal multiplier.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .table1 import Cell
+
+COLORS = {"ce": "tab:blue", "ce-sign": "tab:orange", "logit": "tab:green", "m-logit": "tab:red"}
+BANDS = {1: ("tab:blue", "D1"), 2: ("tab:green", "D2"), 3: ("tab:red", "D3")}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _mean_ci(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over samples (dim 1) and the 95% normal confidence half-width, ignoring NaN."""
+    finite = ~torch.isnan(values)
+    count = finite.sum(1).clamp_min(1)
+    mean = torch.where(finite, values, 0).sum(1) / count
+    var = torch.where(finite, (values - mean[:, None]) ** 2, 0).sum(1) / (count - 1).clamp_min(1)
+    return mean, 1.96 * var.sqrt() / count.sqrt()
+
+
+def _subspace_bands(ax, subspace: torch.Tensor) -> None:
+    """Shades each iteration with the subspace most samples are in."""
+    majority = torch.mode(torch.nan_to_num(subspace, nan=0).long(), dim=1).values
+    start = 0
+    seen = set()
+    for n in range(1, len(majority) + 1):
+        if n == len(majority) or majority[n] != majority[start]:
+            color, label = BANDS.get(int(majority[start]), ("white", None))
+            ax.axvspan(start - 0.5, n - 0.5, color=color, alpha=0.12,
+                       label=None if label in seen else label, lw=0)
+            seen.add(label)
+            start = n
+
+
+def figure1(cell: Cell, path: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    _subspace_bands(ax, cell.trajectory["subspace"])
+    steps = torch.arange(len(cell.trajectory["source_prob"]))
+    for name, color, label in (("source_prob", "tab:gray", "initial class"),
+                               ("target_prob", "tab:red", "target class")):
+        mean, ci = _mean_ci(cell.trajectory[name])
+        ax.plot(steps, mean, color=color, label=label)
+        ax.fill_between(steps, mean - ci, mean + ci, color=color, alpha=0.3, lw=0)
+    ax.set(xlabel="iteration", ylabel="softmax probability", ylim=(0, 1),
+           title=f"Fig. 1: {cell.loss}, {cell.step} (mean, 95% CI; n={len(cell.first_flip)})")
+    ax.legend(loc="center right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def figure_rule(cells: list[Cell], number: int, path: str) -> None:
+    """Fig. 2 (equal multiplier) or Fig. 3 (equal perturbation)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for cell in cells:
+        steps = torch.arange(len(cell.trajectory["source_prob"]))
+        for ax, kind in ((axes[0], "prob"), (axes[1], "logit")):
+            for which, style in (("source", "--"), ("target", "-")):
+                mean, _ = _mean_ci(cell.trajectory[f"{which}_{kind}"])
+                ax.plot(steps, mean, style, color=COLORS[cell.loss],
+                        label=f"{cell.loss} {which}")
+    axes[0].set(xlabel="iteration", ylabel="softmax", title="(a) softmax, source -- / target —")
+    axes[1].set(xlabel="iteration", ylabel="logit", title="(b) logits, source -- / target —")
+    axes[0].legend(fontsize=7, ncol=2)
+    for ax, norm in ((axes[2], "l2"), (axes[3], "linf")):
+        data = [c.at_flip[norm][c.first_flip >= 0].numpy() for c in cells]
+        ax.boxplot(data, tick_labels=[c.loss for c in cells], showfliers=False)
+        ax.set(title=f"(c) {'L2' if norm == 'l2' else 'Linf'} at the first flip")
+    fig.suptitle(f"Fig. {number}: {cells[0].step}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure4(cells: list[Cell], path: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for cell in cells:
+        mean, _ = _mean_ci(cell.trajectory["p_l1"][:-1])
+        ax.plot(torch.arange(len(mean)), mean, color=COLORS[cell.loss], label=cell.loss)
+    ax.set(yscale="log", xlabel="iteration", ylabel="sum |P_n| (mean)",
+           title=f"Fig. 4: gradient magnitude, {cells[0].step}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def draw_all(cells: list[Cell], out: str) -> list[str]:
+    """Writes fig1.png .. fig4.png into ``out``; returns the paths."""
+    os.makedirs(out, exist_ok=True)
+    by_step = {}
+    for cell in cells:
+        by_step.setdefault(cell.step, []).append(cell)
+    paths = [os.path.join(out, f"fig{i}.png") for i in range(1, 5)]
+    multiplier, perturbation = by_step["equal-multiplier"], by_step["equal-perturbation"]
+    figure1(next(c for c in multiplier if c.loss == "ce-sign"), paths[0])  # IFGS, as the paper
+    figure_rule(multiplier, 2, paths[1])
+    figure_rule(perturbation, 3, paths[2])
+    figure4(multiplier, paths[3])
+    return paths

@@ -1,0 +1,135 @@
+"""Model loading, the built-in digits default, image folders and target selection."""
+
+import os
+
+import pytest
+import torch
+
+from advfast import data, models
+
+
+@pytest.fixture(scope="session")
+def digits_model():
+    return models.load("digits")
+
+
+def test_digits_split_is_fixed_and_in_range():
+    x_train, y_train = data.digits("train")
+    x_test, y_test = data.digits("test")
+    assert x_train.shape == (1437, 1, 8, 8) and x_test.shape == (360, 1, 8, 8)
+    assert x_test.min() >= 0 and x_test.max() <= 1 and x_test.max() > 0.9
+    assert torch.equal(data.digits("test")[0], x_test)
+    assert set(y_test.tolist()) == set(range(10))
+    with pytest.raises(ValueError, match="split"):
+        data.digits("validation")
+
+
+def test_digits_model_accuracy(digits_model):
+    images, labels = data.digits("test")
+    with torch.no_grad():
+        accuracy = (digits_model(images).argmax(1) == labels).float().mean().item()
+    assert accuracy >= 0.95
+
+
+def test_digits_model_cached_and_reloaded(digits_model):
+    path = os.path.join(models.cache_dir(), models.DIGITS_FILE)
+    assert os.path.isfile(path)
+    again = models.load("digits", weights=path)
+    x, _ = data.digits("test")
+    torch.testing.assert_close(again(x[:8]), digits_model(x[:8]))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_torchvision_model_from_local_weights(tmp_path, suffix):
+    model = models.load("resnet18", num_classes=7)
+    path = str(tmp_path / f"weights{suffix}")
+    state = {k: v.contiguous() for k, v in model.model.state_dict().items()}
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, path)
+    else:
+        torch.save({"state_dict": state}, path)
+    loaded = models.load("resnet18", weights=path, num_classes=7)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    assert not loaded.training
+
+
+def test_models_wrap_normalisation():
+    model = models.load("resnet18")
+    assert torch.allclose(model.mean.flatten(), torch.tensor(models.IMAGENET_MEAN))
+
+
+@pytest.mark.parametrize("name,weights,match", [("resnet9000", None, "unknown model"),
+                                                ("resnet18", "NOT_A_WEIGHT", "weights name")])
+def test_bad_model_names(name, weights, match):
+    with pytest.raises(ValueError, match=match):
+        models.load(name, weights=weights)
+
+
+def _write_images(folder, count, size=(12, 10), seed=0):
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(count):
+        pixels = (torch.rand(size[1], size[0], 3, generator=gen) * 255).byte().numpy()
+        path = os.path.join(folder, f"img{i}.png")
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_image_folder_layout(tmp_path):
+    _write_images(tmp_path / "b_class", 2)
+    _write_images(tmp_path / "a_class", 3)
+    ds = data.ImageFiles(str(tmp_path), transform=data.imagenet_eval_transform(8))
+    assert len(ds) == 5
+    assert [ds[i].label for i in range(5)] == [0, 0, 0, 1, 1]  # classes in sorted order
+    assert ds[0].image.shape == (3, 8, 8) and 0 <= ds[0].image.min() <= ds[0].image.max() <= 1
+
+
+def test_flat_folder_with_labels_csv_and_corrupt_image(tmp_path):
+    paths = _write_images(tmp_path, 3)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows = ["filename,label"] + [f"{os.path.basename(p)},{i + 4}" for i, p in enumerate(paths)]
+    (tmp_path / "labels.csv").write_text("\n".join(rows + ["broken.png,1"]) + "\n")
+    ds = data.ImageFiles(str(tmp_path), transform=data.imagenet_eval_transform(8))
+    assert [ds[i].label for i in range(4)] == [4, 5, 6, 1]
+    assert ds[3].image is None  # unreadable: reported, not raised
+
+    class Constant(torch.nn.Module):
+        def forward(self, x):  # predicts class 5 for everything
+            return torch.nn.functional.one_hot(torch.full((len(x),), 5), 10).float()
+
+    x, y, idx = data.correctly_classified(Constant(), ds, batch_size=2)
+    assert idx.tolist() == [1] and y.tolist() == [5] and x.shape == (1, 3, 8, 8)
+
+
+def test_missing_folder_and_bad_csv(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        data.ImageFiles(str(tmp_path / "nope"))
+    (tmp_path / "labels.csv").write_text("filename,label\na.png,cat\n")
+    with pytest.raises(ValueError, match="filename,label"):
+        data.ImageFiles(str(tmp_path))
+
+
+def test_correctly_classified_keeps_order_and_n(digits_model):
+    images, labels = data.digits("test")
+    x, y, idx = data.correctly_classified(digits_model, images, labels, n=50, batch_size=16)
+    assert len(idx) == 50 and torch.all(idx[1:] > idx[:-1])
+    assert torch.equal(labels[idx], y) and torch.equal(images[idx], x)
+    with torch.no_grad():
+        assert torch.equal(digits_model(x).argmax(1), y)
+
+
+def test_random_targets_are_seeded_and_never_the_label():
+    labels = torch.randint(0, 10, (1000,))
+    t1 = data.random_targets(labels, 10, seed=3)
+    assert torch.equal(t1, data.random_targets(labels, 10, seed=3))
+    assert not torch.equal(t1, data.random_targets(labels, 10, seed=4))
+    assert (t1 != labels).all() and t1.min() >= 0 and t1.max() <= 9
+    assert len(t1.unique()) == 10
