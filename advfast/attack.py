@@ -208,9 +208,10 @@ class Attack:
         timer.restart()
         steps_taken = 0
         for n in range(iterations + 1):
-            timer.begin(n)
+            timer.begin(n, check=n == iterations)
             with autocast:
                 logits = self.model(x)
+            timer.end("forward")
             seed, head = ops.loss_head(logits.detach(), target_run, source_run, self.loss,
                                        self.kappa, self.kappa_mode, self.threshold,
                                        validate_indices=False)
@@ -221,13 +222,13 @@ class Attack:
             if trajectory is not None:
                 trajectory[n, :-1].index_copy_(1, rows, head[:, _HEAD_COLUMNS].t())
             if n == iterations:
-                timer.end("forward", last=True)
+                timer.end("check")
                 break
             if stopping:
                 finished = hit if self.stop == "flip" else head[:, _SUBSPACE] == 3
                 stopped_at = torch.where(finished & active, n, stopped_at)
                 active = active & ~finished
-            timer.end("forward")
+            timer.end("head")
             (grad,) = torch.autograd.grad(logits, x, seed.to(logits.dtype))
             timer.end("backward")
             with torch.no_grad():

@@ -23,6 +23,8 @@ def _common(parser: argparse.ArgumentParser, n_default: int | None) -> None:
     parser.add_argument("--weights", help="torchvision weights name (needs the internet) or a "
                                           "local .safetensors/.pt file; default: random init "
                                           "(digits: the built-in trained CNN)")
+    parser.add_argument("--num-classes", type=int,
+                        help="output classes of a torchvision model (default 1000)")
     parser.add_argument("--data", help="image folder (ImageFolder layout, or flat with "
                                        "labels.csv); default: the digits test split")
     parser.add_argument("--labels-csv", help="labels file for a flat folder "
@@ -56,7 +58,8 @@ def _setup(args: argparse.Namespace):
     if args.iterations < 1 or args.batch_size < 1:
         raise ValueError("--iterations and --batch-size must be at least 1")
     device = resolve_device(args.device)
-    model = models.load(args.model, weights=args.weights, device=device)
+    model = models.load(args.model, weights=args.weights, device=device,
+                        num_classes=args.num_classes)
     inputs = prepare(model, args.model, args.data, args.n, args.seed, device,
                      labels_csv=args.labels_csv, image_size=args.image_size,
                      batch_size=args.batch_size, workers=args.workers)

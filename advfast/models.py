@@ -72,6 +72,8 @@ def load(name: str, weights: str | None = None, device: str | torch.device | Non
         num_classes: output size for a randomly initialised torchvision model.
     """
     if name == "digits":
+        if num_classes not in (None, 10):
+            raise ValueError("the digits model has 10 classes")
         model = _load_digits(weights)
     else:
         model = Normalized(_load_torchvision(name, weights, num_classes), IMAGENET_MEAN,
@@ -92,7 +94,11 @@ def _load_torchvision(name: str, weights: str | None, num_classes: int | None) -
         return models.get_model(name, weights=None, **extra)
     if os.path.isfile(weights):
         model = models.get_model(name, weights=None, **extra)
-        model.load_state_dict(read_state_dict(weights))
+        try:
+            model.load_state_dict(read_state_dict(weights))
+        except RuntimeError as err:
+            raise ValueError(f"{weights} does not fit {name}: {err}\nIf it was trained with "
+                             "another number of classes, give num_classes (--num-classes)") from err
         return model
     enum = models.get_model_weights(name)
     member = weights.split(".")[-1]

@@ -13,16 +13,17 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-PHASES = ("forward", "backward", "update")
+PHASES = ("forward", "head", "backward", "update")
 
 
 @dataclass
 class Timing:
     """Wall-clock time of one attack call.
 
-    ``per_iteration_ms`` divides the loop time by the steps taken (the loop also runs one
-    last forward pass to check the final images, counted in the total); ``phases_ms`` gives
-    the mean milliseconds per step of each phase (None when phase timing is off).
+    ``total_s`` covers the whole loop, including its last forward pass that checks the final
+    images; ``per_iteration_ms`` is the time of the steps alone (forward, loss head, backward,
+    update) divided by their number; ``phases_ms`` gives the mean milliseconds per step of each
+    phase (None when phase timing is off; the final check forward is left out of it too).
     """
 
     device: str
@@ -67,8 +68,8 @@ def hardware_info(device: torch.device) -> dict[str, object]:
 class PhaseTimer:
     """Marks phase boundaries inside the attack loop without synchronising with the host.
 
-    Usage per step: ``begin(n)``, then ``end("forward")``, ``end("backward")``,
-    ``end("update")``; the loop's final check forward ends with ``end("forward", last=True)``.
+    Usage per step: ``begin(n)``, then ``end(phase)`` for each of PHASES in order; the loop's final check forward is ``begin(n, check=True)`` ...
+    ``end("check")``.
     """
 
     def __init__(self, device: torch.device, per_phase: bool = True) -> None:
@@ -78,6 +79,8 @@ class PhaseTimer:
         self._marks: list[tuple[str, object]] = []
         self._nvtx_open = False
         self._start_wall = 0.0
+        self._steps_end: object | None = None
+        self._in_check = False
         self._start = self._mark()
 
     def _mark(self) -> object:
@@ -90,24 +93,34 @@ class PhaseTimer:
     def restart(self) -> None:
         """Starts the clock (after set-up work that should not count)."""
         self._marks.clear()
+        self._steps_end = None
         if self.cuda:
             torch.cuda.synchronize(self.device)
         self._start_wall = time.perf_counter()
         self._start = self._mark()
 
-    def begin(self, n: int) -> None:
+    def begin(self, n: int, check: bool = False) -> None:
+        """Starts iteration n; ``check`` marks the loop's final check forward, which ends the
+        steps' clock."""
         self._iteration = n
-        if self.per_phase:
+        self._in_check = check
+        if check:
+            self._steps_end = self._mark()
+        elif self.per_phase:
             self._marks.append(("begin", self._mark()))
-        self._push(PHASES[0])
+        self._push("check" if check else PHASES[0])
 
-    def end(self, phase: str, last: bool = False) -> None:
-        """Ends ``phase``; ``last`` ends the iteration there (the final check forward)."""
+    def end(self, phase: str) -> None:
+        """Ends ``phase``; inside the final check forward only "check" counts, and ends it."""
+        if self._in_check:
+            if phase == "check":
+                self._pop()
+            return
         self._pop()
         if self.per_phase:
             self._marks.append((phase, self._mark()))
         following = PHASES.index(phase) + 1
-        if not last and following < len(PHASES):
+        if following < len(PHASES):
             self._push(PHASES[following])
 
     def _push(self, phase: str) -> None:
@@ -129,6 +142,8 @@ class PhaseTimer:
         if self.cuda:
             torch.cuda.synchronize(self.device)
         total = (time.perf_counter() - self._start_wall) if self.cuda else end - self._start
+        steps_end = end if self._steps_end is None else self._steps_end
+        steps_time = self._seconds(self._start, steps_end)
         phases = None
         if self.per_phase:
             sums = dict.fromkeys(PHASES, 0.0)
@@ -139,6 +154,6 @@ class PhaseTimer:
                 previous = mark
             phases = {k: 1e3 * v / max(steps, 1) for k, v in sums.items()}
         return Timing(device=str(self.device), total_s=total, steps=steps, batch_size=batch_size,
-                      per_iteration_ms=1e3 * total / max(steps, 1),
+                      per_iteration_ms=1e3 * steps_time / max(steps, 1),
                       images_per_s=batch_size / total if total > 0 else float("inf"),
                       phases_ms=phases, hardware=hardware_info(self.device))

@@ -97,4 +97,27 @@ inline bool shares_flat_sample_layout(const at::Tensor& x, const at::Tensor& gra
          x0.strides() == x.strides() && (x.size(0) <= 1 || x.stride(0) == per_sample);
 }
 
+// loss_head's outputs, float32 on the logits' device: seed [B, M] and stats [B, kHeadStats].
+inline std::tuple<at::Tensor, at::Tensor> empty_head_outputs(const at::Tensor& logits) {
+  auto opts = logits.options().dtype(at::kFloat);
+  return {at::empty({logits.size(0), logits.size(1)}, opts),
+          at::empty({logits.size(0), kHeadStats}, opts)};
+}
+
+// perturb_step_'s operands as the kernels walk them: flat per-sample memory, shared by x,
+// grad and x0 (copies only when their layouts differ), and [B] active flags or undefined.
+struct StepOperands {
+  at::Tensor x, grad, x0, active;
+  int64_t per_sample;
+};
+
+inline StepOperands step_operands(const at::Tensor& x, const at::Tensor& grad,
+                                  const at::Tensor& x0, const std::optional<at::Tensor>& active) {
+  const bool flat = shares_flat_sample_layout(x, grad, x0);
+  return StepOperands{flat ? x : x.contiguous(), flat ? grad : grad.contiguous(),
+                      flat ? x0 : x0.contiguous(),
+                      active.has_value() ? active->contiguous() : at::Tensor(),
+                      x.numel() / x.size(0)};
+}
+
 }  // namespace advfast

@@ -244,7 +244,7 @@ def test_timing_reports_phases():
     result = advfast.Attack(model, iterations=4)(x0, target)
     t = result.timing
     assert t.steps == 4 and t.batch_size == len(x0) and t.total_s > 0
-    assert set(t.phases_ms) == {"forward", "backward", "update"}
+    assert set(t.phases_ms) == {"forward", "head", "backward", "update"}
     assert sum(t.phases_ms.values()) <= t.per_iteration_ms * 1.5
     assert advfast.Attack(model, iterations=4, time_phases=False)(x0, target).timing.phases_ms is None
 

@@ -61,9 +61,7 @@ std::tuple<at::Tensor, at::Tensor> loss_head_cpu(const at::Tensor& logits,
   const KappaMode mode = parse_kappa_mode(kappa_mode);
   const int64_t B = logits.size(0);
   const int64_t M = logits.size(1);
-  auto opts = logits.options().dtype(at::kFloat);
-  at::Tensor seed = at::empty({B, M}, opts);
-  at::Tensor stats = at::empty({B, kHeadStats}, opts);
+  auto [seed, stats] = empty_head_outputs(logits);
   if (B == 0) return {seed, stats};
   const at::Tensor t = target.contiguous();
   const at::Tensor s = source.contiguous();

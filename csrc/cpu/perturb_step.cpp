@@ -84,19 +84,15 @@ at::Tensor perturb_step_cpu(at::Tensor x, const at::Tensor& grad, const at::Tens
   const int64_t B = x.size(0);
   at::Tensor stats = at::zeros({B, kStepStats}, x.options());
   if (x.numel() == 0) return stats;
-  const int64_t N = x.numel() / B;
-  const bool flat = shares_flat_sample_layout(x, grad, x0);
-  at::Tensor xc = flat ? x : x.contiguous();
-  const at::Tensor g = flat ? grad : grad.contiguous();
-  const at::Tensor x0c = flat ? x0 : x0.contiguous();
-  const at::Tensor act = active.has_value() ? active->contiguous() : at::Tensor();
+  const StepOperands op = step_operands(x, grad, x0, active);
+  const int64_t N = op.per_sample;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "perturb_step_cpu",
                                   [&] {
                                     auto run = [&](auto sign_tag) {
                                       perturb_step_best<decltype(sign_tag)::value>(
-                                          xc.data_ptr<float>(), g.const_data_ptr<scalar_t>(),
-                                          x0c.const_data_ptr<float>(),
-                                          act.defined() ? act.const_data_ptr<bool>() : nullptr, B,
+                                          op.x.data_ptr<float>(), op.grad.const_data_ptr<scalar_t>(),
+                                          op.x0.const_data_ptr<float>(),
+                                          op.active.defined() ? op.active.const_data_ptr<bool>() : nullptr, B,
                                           N, beta.has_value(),
                                           static_cast<float>(alpha.value_or(0.0)),
                                           static_cast<float>(beta.value_or(0.0)),
@@ -110,7 +106,7 @@ at::Tensor perturb_step_cpu(at::Tensor x, const at::Tensor& grad, const at::Tens
                                       run(std::false_type{});
                                     }
                                   });
-  if (!xc.is_same(x)) x.copy_(xc);
+  if (!op.x.is_same(x)) x.copy_(op.x);
   return stats;
 }
 

@@ -137,15 +137,11 @@ at::Tensor perturb_step_cuda(at::Tensor x, const at::Tensor& grad, const at::Ten
   const int64_t B = x.size(0);
   at::Tensor stats = at::zeros({B, kStepStats}, x.options());
   if (x.numel() == 0) return stats;
-  const int64_t N = x.numel() / B;
+  const StepOperands op = step_operands(x, grad, x0, active);
+  const int64_t N = op.per_sample;
   const int64_t chunks = (N + kChunk - 1) / kChunk;
   const int64_t blocks = B * chunks;
   TORCH_CHECK(blocks < (int64_t{1} << 31), "advfast.perturb_step_: input too large");
-  const bool flat = shares_flat_sample_layout(x, grad, x0);
-  at::Tensor xc = flat ? x : x.contiguous();
-  const at::Tensor g = flat ? grad : grad.contiguous();
-  const at::Tensor x0c = flat ? x0 : x0.contiguous();
-  const at::Tensor act = active.has_value() ? active->contiguous() : at::Tensor();
   at::Tensor partial = at::empty({blocks, kStepStats}, x.options());
   const bool equal_perturbation = beta.has_value();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -153,15 +149,15 @@ at::Tensor perturb_step_cuda(at::Tensor x, const at::Tensor& grad, const at::Ten
       at::kHalf, at::kBFloat16, grad.scalar_type(), "perturb_step_cuda", [&] {
         auto run = [&](auto sign_tag) {
           constexpr bool SIGN = decltype(sign_tag)::value;
-          const bool* act_ptr = act.defined() ? act.const_data_ptr<bool>() : nullptr;
+          const bool* act_ptr = op.active.defined() ? op.active.const_data_ptr<bool>() : nullptr;
           const auto grid = static_cast<unsigned int>(blocks);
           if (equal_perturbation) {
             abs_sum_kernel<SIGN, scalar_t><<<grid, kThreads, 0, stream>>>(
-                g.const_data_ptr<scalar_t>(), act_ptr, N, chunks, partial.data_ptr<float>());
+                op.grad.const_data_ptr<scalar_t>(), act_ptr, N, chunks, partial.data_ptr<float>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           }
           update_kernel<SIGN, scalar_t><<<grid, kThreads, 0, stream>>>(
-              xc.data_ptr<float>(), g.const_data_ptr<scalar_t>(), x0c.const_data_ptr<float>(),
+              op.x.data_ptr<float>(), op.grad.const_data_ptr<scalar_t>(), op.x0.const_data_ptr<float>(),
               act_ptr, N, chunks, equal_perturbation, static_cast<float>(alpha.value_or(0.0)),
               static_cast<float>(beta.value_or(0.0)), static_cast<float>(lo),
               static_cast<float>(hi), eps.has_value(), static_cast<float>(eps.value_or(0.0)),
@@ -178,7 +174,7 @@ at::Tensor perturb_step_cuda(at::Tensor x, const at::Tensor& grad, const at::Ten
                     stream>>>(partial.const_data_ptr<float>(), B, chunks,
                               stats.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (!xc.is_same(x)) x.copy_(xc);
+  if (!op.x.is_same(x)) x.copy_(op.x);
   return stats;
 }
 

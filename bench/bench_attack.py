@@ -1,0 +1,119 @@
+"""Attack-engine benchmark: per-iteration time of ``advfast.Attack`` divided by a bare
+forward + backward w.r.t. the input (the floor any gradient attack pays), in one process.
+
+For each loss, recording on and off, on torchvision resnet18 (random weights) at 3x64x64
+batch 32 and 3x224x224 batch 8; torchattacks' BIM joins the same run when it is installed.
+Configurations are timed round-robin, ``--repeats`` times, and the median is reported.
+
+    python bench/bench_attack.py [--device cpu|cuda] [--iterations 10] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import advfast
+from advfast import models, ops
+
+SETTINGS = [((3, 64, 64), 32), ((3, 224, 224), 8)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def floor_ms(model, x, iterations: int) -> float:
+    """Bare forward + backward w.r.t. the input only, the same number of times."""
+    model.requires_grad_(False)
+    seed = torch.randn(len(x), 1000, device=x.device)
+    _sync(x.device)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        xr = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(model(xr), xr, seed)
+    _sync(x.device)
+    return 1e3 * (time.perf_counter() - start) / iterations
+
+
+def engine_ms(model, x, target, source, loss: str, record: bool, iterations: int) -> float:
+    attack = advfast.Attack(model, loss=loss, step="equal-perturbation", beta=5.0,
+                            iterations=iterations, record=record, time_phases=False)
+    return attack(x, target, source).timing.per_iteration_ms
+
+
+def bim_ms(model, x, target, iterations: int) -> float:
+    import torchattacks
+
+    model.requires_grad_(True)  # as a torchattacks user's model comes
+    attack = torchattacks.BIM(model, eps=8 / 255, alpha=1 / 255, steps=iterations)
+    attack.set_mode_targeted_by_label(quiet=True)
+    _sync(x.device)
+    start = time.perf_counter()
+    attack(x, target)
+    _sync(x.device)
+    return 1e3 * (time.perf_counter() - start) / iterations
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    try:
+        import torchattacks  # noqa: F401
+
+        have_bim = True
+    except ImportError:
+        have_bim = False
+    print(f"advfast attack benchmark: device={device} backend={ops.backend()} "
+          f"torch={torch.__version__} iterations={args.iterations} repeats={args.repeats}\n")
+    print("| input | batch | floor ms/it | " + " | ".join(
+        f"{loss} rec/no-rec" for loss in ops.LOSSES) + (" | torchattacks BIM |" if have_bim else " |"))
+    print("|---|---|---|" + "---|" * len(ops.LOSSES) + ("---|" if have_bim else ""))
+    results = []
+    for shape, batch in SETTINGS:
+        torch.manual_seed(0)
+        model = models.load("resnet18", device=device)
+        x = torch.rand(batch, *shape, device=device)
+        target = torch.randint(0, 1000, (batch,), device=device)
+        source = (target + 1) % 1000
+        runs = {"floor": lambda: floor_ms(model, x, args.iterations)}
+        for loss in ops.LOSSES:
+            for record in (True, False):
+                runs[f"{loss}/{'rec' if record else 'norec'}"] = (
+                    lambda loss=loss, record=record: engine_ms(model, x, target, source, loss,
+                                                               record, args.iterations))
+        if have_bim:
+            runs["bim"] = lambda: bim_ms(model, x, target, args.iterations)
+        for fn in runs.values():  # warm-up
+            fn()
+        samples = {name: [] for name in runs}
+        for _ in range(args.repeats):
+            for name, fn in runs.items():
+                samples[name].append(fn())
+        ms = {name: statistics.median(v) for name, v in samples.items()}
+        floor = ms["floor"]
+        cells = [f"{ms[f'{loss}/rec'] / floor:.3f}x / {ms[f'{loss}/norec'] / floor:.3f}x"
+                 for loss in ops.LOSSES]
+        if have_bim:
+            cells.append(f"{ms['bim'] / floor:.3f}x")
+        print(f"| {'x'.join(map(str, shape))} | {batch} | {floor:.1f} | " + " | ".join(cells) + " |",
+              flush=True)
+        results.append({"shape": list(shape), "batch": batch, "ms_per_iteration": ms})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device), "iterations": args.iterations, "results": results},
+                      f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
