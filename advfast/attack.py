@@ -13,7 +13,7 @@ unless a stop rule asks it to (and then once every ``compact_every`` iterations)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -144,6 +144,7 @@ class Attack:
         self.threshold, self.record, self.amp = float(threshold), record, amp
         self.channels_last, self.compact_every = channels_last, compact_every
         self.time_phases = time_phases
+        self.last_timing: Timing | None = None  # of the latest call or finished stream
 
     def _step_rule(self) -> dict[str, float]:
         return {"alpha": self.alpha} if self.step == "equal-multiplier" else {"beta": self.beta}
@@ -155,111 +156,244 @@ class Attack:
         target = _check_labels(target, "target", len(x0)).to(device)
         if source is not None:
             source = _check_labels(source, "source", len(x0)).to(device)
-        autocast = (torch.autocast(device.type, dtype=AMPS[self.amp]) if self.amp
-                    else nullcontext())
         with frozen(self.model, self.channels_last):
             if self.channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), self._autocast(device):
                 logits = self.model(x0)
             if source is None:
                 source = logits.argmax(dim=1)
             classes = logits.shape[1]
             ops._check_indices(target, classes, "target")
             ops._check_indices(source, classes, "source")
-            return self._run(x0, target, source, autocast)
+            return self._run(x0, target, source)
 
-    def _run(self, x0: torch.Tensor, target: torch.Tensor, source: torch.Tensor,
-             autocast) -> AttackResult:
-        batch, device, iterations = len(x0), x0.device, self.iterations
-        sign = self.loss == "ce-sign"
-        rule = self._step_rule()
-        stopping = self.stop != "never"
-        # Outputs over the whole batch; the loop works on the rows still running (`rows`).
+    def stream(self, feed: Feed, capacity: int,
+               accept: Accept | None = None) -> Iterator[Finished]:
+        """Continuous batching: keeps up to ``capacity`` samples on the device, and every
+        ``compact_every`` iterations hands back the finished ones and refills their slots.
+
+        Args:
+            feed: ``feed(k)`` returns up to k new samples as (images [k, C, H, W] in [0, 1],
+                target [k], source [k], key [k] int64: the caller's id), or None when there
+                are no more.
+            capacity: the device batch size.
+            accept: optional ``accept(images, target) -> bool [k]`` applied, at each
+                compaction, to samples that meet the stop rule; a sample it rejects keeps
+                going (up to ``iterations``).  Used to demand that the 8-bit image holds.
+
+        Yields :class:`Finished` groups in completion order.  The same per-sample results as
+        calling the attack on each sample alone (eval mode: samples do not interact).
+        """
+        if not (isinstance(capacity, int) and capacity >= 1):
+            raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
+        device = model_device(self.model)
+        classes: list[int] = []
+
+        def rows_from_feed(k: int) -> _Rows | None:
+            fed = feed(k)
+            if fed is None or len(fed[0]) == 0:
+                return None
+            images, target, source, key = fed
+            x0 = _check_images(images).to(device, torch.float32, non_blocking=True)
+            if self.channels_last:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            target, source, key = (t.to(device, non_blocking=True) for t in (target, source, key))
+            if not classes:
+                with torch.no_grad(), self._autocast(device):
+                    classes.append(self.model(x0[:1]).shape[1])
+            ops._check_indices(target, classes[0], "target")
+            ops._check_indices(source, classes[0], "source")
+            return _Rows.start(key, x0, target, source)
+
+        with frozen(self.model, self.channels_last):
+            rows = rows_from_feed(capacity)
+            if rows is None:
+                return
+            loop = self._loop(rows, refill=rows_from_feed, capacity=capacity, accept=accept)
+            while True:
+                try:
+                    done = next(loop)
+                except StopIteration as end:
+                    self.last_timing = end.value
+                    return
+                yield _finished(done)
+
+    def _autocast(self, device: torch.device):
+        return (torch.autocast(device.type, dtype=AMPS[self.amp]) if self.amp
+                else nullcontext())
+
+    def _run(self, x0: torch.Tensor, target: torch.Tensor, source: torch.Tensor) -> AttackResult:
+        batch, device = len(x0), x0.device
         adversarial = torch.empty_like(x0)
-        first_flip = torch.full((batch,), -1, dtype=torch.int64, device=device)
-        flip_norms = torch.full((batch, 3), float("nan"), device=device)
-        final_stats = torch.empty((batch, 4), device=device)
-        steps_out = torch.empty((batch,), dtype=torch.int64, device=device)
-        trajectory = (torch.full((iterations + 1, len(TRAJECTORY), batch), float("nan"),
+        first_flip = torch.empty((batch,), dtype=torch.int64, device=device)
+        flip_norms = torch.empty((batch, 3), device=device)
+        final = torch.empty((batch, 4), device=device)
+        steps = torch.empty((batch,), dtype=torch.int64, device=device)
+        trajectory = (torch.full((self.iterations + 1, len(TRAJECTORY), batch), float("nan"),
                                  device=device) if self.record else None)
-        # State of the running rows.
-        rows = torch.arange(batch, device=device)
-        x = x0.clone().requires_grad_(True)
-        x0_run, target_run, source_run = x0, target, source
-        flip_run = first_flip.clone()
-        norms_run = torch.zeros((batch, 3), device=device)  # |X_n - X_0| of each row
-        flip_norms_run = flip_norms.clone()
-        stopped_at = torch.full((batch,), -1, dtype=torch.int64, device=device)
-        active = torch.ones(batch, dtype=torch.bool, device=device) if stopping else None
-        head = None
-
-        def retire(keep: torch.Tensor | None) -> None:
-            """Writes finished rows (all rows when keep is None) to the outputs."""
-            done = slice(None) if keep is None else ~keep
-            idx = rows[done]
-            adversarial[idx] = x.detach()[done]
-            first_flip[idx] = flip_run[done]
-            flip_norms[idx] = flip_norms_run[done]
-            final_stats[idx] = torch.cat([norms_run, head[:, _TARGET_PROB, None]], dim=1)[done]
-            steps_out[idx] = torch.where(stopped_at[done] >= 0, stopped_at[done], iterations)
-
-        timer = PhaseTimer(device, per_phase=self.time_phases)
-        timer.restart()
-        steps_taken = 0
-        for n in range(iterations + 1):
-            timer.begin(n, check=n == iterations)
-            with autocast:
-                logits = self.model(x)
-            timer.end("forward")
-            seed, head = ops.loss_head(logits.detach(), target_run, source_run, self.loss,
-                                       self.kappa, self.kappa_mode, self.threshold,
-                                       validate_indices=False)
-            hit = head[:, _HIT] > 0.5
-            newly = hit & (flip_run < 0)
-            flip_run = torch.where(newly, n, flip_run)
-            flip_norms_run = torch.where(newly[:, None], norms_run, flip_norms_run)
-            if trajectory is not None:
-                trajectory[n, :-1].index_copy_(1, rows, head[:, _HEAD_COLUMNS].t())
-            if n == iterations:
-                timer.end("check")
+        rows = _Rows.start(torch.arange(batch, device=device), x0, target, source)
+        loop = self._loop(rows, trajectory=trajectory)
+        while True:
+            try:
+                done = next(loop)
+            except StopIteration as end:
+                self.last_timing = end.value
                 break
-            if stopping:
-                finished = hit if self.stop == "flip" else head[:, _SUBSPACE] == 3
-                stopped_at = torch.where(finished & active, n, stopped_at)
-                active = active & ~finished
-            timer.end("head")
-            (grad,) = torch.autograd.grad(logits, x, seed.to(logits.dtype))
-            timer.end("backward")
-            with torch.no_grad():
-                step_stats = ops.perturb_step_(x, grad, x0_run, sign=sign, eps=self.eps,
-                                               active=active, **rule)
-            norms_run = step_stats[:, 1:]
-            if trajectory is not None:
-                trajectory[n, -1].index_copy_(0, rows, step_stats[:, 0])
-            timer.end("update")
-            steps_taken += 1
-            if stopping and (n + 1) % self.compact_every == 0:
-                keep = active.clone()
-                if not bool(keep.all()):  # the host sync a stop rule needs, every K steps
-                    retire(keep)
-                    rows, x0_run, target_run, source_run = (rows[keep], x0_run[keep],
-                                                            target_run[keep], source_run[keep])
-                    flip_run, flip_norms_run = flip_run[keep], flip_norms_run[keep]
-                    norms_run, stopped_at, active = norms_run[keep], stopped_at[keep], active[keep]
-                    head = head[keep]
-                    x = x.detach()[keep].requires_grad_(True)
-                    if len(rows) == 0:
-                        break
-        if len(rows):
-            retire(None)
-        timing = timer.finish(steps_taken, batch)
+            adversarial.index_copy_(0, done.key, done.x.detach())
+            first_flip.index_copy_(0, done.key, done.first_flip)
+            flip_norms.index_copy_(0, done.key, done.flip_norms)
+            final.index_copy_(0, done.key, torch.cat([done.norms, done.target_prob[:, None]], 1))
+            steps.index_copy_(0, done.key, done.age)
         return AttackResult(
             adversarial=adversarial.contiguous(), source=source, target=target,
             first_flip=first_flip, at_flip=dict(zip(NORMS, flip_norms.unbind(1))),
-            final=dict(zip((*NORMS, "target_prob"), final_stats.unbind(1))), steps=steps_out,
-            trajectory=(None if trajectory is None else dict(zip(TRAJECTORY, trajectory.unbind(1)))),
-            timing=timing)
+            final=dict(zip((*NORMS, "target_prob"), final.unbind(1))), steps=steps,
+            trajectory=(None if trajectory is None
+                        else dict(zip(TRAJECTORY, trajectory.unbind(1)))),
+            timing=self.last_timing)
+
+    def _loop(self, rows: _Rows, refill: Callable[[int], _Rows | None] | None = None,
+              capacity: int = 0, accept: Accept | None = None,
+              trajectory: torch.Tensor | None = None) -> Generator[_Rows, None, Timing]:
+        """The attack loop over the rows on the device; yields rows as they finish and returns
+        the timing.  Without refill or accept every row starts together, so the loop knows
+        statically when it ends: with stop="never" it never synchronises with the host."""
+        device, iterations = rows.x.device, self.iterations
+        sign, rule = self.loss == "ce-sign", self._step_rule()
+        ends_together = refill is None and accept is None
+        syncs = self.stop != "never" or not ends_together
+        stop_now = accept is None and self.stop != "never"  # else stops wait for accept()
+        autocast = self._autocast(device)
+        timer = PhaseTimer(device, per_phase=self.time_phases)
+        timer.restart()
+        samples, n = len(rows), 0
+        while True:
+            last = ends_together and n == iterations
+            timer.begin(n, check=last)
+            with autocast:
+                logits = self.model(rows.x)
+            timer.end("forward")
+            seed, head = ops.loss_head(logits.detach(), rows.target, rows.source, self.loss,
+                                       self.kappa, self.kappa_mode, self.threshold,
+                                       validate_indices=False)
+            rows.observe(head)
+            if trajectory is not None:
+                trajectory[n, :-1].index_copy_(1, rows.key, head[:, _HEAD_COLUMNS].t())
+            if last:
+                timer.end("check")
+                yield rows
+                break
+            finished = rows.age >= iterations
+            if stop_now:
+                finished = finished | rows.meets(self.stop)
+            rows.done = rows.done | finished
+            timer.end("head")
+            (grad,) = torch.autograd.grad(logits, rows.x, seed.to(logits.dtype))
+            timer.end("backward")
+            active = ~rows.done if syncs else None
+            with torch.no_grad():
+                step_stats = ops.perturb_step_(rows.x, grad, rows.x0, sign=sign, eps=self.eps,
+                                               active=active, **rule)
+            rows.norms = step_stats[:, 1:]
+            rows.age = rows.age + (1 if active is None else active.long())
+            if trajectory is not None:
+                trajectory[n, -1].index_copy_(0, rows.key, step_stats[:, 0])
+            timer.end("update")
+            n += 1
+            if syncs and n % self.compact_every == 0:
+                if accept is not None and self.stop != "never":
+                    waiting = rows.meets(self.stop) & ~rows.done
+                    if bool(waiting.any()):  # host sync, every K steps
+                        rows.done = rows.done.clone()
+                        rows.done[waiting] = accept(rows.x.detach()[waiting], rows.target[waiting])
+                if bool(rows.done.any()):  # host sync, every K steps
+                    yield rows.select(rows.done)
+                    rows = rows.select(~rows.done)
+                if refill is not None and len(rows) < capacity:
+                    new = refill(capacity - len(rows))
+                    if new is not None:
+                        samples += len(new)
+                        rows = _Rows.cat(rows, new)
+                if len(rows) == 0:
+                    break
+        return timer.finish(n, samples)
+
+
+Feed = Callable[[int], "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None"]
+Accept = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Finished:
+    """Samples that left the device batch together (see :meth:`Attack.stream`); tensors on the
+    attack's device.  Fields as in :class:`AttackResult`, per sample, plus the caller's key."""
+
+    key: torch.Tensor
+    adversarial: torch.Tensor
+    first_flip: torch.Tensor
+    at_flip: dict[str, torch.Tensor]
+    final: dict[str, torch.Tensor]
+    steps: torch.Tensor
+
+
+def _finished(rows: "_Rows") -> Finished:
+    return Finished(key=rows.key, adversarial=rows.x.detach(), first_flip=rows.first_flip,
+                    at_flip=dict(zip(NORMS, rows.flip_norms.unbind(1))),
+                    final=dict(zip((*NORMS, "target_prob"),
+                                   torch.cat([rows.norms, rows.target_prob[:, None]], 1).unbind(1))),
+                    steps=rows.age)
+
+
+class _Rows:
+    """The samples on the device, one row each, and their running state."""
+
+    FIELDS = ("key", "x", "x0", "target", "source", "age", "first_flip", "flip_norms", "norms",
+              "target_prob", "hit", "subspace", "done")
+
+    def __init__(self, **fields: torch.Tensor) -> None:
+        for name in self.FIELDS:
+            setattr(self, name, fields[name])
+
+    @classmethod
+    def start(cls, key: torch.Tensor, x0: torch.Tensor, target: torch.Tensor,
+              source: torch.Tensor) -> "_Rows":
+        b, device = len(key), x0.device
+        nan = torch.full((b,), float("nan"), device=device)
+        return cls(key=key, x=x0.clone().requires_grad_(True), x0=x0, target=target,
+                   source=source, age=torch.zeros(b, dtype=torch.int64, device=device),
+                   first_flip=torch.full((b,), -1, dtype=torch.int64, device=device),
+                   flip_norms=torch.full((b, 3), float("nan"), device=device),
+                   norms=torch.zeros((b, 3), device=device), target_prob=nan,
+                   hit=torch.zeros(b, dtype=torch.bool, device=device), subspace=nan.clone(),
+                   done=torch.zeros(b, dtype=torch.bool, device=device))
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+    def observe(self, head: torch.Tensor) -> None:
+        """Takes in loss_head's stats of the current images (X_age)."""
+        self.hit = head[:, _HIT] > 0.5
+        self.subspace = head[:, _SUBSPACE]
+        self.target_prob = head[:, _TARGET_PROB]
+        newly = self.hit & (self.first_flip < 0)
+        self.first_flip = torch.where(newly, self.age, self.first_flip)
+        self.flip_norms = torch.where(newly[:, None], self.norms, self.flip_norms)
+
+    def meets(self, stop: str) -> torch.Tensor:
+        """Whether each row meets the stop rule ("flip" or "confidence": in D3)."""
+        return self.hit if stop == "flip" else self.subspace == 3
+
+    def select(self, mask: torch.Tensor) -> "_Rows":
+        picked = {name: getattr(self, name)[mask] for name in self.FIELDS if name != "x"}
+        return _Rows(x=self.x.detach()[mask].requires_grad_(True), **picked)
+
+    @staticmethod
+    def cat(a: "_Rows", b: "_Rows") -> "_Rows":
+        joined = {name: torch.cat([getattr(a, name), getattr(b, name)])
+                  for name in _Rows.FIELDS if name != "x"}
+        x = torch.cat([a.x.detach(), b.x.detach()]).requires_grad_(True)
+        return _Rows(x=x, **joined)
 
 
 def _choice(name: str, value: object, allowed: tuple) -> None:

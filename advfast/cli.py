@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from . import figures, models, ops, table1
+from . import figures, generate, models, ops, table1
 from .attack import STEPS, STOPS, Attack
-from .inputs import prepare, resolve_device
+from .inputs import DIGITS_ALPHA, DIGITS_BETA, prepare, resolve_device, step_sizes
 
 
 def _common(parser: argparse.ArgumentParser, n_default: int | None) -> None:
@@ -43,15 +43,6 @@ def _common(parser: argparse.ArgumentParser, n_default: int | None) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _step_sizes(args: argparse.Namespace) -> tuple[float, float]:
-    digits = args.model == "digits" and args.data is None
-    alpha = args.alpha if args.alpha is not None else (
-        table1.DIGITS_ALPHA if digits else table1.PAPER_ALPHA)
-    beta = args.beta if args.beta is not None else (
-        table1.DIGITS_BETA if digits else table1.PAPER_BETA)
-    return alpha, beta
-
-
 def _setup(args: argparse.Namespace):
     if args.n is not None and args.n < 1:
         raise ValueError("--n must be at least 1")
@@ -71,7 +62,7 @@ def _setup(args: argparse.Namespace):
 
 def cmd_table1(args: argparse.Namespace) -> int:
     device, model, inputs = _setup(args)
-    alpha, beta = _step_sizes(args)
+    alpha, beta = step_sizes(args)
     if not args.quiet:
         print(f"Table I: {args.model} on {device}, {len(inputs.labels)} images, "
               f"{args.iterations} iterations, alpha={alpha:g}, beta={beta:g}, "
@@ -95,7 +86,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     device, model, inputs = _setup(args)
-    alpha, beta = _step_sizes(args)
+    alpha, beta = step_sizes(args)
     os.makedirs(args.out, exist_ok=True)
     attack = Attack(model, loss=args.loss, step=args.step, alpha=alpha, beta=beta,
                     iterations=args.iterations, kappa=args.kappa, kappa_mode=args.kappa_mode,
@@ -157,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "both step rules")
     _common(t1, n_default=1000)
     t1.add_argument("--alpha", type=float, help="equal multiplier step (paper 5e-4; digits "
-                                                f"default {table1.DIGITS_ALPHA})")
+                                                f"default {DIGITS_ALPHA})")
     t1.add_argument("--beta", type=float, help="equal perturbation L1 per step (paper 5; "
-                                               f"digits default {table1.DIGITS_BETA})")
+                                               f"digits default {DIGITS_BETA})")
     t1.add_argument("--out", default="runs/table1", help="output folder")
     t1.add_argument("--no-figures", action="store_true")
     t1.set_defaults(func=cmd_table1)
@@ -176,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--png", action="store_true", help="also write 8-bit PNGs")
     at.add_argument("--out", required=True, help="output folder")
     at.set_defaults(func=cmd_attack)
+    gen = sub.add_parser("generate", help="a large adversarial dataset: continuous batching, "
+                                          "durable shards, --resume, torchrun")
+    generate.add_arguments(gen)
+    gen.set_defaults(func=generate.run)
     return parser
 
 

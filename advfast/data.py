@@ -177,3 +177,41 @@ def random_targets(labels: torch.Tensor, num_classes: int, seed: int = 0) -> tor
     gen = torch.Generator().manual_seed(seed)
     offset = torch.randint(1, num_classes, labels.shape, generator=gen)
     return (labels + offset) % num_classes
+
+
+class AdversarialDataset(Dataset):
+    """The output of ``advfast generate`` as a torch Dataset, in input-index order.
+
+    Item i is a dict with ``adversarial`` (float32 tensor [C, H, W]), ``index`` (input index),
+    ``label``, ``target``, ``flipped`` and the other manifest fields (norms, steps, ...).
+    Reads the merged manifest.jsonl, or the per-rank parts of a run that is not finished.
+    """
+
+    def __init__(self, root: str) -> None:
+        import json
+
+        from . import shards
+
+        self.root = root
+        merged = os.path.join(root, "manifest.jsonl")
+        if os.path.exists(merged):
+            with open(merged) as f:
+                self.rows = [json.loads(line) for line in f]
+        else:
+            self.rows = sorted(shards.recorded_rows(root), key=lambda r: r["index"])
+        if not self.rows and not os.path.isdir(root):
+            raise FileNotFoundError(f"{root} is not an advfast generate output folder")
+        self._shard_name: str | None = None
+        self._shard: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        if row["shard"] != self._shard_name:  # consecutive items mostly share a shard
+            from safetensors.torch import load_file
+
+            self._shard = load_file(os.path.join(self.root, row["shard"]))["adversarial"]
+            self._shard_name = row["shard"]
+        return {**row, "adversarial": self._shard[row["offset"]].float()}

@@ -21,11 +21,6 @@ from . import ops
 from .attack import STEPS, TRAJECTORY, Attack
 from .inputs import AttackInputs
 
-# Step sizes: the paper's values for ImageNet-sized inputs, and ones chosen for the 1x8x8
-# digits default so that (nearly) every first flip falls inside 250 iterations.
-PAPER_ALPHA, PAPER_BETA = 5e-4, 5.0
-DIGITS_ALPHA, DIGITS_BETA = 2e-3, 0.1
-
 
 @dataclass
 class Cell:
