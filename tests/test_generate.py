@@ -211,3 +211,28 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     da, db = data.AdversarialDataset(str(single)), data.AdversarialDataset(str(multi))
     for i in range(40):
         torch.testing.assert_close(da[i]["adversarial"], db[i]["adversarial"], atol=1e-5, rtol=0)
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert generate(blocker / "out") == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_full_disk_leaves_no_half_shard(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import safetensors.torch
+
+    def full_disk(tensors, path, *a, **k):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    out = tmp_path / "run"
+    assert generate(out) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not _unfinished(out)
+    assert not glob.glob(str(out / "shards" / "*.safetensors"))
