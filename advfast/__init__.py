@@ -6,7 +6,7 @@ sign (IFGS), the target logit or the Carlini-Wagner M-logit margin.
 """
 
 from . import ops
-from .attack import Attack, AttackResult
+from .attack import Attack, AttackResult, Finished
 
 __version__ = "0.1.0"
-__all__ = ["Attack", "AttackResult", "ops", "__version__"]
+__all__ = ["Attack", "AttackResult", "Finished", "ops", "__version__"]

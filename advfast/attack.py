@@ -37,8 +37,8 @@ NORMS = ("l1", "l2", "linf")
 
 
 @dataclass
-class AttackResult:
-    """What one attack call produced; every tensor is on the attack's device, batch order kept.
+class PerSample:
+    """Per-sample outcome of an attack; tensors on the attack's device.
 
     adversarial: [B, C, H, W] float32, the final images (for stop rules: where each stopped).
     first_flip: [B] int64, steps applied when the prediction first equalled the target
@@ -46,19 +46,46 @@ class AttackResult:
     at_flip: {"l1", "l2", "linf"} -> [B] float32 norms of X_flip - X_0 (NaN where no flip).
     final: {"l1", "l2", "linf", "target_prob"} -> [B] float32 for the final images.
     steps: [B] int64, steps applied to each sample.
-    trajectory: {name: [iterations + 1, B] float32} for the names in TRAJECTORY (row n is X_n;
-        NaN after a sample stopped, and p_l1 is NaN in the last row); None when record=False.
     """
 
     adversarial: torch.Tensor
-    source: torch.Tensor
-    target: torch.Tensor
     first_flip: torch.Tensor
     at_flip: dict[str, torch.Tensor]
     final: dict[str, torch.Tensor]
     steps: torch.Tensor
+
+    @classmethod
+    def build(cls, adversarial: torch.Tensor, first_flip: torch.Tensor, flip_norms: torch.Tensor,
+              norms: torch.Tensor, target_prob: torch.Tensor, steps: torch.Tensor, **extra):
+        """From [B, 3] norm tensors (L1, L2, Linf) and the rest, plus a subclass's fields."""
+        return cls(adversarial=adversarial, first_flip=first_flip,
+                   at_flip=dict(zip(NORMS, flip_norms.unbind(1))),
+                   final={**dict(zip(NORMS, norms.unbind(1))), "target_prob": target_prob},
+                   steps=steps, **extra)
+
+
+@dataclass
+class AttackResult(PerSample):
+    """What one attack call produced, in batch order: the :class:`PerSample` fields, plus
+
+    source, target: [B] int64 as used.
+    trajectory: {name: [iterations + 1, B] float32} for the names in TRAJECTORY (row n is X_n;
+        NaN after a sample stopped, and p_l1 is NaN in the last row); None when record=False.
+    timing: see :class:`advfast.timing.Timing`.
+    """
+
+    source: torch.Tensor
+    target: torch.Tensor
     trajectory: dict[str, torch.Tensor] | None
     timing: Timing
+
+
+@dataclass
+class Finished(PerSample):
+    """Samples that left the device batch together (see :meth:`Attack.stream`): the
+    :class:`PerSample` fields plus ``key``, the caller's id of each sample."""
+
+    key: torch.Tensor
 
 
 @contextmanager
@@ -228,7 +255,8 @@ class Attack:
         adversarial = torch.empty_like(x0)
         first_flip = torch.empty((batch,), dtype=torch.int64, device=device)
         flip_norms = torch.empty((batch, 3), device=device)
-        final = torch.empty((batch, 4), device=device)
+        norms = torch.empty((batch, 3), device=device)
+        target_prob = torch.empty((batch,), device=device)
         steps = torch.empty((batch,), dtype=torch.int64, device=device)
         trajectory = (torch.full((self.iterations + 1, len(TRAJECTORY), batch), float("nan"),
                                  device=device) if self.record else None)
@@ -243,15 +271,14 @@ class Attack:
             adversarial.index_copy_(0, done.key, done.x.detach())
             first_flip.index_copy_(0, done.key, done.first_flip)
             flip_norms.index_copy_(0, done.key, done.flip_norms)
-            final.index_copy_(0, done.key, torch.cat([done.norms, done.target_prob[:, None]], 1))
+            norms.index_copy_(0, done.key, done.norms)
+            target_prob.index_copy_(0, done.key, done.target_prob)
             steps.index_copy_(0, done.key, done.age)
-        return AttackResult(
-            adversarial=adversarial.contiguous(), source=source, target=target,
-            first_flip=first_flip, at_flip=dict(zip(NORMS, flip_norms.unbind(1))),
-            final=dict(zip((*NORMS, "target_prob"), final.unbind(1))), steps=steps,
+        return AttackResult.build(
+            adversarial.contiguous(), first_flip, flip_norms, norms, target_prob, steps,
+            source=source, target=target, timing=self.last_timing,
             trajectory=(None if trajectory is None
-                        else dict(zip(TRAJECTORY, trajectory.unbind(1)))),
-            timing=self.last_timing)
+                        else dict(zip(TRAJECTORY, trajectory.unbind(1)))))
 
     def _loop(self, rows: _Rows, refill: Callable[[int], _Rows | None] | None = None,
               capacity: int = 0, accept: Accept | None = None,
@@ -324,25 +351,9 @@ Feed = Callable[[int], "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
 Accept = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-@dataclass
-class Finished:
-    """Samples that left the device batch together (see :meth:`Attack.stream`); tensors on the
-    attack's device.  Fields as in :class:`AttackResult`, per sample, plus the caller's key."""
-
-    key: torch.Tensor
-    adversarial: torch.Tensor
-    first_flip: torch.Tensor
-    at_flip: dict[str, torch.Tensor]
-    final: dict[str, torch.Tensor]
-    steps: torch.Tensor
-
-
 def _finished(rows: "_Rows") -> Finished:
-    return Finished(key=rows.key, adversarial=rows.x.detach(), first_flip=rows.first_flip,
-                    at_flip=dict(zip(NORMS, rows.flip_norms.unbind(1))),
-                    final=dict(zip((*NORMS, "target_prob"),
-                                   torch.cat([rows.norms, rows.target_prob[:, None]], 1).unbind(1))),
-                    steps=rows.age)
+    return Finished.build(rows.x.detach(), rows.first_flip, rows.flip_norms, rows.norms,
+                          rows.target_prob, rows.age, key=rows.key)
 
 
 class _Rows:
