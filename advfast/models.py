@@ -50,13 +50,6 @@ def cache_dir() -> str:
                                                            "advfast")
 
 
-def available() -> list[str]:
-    """Names :func:`load` accepts: "digits" and torchvision's classification models."""
-    import torchvision
-
-    return ["digits", *torchvision.models.list_models(module=torchvision.models)]
-
-
 def load(name: str, weights: str | None = None, device: str | torch.device | None = None,
          num_classes: int | None = None) -> nn.Module:
     """A classifier in eval mode that takes [B, C, H, W] images in [0, 1].

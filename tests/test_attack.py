@@ -296,3 +296,15 @@ def test_cuda_loop_never_syncs():
             torch.cuda.set_sync_debug_mode(0)
         counts.append(sum("synchroniz" in str(w.message) for w in caught))
     assert counts[0] == counts[1], counts
+
+
+@pytest.mark.parametrize("stop", ["never", "flip"])
+def test_empty_batch_and_zero_iterations(stop):
+    model = small_model()
+    empty = advfast.Attack(model, iterations=3, stop=stop)(torch.rand(0, 1, 8, 8),
+                                                         torch.zeros(0, dtype=torch.long))
+    assert empty.adversarial.shape == (0, 1, 8, 8) and empty.first_flip.shape == (0,)
+    x0, target, _ = _batch(model, n=3)
+    none = advfast.Attack(model, iterations=0, stop=stop)(x0, target)
+    assert torch.equal(none.adversarial, x0) and none.timing.steps == 0
+    assert (none.steps == 0).all()
