@@ -351,7 +351,7 @@ Feed = Callable[[int], "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
 Accept = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _finished(rows: "_Rows") -> Finished:
+def _finished(rows: _Rows) -> Finished:
     return Finished.build(rows.x.detach(), rows.first_flip, rows.flip_norms, rows.norms,
                           rows.target_prob, rows.age, key=rows.key)
 
@@ -368,7 +368,7 @@ class _Rows:
 
     @classmethod
     def start(cls, key: torch.Tensor, x0: torch.Tensor, target: torch.Tensor,
-              source: torch.Tensor) -> "_Rows":
+              source: torch.Tensor) -> _Rows:
         b, device = len(key), x0.device
         nan = torch.full((b,), float("nan"), device=device)
         return cls(key=key, x=x0.clone().requires_grad_(True), x0=x0, target=target,
@@ -395,12 +395,12 @@ class _Rows:
         """Whether each row meets the stop rule ("flip" or "confidence": in D3)."""
         return self.hit if stop == "flip" else self.subspace == 3
 
-    def select(self, mask: torch.Tensor) -> "_Rows":
+    def select(self, mask: torch.Tensor) -> _Rows:
         picked = {name: getattr(self, name)[mask] for name in self.FIELDS if name != "x"}
         return _Rows(x=self.x.detach()[mask].requires_grad_(True), **picked)
 
     @staticmethod
-    def cat(a: "_Rows", b: "_Rows") -> "_Rows":
+    def cat(a: _Rows, b: _Rows) -> _Rows:
         joined = {name: torch.cat([getattr(a, name), getattr(b, name)])
                   for name in _Rows.FIELDS if name != "x"}
         x = torch.cat([a.x.detach(), b.x.detach()]).requires_grad_(True)

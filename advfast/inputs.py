@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import data, models
+from . import data
 
 
 @dataclass
