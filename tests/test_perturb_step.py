@@ -155,7 +155,7 @@ def test_bad_input(bad, error):
 @pytest.mark.skipif(ops.backend() == "reference", reason="compiled library missing")
 @pytest.mark.parametrize("isa", ["default", "avx2"])
 def test_every_cpu_isa_copy_matches_reference(isa):
-    """The CPU kernel is compiled once per instruction set; run the comparisons on the copies
+    """The CPU kernels are compiled once per instruction set; run the comparisons on the copies
     this process does not pick by itself."""
     import os
     import subprocess
@@ -168,7 +168,9 @@ def test_every_cpu_isa_copy_matches_reference(isa):
     if picked != isa:
         pytest.skip(f"this CPU does not support {isa}")
     here = os.path.dirname(__file__)
+    files = [os.path.join(here, f) for f in ("test_perturb_step.py", "test_loss_head.py",
+                                             "test_trajectory.py")]
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
-                           "cpu and not isa", os.path.join(here, "test_perturb_step.py")],
-                          env=env, capture_output=True, text=True, cwd=here)
+                           "cpu and not isa", *files], env=env, capture_output=True, text=True,
+                          cwd=here)
     assert done.returncode == 0, done.stdout[-3000:]

@@ -1,46 +1,48 @@
 // CPU loss head: per row, one reading pass (online softmax, argmax, runner-up c*), then the
-// seed row.  Parallel over rows.
+// seed row; parallel over rows.  The body lives in loss_head_kernel.h.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
+#include <string_view>
 
 #include "../checks.h"
+#include "isa.h"
 
 namespace advfast {
 namespace {
 
+// The kernel body, once per instruction set.
+namespace isa_default {
+#include "loss_head_kernel.h"
+}  // namespace isa_default
+
+#ifdef ADVFAST_X86_DISPATCH
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace isa_avx2 {
+#include "loss_head_kernel.h"
+}  // namespace isa_avx2
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2")
+namespace isa_avx512 {
+#include "loss_head_kernel.h"
+}  // namespace isa_avx512
+#pragma GCC pop_options
+#endif
+
 template <typename scalar_t>
-void loss_head_rows(const scalar_t* logits, int64_t s0, int64_t s1, const int64_t* target,
-                    const int64_t* source, float* seed, float* stats, int64_t B, int64_t M,
-                    Loss loss, float kappa, KappaMode mode, float threshold) {
-  const int64_t grain = std::max<int64_t>(1, 32768 / M);
-  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-    for (int64_t b = begin; b < end; ++b) {
-      const scalar_t* row = logits + b * s0;
-      const int64_t c = target[b];
-      OnlineSoftmax sm{kNegInf, 0.f};
-      ArgMax best{kNegInf, -1};
-      ArgMax runner_up{kNegInf, -1};
-      for (int64_t i = 0; i < M; ++i) {
-        const float v = static_cast<float>(row[i * s1]);
-        sm = softmax_push(sm, v);
-        best = argmax_push(best, v, i);
-        if (i != c) runner_up = argmax_push(runner_up, v, i);
-      }
-      const float target_logit = static_cast<float>(row[c * s1]);
-      const float source_logit = static_cast<float>(row[source[b] * s1]);
-      float* st = stats + b * kHeadStats;
-      write_head_stats(st, sm, best, runner_up, target_logit, source_logit, c, threshold);
-      const float w = kappa_weight(st[7], kappa, mode);
-      float* out = seed + b * M;
-      for (int64_t i = 0; i < M; ++i) {
-        out[i] = seed_of(loss, static_cast<float>(row[i * s1]), i, c, runner_up.index, w, sm);
-      }
-    }
-  });
+auto* best_loss_head_rows() {
+  auto* kernel = &isa_default::loss_head_rows<scalar_t>;
+#ifdef ADVFAST_X86_DISPATCH
+  const std::string_view isa = cpu_isa_name();
+  if (isa == "avx512") kernel = &isa_avx512::loss_head_rows<scalar_t>;
+  if (isa == "avx2") kernel = &isa_avx2::loss_head_rows<scalar_t>;
+#endif
+  return kernel;
 }
 
 void check_indices_cpu(const at::Tensor& idx, int64_t M, const char* name) {
@@ -69,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> loss_head_cpu(const at::Tensor& logits,
   check_indices_cpu(s, M, "source");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "loss_head_cpu",
                                   [&] {
-                                    loss_head_rows<scalar_t>(
+                                    best_loss_head_rows<scalar_t>()(
                                         logits.const_data_ptr<scalar_t>(), logits.stride(0),
                                         logits.stride(1), t.const_data_ptr<int64_t>(),
                                         s.const_data_ptr<int64_t>(), seed.data_ptr<float>(),

@@ -6,11 +6,11 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <string_view>
 #include <vector>
 
 #include "../checks.h"
+#include "isa.h"
 
 namespace advfast {
 namespace {
@@ -20,8 +20,7 @@ namespace isa_default {
 #include "perturb_step_kernel.h"
 }  // namespace isa_default
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define ADVFAST_X86_DISPATCH 1
+#ifdef ADVFAST_X86_DISPATCH
 #pragma GCC push_options
 #pragma GCC target("avx2")
 namespace isa_avx2 {
@@ -35,33 +34,6 @@ namespace isa_avx512 {
 }  // namespace isa_avx512
 #pragma GCC pop_options
 #endif
-
-// The ISA the CPU kernels use: the best one this CPU supports ("avx512", "avx2" or "default"),
-// capped by the environment variable ADVFAST_CPU_ISA (for tests and comparisons).
-const char* cpu_isa_name() {
-  static const char* isa = [] {
-    const char* best = "default";
-#ifdef ADVFAST_X86_DISPATCH
-    if (__builtin_cpu_supports("avx2")) best = "avx2";
-    if (best == std::string_view("avx2") && __builtin_cpu_supports("avx512f") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512dq")) {
-      best = "avx512";
-    }
-#endif
-    const char* cap = std::getenv("ADVFAST_CPU_ISA");
-    if (cap == nullptr) return best;
-    const std::string_view order[] = {"default", "avx2", "avx512"};
-    int cap_rank = -1, best_rank = 0;
-    for (int r = 0; r < 3; ++r) {
-      if (order[r] == cap) cap_rank = r;
-      if (order[r] == best) best_rank = r;
-    }
-    TORCH_CHECK_VALUE(cap_rank >= 0, "ADVFAST_CPU_ISA must be default, avx2 or avx512, got ", cap);
-    return order[std::min(cap_rank, best_rank)].data();
-  }();
-  return isa;
-}
 
 template <bool SIGN, typename g_t>
 void perturb_step_best(float* x, const g_t* g, const float* x0, const bool* active, int64_t B,

@@ -1,0 +1,94 @@
+// Body of the CPU loss head, compiled once per instruction set (see isa.h): included by
+// csrc/cpu/loss_head.cpp inside one namespace per ISA.  No include guard on purpose.
+//
+// One reading pass per row keeps kLanes independent running states (online softmax, argmax,
+// runner-up c*) that the compiler vectorises; the lanes merge with ties going to the smaller
+// index, so the result is torch.argmax's first maximum.  Then one pass writes the seed row.
+
+constexpr int kLanes = 16;
+
+template <typename scalar_t>
+void reduce_row(const scalar_t* __restrict__ row, int64_t s1, int64_t M, int64_t c,
+                OnlineSoftmax* sm_out, ArgMax* best_out, ArgMax* runner_out) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  float m[kLanes], s[kLanes], bv[kLanes], rv[kLanes];
+  int32_t bi[kLanes], ri[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    m[l] = bv[l] = rv[l] = kNegInf;
+    s[l] = 0.f;
+    bi[l] = ri[l] = -1;
+  }
+  auto element = [&](int64_t i, int l) {
+    const float v = static_cast<float>(row[i * s1]);
+    const OnlineSoftmax next = softmax_push(OnlineSoftmax{m[l], s[l]}, v);
+    m[l] = next.max;
+    s[l] = next.sum;
+    const int32_t idx = static_cast<int32_t>(i);
+    // Bitwise, not short-circuit, operators: no branches in the lane loop.
+    const bool take = (v > bv[l]) | (bi[l] < 0);
+    bv[l] = take ? v : bv[l];
+    bi[l] = take ? idx : bi[l];
+    const bool take_r = (i != c) & ((v > rv[l]) | (ri[l] < 0));
+    rv[l] = take_r ? v : rv[l];
+    ri[l] = take_r ? idx : ri[l];
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= M; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) element(i + l, l);
+  }
+  for (int l = 0; i < M; ++i, ++l) element(i, l);
+  OnlineSoftmax sm{kNegInf, 0.f};
+  ArgMax best{kNegInf, -1}, runner{kNegInf, -1};
+  for (int l = 0; l < kLanes; ++l) {
+    sm = softmax_merge(sm, OnlineSoftmax{m[l], s[l]});
+    best = argmax_merge(best, ArgMax{bv[l], bi[l]});
+    runner = argmax_merge(runner, ArgMax{rv[l], ri[l]});
+  }
+  *sm_out = sm;
+  *best_out = best;
+  *runner_out = runner;
+}
+
+// The seed row, one loop per loss so that each is a plain vectorisable loop.
+template <typename scalar_t>
+void write_seed(const scalar_t* __restrict__ row, int64_t s1, int64_t M, int64_t c,
+                int64_t runner_up, Loss loss, float w, OnlineSoftmax sm, float* __restrict__ out) {
+  switch (loss) {
+    case Loss::CE:
+    case Loss::CE_SIGN: {
+      // seed_of's formula, with the one-hot term added at the target alone.
+      for (int64_t i = 0; i < M; ++i) {
+        out[i] = -exp_of(static_cast<float>(row[i * s1]) - sm.max) / sm.sum;
+      }
+      out[c] = seed_of(loss, static_cast<float>(row[c * s1]), c, c, runner_up, w, sm);
+      break;
+    }
+    case Loss::LOGIT:
+    case Loss::M_LOGIT:
+      for (int64_t i = 0; i < M; ++i) out[i] = 0.f;
+      out[c] = seed_of(loss, 0.f, c, c, runner_up, w, sm);
+      if (loss == Loss::M_LOGIT) out[runner_up] = seed_of(loss, 0.f, runner_up, c, runner_up, w, sm);
+      break;
+  }
+}
+
+template <typename scalar_t>
+void loss_head_rows(const scalar_t* logits, int64_t s0, int64_t s1, const int64_t* target,
+                    const int64_t* source, float* seed, float* stats, int64_t B, int64_t M,
+                    Loss loss, float kappa, KappaMode mode, float threshold) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / M);
+  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const scalar_t* row = logits + b * s0;
+      const int64_t c = target[b];
+      OnlineSoftmax sm;
+      ArgMax best, runner_up;
+      reduce_row(row, s1, M, c, &sm, &best, &runner_up);
+      float* st = stats + b * kHeadStats;
+      write_head_stats(st, sm, best, runner_up, static_cast<float>(row[c * s1]),
+                       static_cast<float>(row[source[b] * s1]), c, threshold);
+      write_seed(row, s1, M, c, runner_up.index, loss, kappa_weight(st[7], kappa, mode), sm,
+                 seed + b * M);
+    }
+  });
+}
