@@ -238,13 +238,12 @@ class Attack:
             if rows is None:
                 return
             loop = self._loop(rows, refill=rows_from_feed, capacity=capacity, accept=accept)
-            while True:
-                try:
-                    done = next(loop)
-                except StopIteration as end:
-                    self.last_timing = end.value
-                    return
+            for done in self._drain(loop):
                 yield _finished(done)
+
+    def _drain(self, loop: Generator[_Rows, None, Timing]) -> Iterator[_Rows]:
+        """Yields the rows ``loop`` finishes and keeps its timing in ``last_timing``."""
+        self.last_timing = yield from loop
 
     def _autocast(self, device: torch.device):
         return (torch.autocast(device.type, dtype=AMPS[self.amp]) if self.amp
@@ -261,13 +260,7 @@ class Attack:
         trajectory = (torch.full((self.iterations + 1, len(TRAJECTORY), batch), float("nan"),
                                  device=device) if self.record else None)
         rows = _Rows.start(torch.arange(batch, device=device), x0, target, source)
-        loop = self._loop(rows, trajectory=trajectory)
-        while True:
-            try:
-                done = next(loop)
-            except StopIteration as end:
-                self.last_timing = end.value
-                break
+        for done in self._drain(self._loop(rows, trajectory=trajectory)):
             adversarial.index_copy_(0, done.key, done.x.detach())
             first_flip.index_copy_(0, done.key, done.first_flip)
             flip_norms.index_copy_(0, done.key, done.flip_norms)

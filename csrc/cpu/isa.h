@@ -1,6 +1,6 @@
-// Run-time choice of the instruction set for the CPU kernels.  Each op's .cpp includes its
-// kernel body once per ISA (baseline, AVX2, AVX-512) under `#pragma GCC target`, in namespaces
-// isa_default / isa_avx2 / isa_avx512, and calls the copy this function names.
+// Run-time choice of the instruction set for the CPU kernels.  Each op's .cpp compiles its
+// kernel body once per ISA (baseline, AVX2, AVX-512) through isa_copies.h and calls the copy
+// ADVFAST_BEST picks.
 #pragma once
 
 #include <torch/library.h>
@@ -42,4 +42,21 @@ inline const char* cpu_isa_name() {
   return isa;
 }
 
+// The copy of a kernel function for the running CPU, given one pointer per ISA.
+template <typename Fn>
+Fn pick_isa(Fn baseline, [[maybe_unused]] Fn avx2, [[maybe_unused]] Fn avx512) {
+  const std::string_view isa = cpu_isa_name();
+  if (isa == "avx512") return avx512;
+  if (isa == "avx2") return avx2;
+  return baseline;
+}
+
 }  // namespace advfast
+
+// ADVFAST_BEST(name) is &isa_<best>::name, for a function compiled through isa_copies.h.
+#ifdef ADVFAST_X86_DISPATCH
+#define ADVFAST_BEST(...) \
+  ::advfast::pick_isa(&isa_default::__VA_ARGS__, &isa_avx2::__VA_ARGS__, &isa_avx512::__VA_ARGS__)
+#else
+#define ADVFAST_BEST(...) (&isa_default::__VA_ARGS__)
+#endif

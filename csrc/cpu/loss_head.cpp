@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <limits>
-#include <string_view>
 
 #include "../checks.h"
 #include "isa.h"
@@ -14,36 +13,8 @@
 namespace advfast {
 namespace {
 
-// The kernel body, once per instruction set.
-namespace isa_default {
-#include "loss_head_kernel.h"
-}  // namespace isa_default
-
-#ifdef ADVFAST_X86_DISPATCH
-#pragma GCC push_options
-#pragma GCC target("avx2")
-namespace isa_avx2 {
-#include "loss_head_kernel.h"
-}  // namespace isa_avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2")
-namespace isa_avx512 {
-#include "loss_head_kernel.h"
-}  // namespace isa_avx512
-#pragma GCC pop_options
-#endif
-
-template <typename scalar_t>
-auto* best_loss_head_rows() {
-  auto* kernel = &isa_default::loss_head_rows<scalar_t>;
-#ifdef ADVFAST_X86_DISPATCH
-  const std::string_view isa = cpu_isa_name();
-  if (isa == "avx512") kernel = &isa_avx512::loss_head_rows<scalar_t>;
-  if (isa == "avx2") kernel = &isa_avx2::loss_head_rows<scalar_t>;
-#endif
-  return kernel;
-}
+#define ADVFAST_KERNEL_BODY "loss_head_kernel.h"
+#include "isa_copies.h"
 
 void check_indices_cpu(const at::Tensor& idx, int64_t M, const char* name) {
   const int64_t* p = idx.data_ptr<int64_t>();
@@ -71,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor> loss_head_cpu(const at::Tensor& logits,
   check_indices_cpu(s, M, "source");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "loss_head_cpu",
                                   [&] {
-                                    best_loss_head_rows<scalar_t>()(
+                                    ADVFAST_BEST(loss_head_rows<scalar_t>)(
                                         logits.const_data_ptr<scalar_t>(), logits.stride(0),
                                         logits.stride(1), t.const_data_ptr<int64_t>(),
                                         s.const_data_ptr<int64_t>(), seed.data_ptr<float>(),

@@ -6,7 +6,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <string_view>
 #include <vector>
 
 #include "../checks.h"
@@ -15,38 +14,8 @@
 namespace advfast {
 namespace {
 
-// The kernel body, once per instruction set.  Each copy is auto-vectorised for its ISA.
-namespace isa_default {
-#include "perturb_step_kernel.h"
-}  // namespace isa_default
-
-#ifdef ADVFAST_X86_DISPATCH
-#pragma GCC push_options
-#pragma GCC target("avx2")
-namespace isa_avx2 {
-#include "perturb_step_kernel.h"
-}  // namespace isa_avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2")
-namespace isa_avx512 {
-#include "perturb_step_kernel.h"
-}  // namespace isa_avx512
-#pragma GCC pop_options
-#endif
-
-template <bool SIGN, typename g_t>
-void perturb_step_best(float* x, const g_t* g, const float* x0, const bool* active, int64_t B,
-                       int64_t N, bool equal_perturbation, float alpha, float beta, float lo,
-                       float hi, bool use_eps, float eps, float* stats) {
-  auto* kernel = &isa_default::perturb_step_kernel<SIGN, g_t>;
-#ifdef ADVFAST_X86_DISPATCH
-  const std::string_view isa = cpu_isa_name();
-  if (isa == "avx512") kernel = &isa_avx512::perturb_step_kernel<SIGN, g_t>;
-  if (isa == "avx2") kernel = &isa_avx2::perturb_step_kernel<SIGN, g_t>;
-#endif
-  kernel(x, g, x0, active, B, N, equal_perturbation, alpha, beta, lo, hi, use_eps, eps, stats);
-}
+#define ADVFAST_KERNEL_BODY "perturb_step_kernel.h"
+#include "isa_copies.h"
 
 at::Tensor perturb_step_cpu(at::Tensor x, const at::Tensor& grad, const at::Tensor& x0,
                             const std::optional<at::Tensor>& active, bool sign,
@@ -58,26 +27,24 @@ at::Tensor perturb_step_cpu(at::Tensor x, const at::Tensor& grad, const at::Tens
   if (x.numel() == 0) return stats;
   const StepOperands op = step_operands(x, grad, x0, active);
   const int64_t N = op.per_sample;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "perturb_step_cpu",
-                                  [&] {
-                                    auto run = [&](auto sign_tag) {
-                                      perturb_step_best<decltype(sign_tag)::value>(
-                                          op.x.data_ptr<float>(), op.grad.const_data_ptr<scalar_t>(),
-                                          op.x0.const_data_ptr<float>(),
-                                          op.active.defined() ? op.active.const_data_ptr<bool>() : nullptr, B,
-                                          N, beta.has_value(),
-                                          static_cast<float>(alpha.value_or(0.0)),
-                                          static_cast<float>(beta.value_or(0.0)),
-                                          static_cast<float>(lo), static_cast<float>(hi),
-                                          eps.has_value(), static_cast<float>(eps.value_or(0.0)),
-                                          stats.data_ptr<float>());
-                                    };
-                                    if (sign) {
-                                      run(std::true_type{});
-                                    } else {
-                                      run(std::false_type{});
-                                    }
-                                  });
+  const bool* active_ptr = op.active.defined() ? op.active.const_data_ptr<bool>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "perturb_step_cpu", [&] {
+        auto run = [&](auto sign_tag) {
+          constexpr bool SIGN = decltype(sign_tag)::value;
+          ADVFAST_BEST(perturb_step_kernel<SIGN, scalar_t>)(
+              op.x.data_ptr<float>(), op.grad.const_data_ptr<scalar_t>(),
+              op.x0.const_data_ptr<float>(), active_ptr, B, N, beta.has_value(),
+              static_cast<float>(alpha.value_or(0.0)), static_cast<float>(beta.value_or(0.0)),
+              static_cast<float>(lo), static_cast<float>(hi), eps.has_value(),
+              static_cast<float>(eps.value_or(0.0)), stats.data_ptr<float>());
+        };
+        if (sign) {
+          run(std::true_type{});
+        } else {
+          run(std::false_type{});
+        }
+      });
   if (!op.x.is_same(x)) x.copy_(op.x);
   return stats;
 }
