@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -105,15 +106,13 @@ def _as_list(batch: list) -> list:
 
 
 def _load(source: Source, indices: list[int], workers: int, batch_size: int):
-    """(index, image or None, label, path) for each index, in order, loaded by workers."""
-    subset = torch.utils.data.Subset(source, indices)
-    loader = DataLoader(subset, batch_size=batch_size, num_workers=workers,
-                        collate_fn=_as_list, pin_memory=False)
+    """Batches of (index, image or None, label, path), in index order, loaded by workers."""
+    loader = DataLoader(torch.utils.data.Subset(source, indices), batch_size=batch_size,
+                        num_workers=workers, collate_fn=_as_list)
     position = 0
     for batch in loader:
-        for image, label, path in batch:
-            yield indices[position], image, label, path
-            position += 1
+        yield [(indices[position + j], *item) for j, item in enumerate(batch)]
+        position += len(batch)
 
 
 def select(model: torch.nn.Module, source: Source, args: argparse.Namespace,
@@ -128,7 +127,7 @@ def select(model: torch.nn.Module, source: Source, args: argparse.Namespace,
     while len(chosen) < wanted and start < total:
         mine = list(range(start + ranks.rank, min(start + chunk, total), ranks.world))
         found = []
-        for group in _batched(_load(source, mine, args.workers, args.batch_size), args.batch_size):
+        for group in _load(source, mine, args.workers, args.batch_size):
             readable = [g for g in group if g[1] is not None]
             found += [{"index": i, "path": p, "reason": "unreadable image"}
                       for i, img, _, p in group if img is None]
@@ -151,17 +150,6 @@ def select(model: torch.nn.Module, source: Source, args: argparse.Namespace,
     return chosen[:wanted], skipped
 
 
-def _batched(items, size: int):
-    group = []
-    for item in items:
-        group.append(item)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
 class Feeder:
     """``feed(k)`` for :meth:`Attack.stream`: the next k samples of this rank's work, loaded
     ahead by DataLoader workers into pinned memory."""
@@ -170,7 +158,8 @@ class Feeder:
                  pin: bool) -> None:
         self.rows = {r["index"]: r for r in work}
         self.pin = pin
-        self._items = _load(source, [r["index"] for r in work], args.workers, args.batch_size)
+        self._items = itertools.chain.from_iterable(
+            _load(source, [r["index"] for r in work], args.workers, args.batch_size))
 
     def __call__(self, k: int):
         got = []
