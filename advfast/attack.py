@@ -63,6 +63,18 @@ class PerSample:
                    final={**dict(zip(NORMS, norms.unbind(1))), "target_prob": target_prob},
                    steps=steps, **extra)
 
+    def records(self) -> list[dict]:
+        """One plain dict per sample, on the host: first_flip, steps, ``{l1,l2,linf}_at_flip``,
+        ``{l1,l2,linf,target_prob}_final`` and flipped (first_flip >= 0)."""
+        columns = {"first_flip": self.first_flip, "steps": self.steps,
+                   **{f"{k}_at_flip": v for k, v in self.at_flip.items()},
+                   **{f"{k}_final": v for k, v in self.final.items()}}
+        host = {name: values.tolist() for name, values in columns.items()}
+        rows = [dict(zip(host, values)) for values in zip(*host.values())]
+        for row in rows:
+            row["flipped"] = row["first_flip"] >= 0
+        return rows
+
 
 @dataclass
 class AttackResult(PerSample):

@@ -1,4 +1,4 @@
-"""The ``advfast`` command line: ``advfast table1`` and ``advfast attack``."""
+"""The ``advfast`` command line: ``advfast table1``, ``advfast attack`` and ``advfast generate``."""
 
 from __future__ import annotations
 
@@ -102,16 +102,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
         result = attack(inputs.images[sl].to(device), inputs.targets[sl].to(device),
                         source=inputs.labels[sl].to(device))
         adversarial.append(result.adversarial.cpu())
-        for j in range(len(result.first_flip)):
-            i = s + j
-            rows.append({
-                "index": int(inputs.index[i]), "path": inputs.paths[i],
-                "label": int(inputs.labels[i]), "target": int(inputs.targets[i]),
-                "first_flip": int(result.first_flip[j]),
-                "flipped": bool(result.first_flip[j] >= 0), "steps": int(result.steps[j]),
-                **{f"{k}_at_flip": float(v[j]) for k, v in result.at_flip.items()},
-                **{f"{k}_final": float(v[j]) for k, v in result.final.items()},
-            })
+        rows += [{"index": int(inputs.index[i]), "path": inputs.paths[i],
+                  "label": int(inputs.labels[i]), "target": int(inputs.targets[i]), **record}
+                 for i, record in enumerate(result.records(), start=s)]
     elapsed = time.perf_counter() - started
     adv = torch.cat(adversarial)
     save_file({"adversarial": adv.contiguous(), "index": inputs.index.contiguous(),

@@ -309,21 +309,13 @@ def _attack(model, source: Source, work: list[dict], args: argparse.Namespace, r
 
 def _manifest_rows(done: Finished, by_index: dict, args: argparse.Namespace, alpha: float,
                    beta: float, png_holds: torch.Tensor | None) -> list[dict]:
-    cpu = {"key": done.key.cpu(), "first_flip": done.first_flip.cpu(), "steps": done.steps.cpu(),
-           **{f"{k}_at_flip": v.cpu() for k, v in done.at_flip.items()},
-           **{f"{k}_final": v.cpu() for k, v in done.final.items()}}
     rows = []
-    for j, key in enumerate(cpu["key"].tolist()):
+    for j, (key, record) in enumerate(zip(done.key.tolist(), done.records())):
         src = by_index[key]
         row = {"index": key, "path": src["path"], "label": src["label"], "target": src["target"],
                "loss": args.loss, "step": args.step,
                "step_param": alpha if args.step == "equal-multiplier" else beta,
-               "iterations": args.iterations, "steps": int(cpu["steps"][j]),
-               "first_flip": int(cpu["first_flip"][j]), "flipped": bool(cpu["first_flip"][j] >= 0)}
-        for name in ("l1", "l2", "linf"):
-            row[f"{name}_at_flip"] = float(cpu[f"{name}_at_flip"][j])
-            row[f"{name}_final"] = float(cpu[f"{name}_final"][j])
-        row["final_target_prob"] = float(cpu["target_prob_final"][j])
+               "iterations": args.iterations, **record}
         if png_holds is not None:
             row["png"] = os.path.join("png", f"{key:08d}.png")
             row["png_holds"] = bool(png_holds[j])
