@@ -63,7 +63,8 @@ def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    # No FMA contraction: the CPU kernels then round exactly like the eager reference.  No
+    # No FMA contraction (-ffp-contract=off here, --fmad=false for nvcc): the kernels then
+    # round like the eager reference, and the CPU like the GPU.  No
     # trapping math (nothing relies on floating-point traps): lets exp_of's rounding and
     # conversion vectorise.
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
@@ -73,14 +74,25 @@ def _extensions():
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
     return [CUDAExtension("advfast._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
-                          extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+                          extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--fmad=false"]},
                           extra_link_args=["-fopenmp"])]
 
 
 def _build_ext():
     from torch.utils.cpp_extension import BuildExtension
 
-    return BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    class Build(BuildExtension):
+        """Keeps object files in ./build/ (pip would use a new temporary folder each time), so
+        a second ``pip install -e`` recompiles only what changed."""
+
+        def finalize_options(self) -> None:
+            super().finalize_options()
+            here = os.path.dirname(os.path.abspath(__file__))
+            self.build_temp = os.path.join(here, "build", "temp")
+            print("advfast: compiling the C++/CUDA kernels (a few minutes on 2 cores the first "
+                  "time; object files are kept in build/)", flush=True)
+
+    return Build.with_options(use_ninja=shutil.which("ninja") is not None)
 
 
 setup(ext_modules=_extensions(), cmdclass={"build_ext": _build_ext()})

@@ -1,4 +1,4 @@
-"""advfast's two fused operators: the loss head on the logits and the perturbation step.
+"""advfast's fused operators: the loss head on the logits and the perturbation step.
 
 Both run as registered PyTorch operators (``torch.ops.advfast.*``, C++ on CPU and CUDA on GPU)
 when the compiled library ``advfast._C`` is present, and fall back to the pure-PyTorch
@@ -69,6 +69,26 @@ def _require_finite(value: float, name: str) -> float:
     return float(value)
 
 
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    lo = hi = t.data_ptr()
+    for size, stride in zip(t.shape, t.stride()):
+        reach = (size - 1) * stride * t.element_size()
+        lo, hi = (lo + reach, hi) if reach < 0 else (lo, hi + reach)
+    return lo, hi + t.element_size()
+
+
+def _check_no_overlap(x: torch.Tensor, other: torch.Tensor, name: str) -> None:
+    """x is written in place: it must not share memory with an input (the kernels read their
+    inputs through restrict pointers, and the reference would read what it just wrote)."""
+    if x.numel() == 0 or other.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if x.untyped_storage().data_ptr() != other.untyped_storage().data_ptr():
+        return
+    (a0, a1), (b0, b1) = _byte_span(x), _byte_span(other)
+    if a0 < b1 and b0 < a1:
+        raise ValueError(f"x is updated in place and must not share memory with {name}")
+
+
 def _check_indices(index: torch.Tensor, classes: int, name: str) -> None:
     # A data-dependent check: it synchronises on a GPU, so the attack engine validates once
     # and then passes validate_indices=False inside its loop.
@@ -98,7 +118,11 @@ def loss_head(logits: torch.Tensor, target: torch.Tensor, source: torch.Tensor, 
 
     Returns:
         seed: [B, M] float32, dO/dlogits.
-        stats: [B, 10] float32 with columns :data:`HEAD_STATS`.
+        stats: [B, 12] float32 with columns :data:`HEAD_STATS`: pred, max_prob, target_prob,
+            target_logit, source_prob, source_logit, runner_up (c*), margin (g_c - g_c*),
+            subspace (1/2/3), hit (pred == c), target_logprob (log softmax(g)_c) and finite
+            (0 for a row with a NaN or +inf logit or only -inf ones; its probabilities and
+            target_logprob are NaN).  ``-inf`` logits are masked classes with probability 0.
     """
     for value, name in ((logits, "logits"), (target, "target"), (source, "source")):
         _require_tensor(value, name)
@@ -155,6 +179,10 @@ def perturb_step_(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, *, sign
     Returns:
         [B, 4] float32 with columns :data:`STEP_STATS`: sum|P| (0 for inactive samples), then the
         L1, L2 and Linf norms of x - x0 after the step.
+
+    A non-finite gradient element (NaN, +-inf) contributes no step and nothing to sum|P|, so a
+    finite image never becomes NaN.  x must not share memory with grad or x0 (ValueError).
+    Autograd sees the in-place update: x's version counter moves, as with ``x.add_``.
     """
     for value, name in ((x, "x"), (grad, "grad"), (x0, "x0")):
         _require_tensor(value, name)
@@ -170,6 +198,8 @@ def perturb_step_(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, *, sign
     if grad.device != x.device or x0.device != x.device:
         raise ValueError(f"x, grad and x0 must be on one device, got {x.device}, {grad.device} "
                          f"and {x0.device}")
+    _check_no_overlap(x, grad, "grad")
+    _check_no_overlap(x, x0, "x0")
     if (alpha is None) == (beta is None):
         raise ValueError("give exactly one of alpha (equal multiplier) or beta (equal "
                          "perturbation)")

@@ -1,8 +1,14 @@
-"""Pure-PyTorch reference of advfast's two fused ops.
+"""Pure-PyTorch reference of advfast's fused ops.
 
 This is the oracle the compiled kernels are tested against and the fallback used when the
 compiled library is missing.  It follows the same formulas (``csrc/advfast_math.h``) with
-eager tensor operations, computing in float32 whatever the input precision.
+eager tensor operations, computing in float32 whatever the input precision, and the same
+rules for non-finite input:
+
+* a non-finite gradient element (NaN, +-inf) contributes no step and nothing to sum|P|;
+* ``-inf`` logits are masked classes (probability 0, as ``torch.softmax``); a row with a NaN or
+  ``+inf`` logit, or only ``-inf`` ones, has NaN probabilities and ``finite = 0``;
+* NaN ranks above every number in argmax and max (``torch.argmax``, ``torch.amax``).
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 HEAD_STATS: tuple[str, ...] = ("pred", "max_prob", "target_prob", "target_logit", "source_prob",
-                               "source_logit", "runner_up", "margin", "subspace", "hit")
+                               "source_logit", "runner_up", "margin", "subspace", "hit",
+                               "target_logprob", "finite")
 STEP_STATS: tuple[str, ...] = ("p_l1", "delta_l1", "delta_l2", "delta_linf")
 
 
@@ -28,7 +35,7 @@ def kappa_weight(margin: torch.Tensor, kappa: float, kappa_mode: str) -> torch.T
 def loss_head(logits: torch.Tensor, target: torch.Tensor, source: torch.Tensor, loss: str,
               kappa: float = 20.0, kappa_mode: str = "clamp",
               threshold: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seed dO/dlogits [B, M] and HEAD_STATS [B, 10] of the objective O the attack maximises.
+    """Seed dO/dlogits [B, M] and HEAD_STATS [B, 12] of the objective O the attack maximises.
 
     ce, ce-sign: O = log softmax(g)_c, seed = onehot(c) - softmax(g)
     logit:       O = g_c,              seed = onehot(c)
@@ -37,11 +44,15 @@ def loss_head(logits: torch.Tensor, target: torch.Tensor, source: torch.Tensor, 
     g = logits.float()
     batch, classes = g.shape
     rows = torch.arange(batch, device=g.device)
-    prob = torch.softmax(g, dim=1)
+    lse = torch.logsumexp(g, dim=1)
+    finite = torch.isfinite(lse)
+    prob = torch.softmax(g, dim=1)  # NaN rows exactly where lse is not finite
     pred = g.argmax(dim=1)
     max_prob = prob.gather(1, pred[:, None])[:, 0]
     masked = g.scatter(1, target[:, None], float("-inf"))
     runner_up = masked.argmax(dim=1)
+    # c* is never c, even when every other logit is -inf (argmax would then pick index 0).
+    runner_up = torch.where(runner_up == target, (target == 0).long(), runner_up)
     target_logit = g[rows, target]
     margin = target_logit - g[rows, runner_up]
     hit = pred == target
@@ -58,7 +69,8 @@ def loss_head(logits: torch.Tensor, target: torch.Tensor, source: torch.Tensor, 
         seed = w[:, None] * (onehot - F.one_hot(runner_up, classes).float())
     stats = torch.stack([pred.float(), max_prob, prob[rows, target], target_logit,
                          prob[rows, source], g[rows, source], runner_up.float(), margin, subspace,
-                         hit.float()], dim=1)
+                         hit.float(), torch.where(finite, target_logit - lse, float("nan")),
+                         finite.float()], dim=1)
     return seed, stats
 
 
@@ -76,6 +88,7 @@ def perturb_step_(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, *, sign
     if x.numel() == 0:
         return x.new_zeros((batch, 4))
     p = grad.float().reshape(batch, -1)
+    p = torch.where(torch.isfinite(p), p, torch.zeros_like(p))
     if sign:
         p = torch.sign(p)
     p_l1 = p.abs().sum(dim=1)

@@ -1,5 +1,12 @@
-// Scalar math shared by the CPU and CUDA kernels, so both backends compute
-// bit-for-bit the same per-element and per-row formulas.
+// Scalar math shared by the CPU and CUDA kernels: both backends evaluate the same per-element and
+// per-row formulas (CUDA is compiled with --fmad=false, as the CPU with -ffp-contract=off, so no
+// multiply-add is contracted).  They still differ in two places, by design: exp_of (a polynomial
+// on the CPU, expf on the GPU) and the order of the reductions (lanes vs. a block tree).
+//
+// Non-finite input, decided once for every kernel and the reference (advfast/reference.py):
+// * a non-finite gradient element (NaN, +-inf) contributes no step and nothing to sum|P|;
+// * -inf logits are masked classes: probability exactly 0, as torch.softmax gives;
+// * NaN is the largest value for argmax (torch.argmax) and max (torch.amax) alike.
 #pragma once
 
 #include <cfloat>
@@ -20,15 +27,24 @@ enum class Loss : int64_t { CE = 0, CE_SIGN = 1, LOGIT = 2, M_LOGIT = 3 };
 enum class KappaMode : int64_t { CLAMP = 0, BALANCE = 1 };
 
 // Number of per-row statistics written by loss_head, in advfast.ops.HEAD_STATS order.
-constexpr int kHeadStats = 10;
+constexpr int kHeadStats = 12;
 // Number of per-sample statistics written by perturb_step_, in advfast.ops.STEP_STATS order.
 constexpr int kStepStats = 4;
 
-// sign(v) with sign(0) = 0 and NaN passed through (torch.sign semantics).  Branch-free: gradient
-// signs are random, so a branch would be mispredicted on every other element.
-ADVFAST_HD float sign_of(float v) {
-  const float s = (v > 0.f ? 1.f : 0.f) - (v < 0.f ? 1.f : 0.f);
-  return v == v ? s : v;
+ADVFAST_HD bool is_nan(float v) { return v != v; }
+
+// The gradient element the step uses: v itself if finite, else 0 (it contributes nothing).
+ADVFAST_HD float finite_or_zero(float v) { return fabsf(v) <= FLT_MAX ? v : 0.f; }
+
+// sign(v) with sign(0) = 0 (and sign(NaN) = 0, as torch.sign).  Branch-free: gradient signs
+// are random, so a branch would be mispredicted on every other element.
+ADVFAST_HD float sign_of(float v) { return (v > 0.f ? 1.f : 0.f) - (v < 0.f ? 1.f : 0.f); }
+
+// P_n's element from one gradient element: the element, or its sign (IFGS, Eq. 13).
+template <bool SIGN>
+ADVFAST_HD float perturbation_of(float g) {
+  const float v = finite_or_zero(g);
+  return SIGN ? sign_of(v) : v;
 }
 
 // min(max(v, lo), hi) as torch.clamp computes it: lo > hi resolves to hi and NaN propagates.
@@ -38,15 +54,18 @@ ADVFAST_HD float clamp_to(float v, float lo, float hi) {
   return v > hi ? hi : v;
 }
 
-ADVFAST_HD float max_of(float a, float b) { return a > b ? a : b; }
+// max(a, b) with NaN propagated, as torch.amax: the Linf of a sample holding NaN is NaN.
+ADVFAST_HD float max_of(float a, float b) { return (a > b) | is_nan(a) ? a : b; }
 
 // exp(x) for the kernels.  On the GPU, expf.  On the CPU, a Cephes-style polynomial (within
-// 2 ulp of expf over the float range; inputs below -87.3 give ~1e-38 instead of 0) written
-// without branches or calls, so the compiler vectorises the loops that use it.
+// 2 ulp of expf over the normal float range; 0 below it, where expf gives denormals; +inf and
+// NaN pass through) written without branches or calls, so the compiler vectorises the loops
+// that use it.
 ADVFAST_HD float exp_of(float x) {
 #ifdef __CUDA_ARCH__
   return expf(x);
 #else
+  const float in = x;
   x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
   const float n = floorf(x * 1.44269504088896341f + 0.5f);
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
@@ -60,7 +79,8 @@ ADVFAST_HD float exp_of(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 127]
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  const float out = in > 88.3f ? in * 2.f : p * scale;  // +inf stays +inf
+  return in < -87.3f ? 0.f : (is_nan(in) ? in : out);
 #endif
 }
 
@@ -70,28 +90,51 @@ struct OnlineSoftmax {
   float sum;
 };
 
-// Branch-free, so CPU lanes vectorise: both terms are rescaled to the new maximum.
+// exp(v - m) for a softmax term: 0 for a masked class (v = -inf), also when every value so far
+// is -inf (then m = -inf too, and v - m would be NaN).
+ADVFAST_HD float softmax_term(float v, float m) {
+  return v == -INFINITY ? 0.f : exp_of(v - m);
+}
+
+// Branch-free, so CPU lanes vectorise: both terms are rescaled to the new maximum.  A NaN
+// never becomes the maximum but makes the sum NaN, as it makes torch.softmax's row NaN.
 ADVFAST_HD OnlineSoftmax softmax_push(OnlineSoftmax s, float v) {
   const float m = v > s.max ? v : s.max;
-  return OnlineSoftmax{m, s.sum * exp_of(s.max - m) + exp_of(v - m)};
+  const float kept = s.sum == 0.f ? 0.f : s.sum * exp_of(s.max - m);
+  return OnlineSoftmax{m, kept + softmax_term(v, m)};
 }
 
 ADVFAST_HD OnlineSoftmax softmax_merge(OnlineSoftmax a, OnlineSoftmax b) {
   if (b.sum == 0.f) return a;
   if (a.sum == 0.f) return b;
-  const float m = fmaxf(a.max, b.max);
+  const float m = a.max > b.max ? a.max : b.max;
   return OnlineSoftmax{m, a.sum * exp_of(a.max - m) + b.sum * exp_of(b.max - m)};
 }
 
-// (value, index) argmax with ties resolved to the smallest index, like torch.argmax.
-// index < 0 marks "nothing seen yet".
+// 1 / sum exp(g - max).  The sum is >= 1 (the maximum's own term) unless the row holds NaN or
+// +inf or only -inf, where torch.softmax gives NaN, and so does this.
+ADVFAST_HD float inverse_sum(OnlineSoftmax sm) { return sm.sum >= 1.f ? 1.f / sm.sum : NAN; }
+
+// log of the row's softmax normaliser, log sum exp(g); finite exactly when the row is usable
+// (no NaN or +inf logit, at least one finite logit).
+ADVFAST_HD float log_sum_exp(OnlineSoftmax sm) { return sm.max + logf(sm.sum); }
+
+// (value, index) argmax like torch.argmax: NaN above every number, ties resolved to the
+// smallest index.  index < 0 marks "nothing seen yet".
 struct ArgMax {
   float value;
   int64_t index;
 };
 
+// Whether v ranks strictly above a in the argmax order (NaN highest).
+ADVFAST_HD bool ranks_above(float v, float a) { return (v > a) | (is_nan(v) & !is_nan(a)); }
+
+ADVFAST_HD bool ranks_equal(float v, float a) { return (v == a) | (is_nan(v) & is_nan(a)); }
+
 ADVFAST_HD ArgMax argmax_push(ArgMax a, float v, int64_t i) {
-  if (a.index < 0 || v > a.value || (v == a.value && i < a.index)) return ArgMax{v, i};
+  if (a.index < 0 || ranks_above(v, a.value) || (ranks_equal(v, a.value) && i < a.index)) {
+    return ArgMax{v, i};
+  }
   return a;
 }
 
@@ -115,23 +158,27 @@ ADVFAST_HD float subspace_of(float max_prob, bool hit, float threshold) {
   return hit ? 3.f : 1.f;
 }
 
-// Writes the 10 HEAD_STATS of one row from its reductions.
+// Writes the kHeadStats HEAD_STATS of one row from its reductions.
 ADVFAST_HD void write_head_stats(float* out, OnlineSoftmax sm, ArgMax best, ArgMax runner_up,
                                  float target_logit, float source_logit, int64_t target,
                                  float threshold) {
-  const float inv = 1.f / sm.sum;
+  const float inv = inverse_sum(sm);
   const bool hit = best.index == target;
   const float max_prob = inv;  // exp(max - max) / sum
+  const float lse = log_sum_exp(sm);
   out[0] = static_cast<float>(best.index);
   out[1] = max_prob;
-  out[2] = exp_of(target_logit - sm.max) * inv;
+  out[2] = softmax_term(target_logit, sm.max) * inv;
   out[3] = target_logit;
-  out[4] = exp_of(source_logit - sm.max) * inv;
+  out[4] = softmax_term(source_logit, sm.max) * inv;
   out[5] = source_logit;
   out[6] = static_cast<float>(runner_up.index);
   out[7] = target_logit - runner_up.value;
   out[8] = subspace_of(max_prob, hit, threshold);
   out[9] = hit ? 1.f : 0.f;
+  const bool finite = fabsf(lse) <= FLT_MAX;
+  out[10] = finite ? target_logit - lse : NAN;
+  out[11] = finite ? 1.f : 0.f;
 }
 
 // d(objective)/d(logit_i) for one element of the row, given the row's reductions.
@@ -141,7 +188,7 @@ ADVFAST_HD float seed_of(Loss loss, float logit, int64_t i, int64_t target, int6
   switch (loss) {
     case Loss::CE:
     case Loss::CE_SIGN:
-      return onehot_t - exp_of(logit - sm.max) / sm.sum;
+      return onehot_t - softmax_term(logit, sm.max) * inverse_sum(sm);
     case Loss::LOGIT:
       return onehot_t;
     case Loss::M_LOGIT:

@@ -3,14 +3,40 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
 #include <string_view>
 
 #include "advfast_math.h"
 
+// Dispatch over the three floating types the kernels accept (float32, float16, bfloat16):
+// no double kernels are instantiated, since the checks reject double anyway.
+#define ADVFAST_DISPATCH_FLOATS(TYPE, NAME, ...)                     \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
 namespace advfast {
+
+inline void check_finite(double value, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(value), "advfast.", op, ": ", name,
+                    " must be a finite number, got ", value);
+}
+
+// An in-place output must not share memory with an input it reads (the kernels declare their
+// pointers __restrict__) nor overlap itself.
+// (Layouts too irregular to decide are refused only when the two share a storage.)
+inline void check_no_overlap(const at::Tensor& out, const at::Tensor& in, const char* op,
+                             const char* out_name, const char* in_name) {
+  if (out.numel() == 0 || in.numel() == 0 || !out.storage().is_alias_of(in.storage())) return;
+  TORCH_CHECK_VALUE(at::get_overlap_status(out, in) == at::MemOverlapStatus::No, "advfast.", op,
+                    ": ", out_name, " is updated in place and must not share memory with ",
+                    in_name);
+}
 
 inline Loss parse_loss(std::string_view loss) {
   if (loss == "ce") return Loss::CE;
@@ -33,7 +59,9 @@ inline bool is_supported_float(at::ScalarType t) {
 }
 
 inline void check_loss_head_args(const at::Tensor& logits, const at::Tensor& target,
-                                 const at::Tensor& source) {
+                                 const at::Tensor& source, double kappa, double threshold) {
+  check_finite(kappa, "loss_head", "kappa");
+  check_finite(threshold, "loss_head", "threshold");
   TORCH_CHECK_TYPE(is_supported_float(logits.scalar_type()),
                    "advfast.loss_head: logits must be float32, float16 or bfloat16, got ",
                    logits.scalar_type());
@@ -73,9 +101,19 @@ inline void check_perturb_step_args(const at::Tensor& x, const at::Tensor& grad,
                     "advfast.perturb_step_: x, grad and x0 must be on one device");
   TORCH_CHECK_VALUE(alpha.has_value() != beta.has_value(),
                     "advfast.perturb_step_: give exactly one of alpha or beta");
+  for (const auto& [value, name] : {std::pair{alpha, "alpha"}, std::pair{beta, "beta"},
+                                    std::pair{eps, "eps"}}) {
+    if (value.has_value()) check_finite(*value, "perturb_step_", name);
+  }
+  check_finite(lo, "perturb_step_", "lo");
+  check_finite(hi, "perturb_step_", "hi");
   TORCH_CHECK_VALUE(lo <= hi, "advfast.perturb_step_: lo must not exceed hi");
   TORCH_CHECK_VALUE(!eps.has_value() || *eps >= 0.0,
                     "advfast.perturb_step_: eps must be non-negative");
+  TORCH_CHECK_VALUE(at::has_internal_overlap(x) != at::MemOverlap::Yes,
+                    "advfast.perturb_step_: x is updated in place and must not overlap itself");
+  check_no_overlap(x, grad, "perturb_step_", "x", "grad");
+  check_no_overlap(x, x0, "perturb_step_", "x", "x0");
   if (active.has_value()) {
     TORCH_CHECK_TYPE(active->scalar_type() == at::kBool,
                      "advfast.perturb_step_: active must be bool");

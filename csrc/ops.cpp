@@ -1,13 +1,41 @@
 // Schemas of every advfast operator, in one place, plus the Python module stub that lets
 // `import advfast._C` load this library (which runs the registrations below).
 #include <Python.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 namespace advfast {
 std::string cpu_isa();  // csrc/cpu/perturb_step.cpp
+
+namespace {
+
+// ADInplaceOrView kernel of the in-place ops: runs the op, then moves the version counter of
+// every argument the schema marks as written (Tensor(a!)), as ATen's own in-place ops do.
+// (PyTorch's generic fallback bumps only outputs that alias an input, and ours return stats.)
+void bump_written_arguments(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                            torch::jit::Stack* stack) {
+  const auto& schema = op.schema();
+  const size_t count = schema.arguments().size();
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < count; ++i) {
+    const c10::IValue& value = (*stack)[stack->size() - count + i];
+    if (value.isTensor() && schema.is_mutable({c10::SchemaArgType::input, i})) {
+      written.push_back(value.toTensor());
+    }
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& t : written) t.unsafeGetTensorImpl()->bump_version();
 }
+
+}  // namespace
+}  // namespace advfast
 
 extern "C" {
 // Empty module: the library exists for its static operator registrations.
@@ -18,7 +46,7 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(advfast, m) {
-  // Loss head on the logits: (seed = dO/dlogits [B, M] float32, stats [B, 10] float32).
+  // Loss head on the logits: (seed = dO/dlogits [B, M] float32, stats [B, 12] float32).
   m.def(
       "loss_head(Tensor logits, Tensor target, Tensor source, str loss, float kappa, "
       "str kappa_mode, float threshold) -> (Tensor, Tensor)");
@@ -28,4 +56,11 @@ TORCH_LIBRARY(advfast, m) {
       "float? alpha, float? beta, float lo, float hi, float? eps) -> Tensor");
   // The instruction set the CPU kernels run with on this machine.
   m.def("cpu_isa() -> str", &advfast::cpu_isa);
+}
+
+// Autograd sees perturb_step_ as the in-place op it is: x's version counter moves (so a tensor
+// that autograd saved and then stepped raises "modified by an inplace operation" at backward).
+// The Autograd key keeps PyTorch's default for custom ops, which reaches this kernel.
+TORCH_LIBRARY_IMPL(advfast, ADInplaceOrView, m) {
+  m.impl("perturb_step_", torch::CppFunction::makeFromBoxedFunction<&advfast::bump_written_arguments>());
 }

@@ -1,5 +1,13 @@
+import os
+import tempfile
+
 import pytest
-import torch
+
+# torch.compile's on-disk caches key on the graph, not on advfast's compiled library: a kernel
+# rebuilt with other output shapes must not meet a graph cached by an earlier build.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="advfast-inductor-"))
+
+import torch  # noqa: E402
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 DEVICES = ["cpu", pytest.param("cuda", marks=[CUDA, pytest.mark.cuda])]
@@ -13,8 +21,6 @@ def _seed():
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
     """Tests train and cache the digits model in a fresh folder, never the user's cache."""
-    import os
-
     old = os.environ.get("ADVFAST_CACHE")
     os.environ["ADVFAST_CACHE"] = str(tmp_path_factory.mktemp("advfast-cache"))
     yield

@@ -29,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor> loss_head_cpu(const at::Tensor& logits,
                                                  const at::Tensor& source, c10::string_view loss,
                                                  double kappa, c10::string_view kappa_mode,
                                                  double threshold) {
-  check_loss_head_args(logits, target, source);
+  check_loss_head_args(logits, target, source, kappa, threshold);
   const Loss loss_code = parse_loss(loss);
   const KappaMode mode = parse_kappa_mode(kappa_mode);
   const int64_t B = logits.size(0);
@@ -40,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor> loss_head_cpu(const at::Tensor& logits,
   const at::Tensor s = source.contiguous();
   check_indices_cpu(t, M, "target");
   check_indices_cpu(s, M, "source");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "loss_head_cpu",
+  ADVFAST_DISPATCH_FLOATS(logits.scalar_type(), "loss_head_cpu",
                                   [&] {
                                     ADVFAST_BEST(loss_head_rows<scalar_t>)(
                                         logits.const_data_ptr<scalar_t>(), logits.stride(0),

@@ -24,11 +24,12 @@ void reduce_row(const scalar_t* __restrict__ row, int64_t s1, int64_t M, int64_t
     m[l] = next.max;
     s[l] = next.sum;
     const int32_t idx = static_cast<int32_t>(i);
-    // Bitwise, not short-circuit, operators: no branches in the lane loop.
-    const bool take = (v > bv[l]) | (bi[l] < 0);
+    // Bitwise, not short-circuit, operators: no branches in the lane loop.  A lane sees its
+    // elements in increasing index, so a tie keeps the earlier one.
+    const bool take = ranks_above(v, bv[l]) | (bi[l] < 0);
     bv[l] = take ? v : bv[l];
     bi[l] = take ? idx : bi[l];
-    const bool take_r = (i != c) & ((v > rv[l]) | (ri[l] < 0));
+    const bool take_r = (i != c) & (ranks_above(v, rv[l]) | (ri[l] < 0));
     rv[l] = take_r ? v : rv[l];
     ri[l] = take_r ? idx : ri[l];
   };
@@ -57,8 +58,9 @@ void write_seed(const scalar_t* __restrict__ row, int64_t s1, int64_t M, int64_t
     case Loss::CE:
     case Loss::CE_SIGN: {
       // seed_of's formula, with the one-hot term added at the target alone.
+      const float inv = inverse_sum(sm);
       for (int64_t i = 0; i < M; ++i) {
-        out[i] = -exp_of(static_cast<float>(row[i * s1]) - sm.max) / sm.sum;
+        out[i] = -softmax_term(static_cast<float>(row[i * s1]), sm.max) * inv;
       }
       out[c] = seed_of(loss, static_cast<float>(row[c * s1]), c, c, runner_up, w, sm);
       break;

@@ -28,8 +28,8 @@ at::Tensor perturb_step_cpu(at::Tensor x, const at::Tensor& grad, const at::Tens
   const StepOperands op = step_operands(x, grad, x0, active);
   const int64_t N = op.per_sample;
   const bool* active_ptr = op.active.defined() ? op.active.const_data_ptr<bool>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, grad.scalar_type(), "perturb_step_cpu", [&] {
+  ADVFAST_DISPATCH_FLOATS(
+      grad.scalar_type(), "perturb_step_cpu", [&] {
         auto run = [&](auto sign_tag) {
           constexpr bool SIGN = decltype(sign_tag)::value;
           ADVFAST_BEST(perturb_step_kernel<SIGN, scalar_t>)(

@@ -10,8 +10,7 @@ constexpr int kLanes = 16;
 
 template <bool SIGN, typename g_t>
 inline float perturbation(g_t g) {
-  const float v = static_cast<float>(g);
-  return SIGN ? sign_of(v) : v;
+  return perturbation_of<SIGN>(static_cast<float>(g));
 }
 
 template <bool SIGN, typename g_t>

@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/macros/Macros.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -41,12 +42,10 @@ __global__ void loss_head_kernel(const scalar_t* __restrict__ logits, int64_t s0
   const int64_t c = target[b];
   const int64_t src = source[b];
   float* st = stats + b * kHeadStats;
-  if (c < 0 || c >= M || src < 0 || src >= M) {
-    // The Python wrapper rejects such indices; never read out of bounds if called directly.
-    for (int64_t i = threadIdx.x; i < M; i += blockDim.x) seed[b * M + i] = NAN;
-    if (threadIdx.x < kHeadStats) st[threadIdx.x] = NAN;
-    return;
-  }
+  // As PyTorch's own losses: an index out of range is a device-side assert (the CPU kernel
+  // raises IndexError; the Python wrapper checks before either runs).
+  CUDA_KERNEL_ASSERT(c >= 0 && c < M && "advfast.loss_head: target index out of range");
+  CUDA_KERNEL_ASSERT(src >= 0 && src < M && "advfast.loss_head: source index out of range");
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   RowState s{{kNegInf, 0.f}, {kNegInf, -1}, {kNegInf, -1}};
   for (int64_t i = threadIdx.x; i < M; i += blockDim.x) {
@@ -82,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> loss_head_cuda(const at::Tensor& logits,
                                                   const at::Tensor& source, c10::string_view loss,
                                                   double kappa, c10::string_view kappa_mode,
                                                   double threshold) {
-  check_loss_head_args(logits, target, source);
+  check_loss_head_args(logits, target, source, kappa, threshold);
   const Loss loss_code = parse_loss(loss);
   const KappaMode mode = parse_kappa_mode(kappa_mode);
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -93,8 +92,8 @@ std::tuple<at::Tensor, at::Tensor> loss_head_cuda(const at::Tensor& logits,
   const at::Tensor t = target.contiguous();
   const at::Tensor s = source.contiguous();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, logits.scalar_type(), "loss_head_cuda", [&] {
+  ADVFAST_DISPATCH_FLOATS(
+      logits.scalar_type(), "loss_head_cuda", [&] {
         loss_head_kernel<scalar_t><<<static_cast<unsigned int>(B), kThreads, 0, stream>>>(
             logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1),
             t.const_data_ptr<int64_t>(), s.const_data_ptr<int64_t>(), seed.data_ptr<float>(),

@@ -20,14 +20,13 @@ constexpr int64_t kChunk = kThreads * 16;
 struct Sum {
   __device__ float operator()(float a, float b) const { return a + b; }
 };
-struct Max {
-  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+struct Max {  // NaN-propagating, as torch.amax
+  __device__ float operator()(float a, float b) const { return max_of(a, b); }
 };
 
 template <bool SIGN, typename g_t>
 __device__ __forceinline__ float perturbation(g_t g) {
-  const float v = static_cast<float>(g);
-  return SIGN ? sign_of(v) : v;
+  return perturbation_of<SIGN>(static_cast<float>(g));
 }
 
 struct ChunkRange {
@@ -94,7 +93,7 @@ __global__ void update_kernel(float* __restrict__ x, const g_t* __restrict__ g,
     const float d = v - v0;
     l1 += fabsf(d);
     l2 += d * d;
-    linf = fmaxf(linf, fabsf(d));
+    linf = max_of(linf, fabsf(d));
   }
   l1 = block_reduce(l1, Sum{}, smem);
   l2 = block_reduce(l2, Sum{}, smem);
@@ -119,7 +118,7 @@ __global__ void finalize_kernel(const float* __restrict__ partial, int64_t B, in
     out[0] += p[0];
     out[1] += p[1];
     out[2] += p[2];
-    out[3] = fmaxf(out[3], p[3]);
+    out[3] = max_of(out[3], p[3]);
   }
   float* st = stats + b * kStepStats;
   st[0] = out[0];
@@ -145,8 +144,8 @@ at::Tensor perturb_step_cuda(at::Tensor x, const at::Tensor& grad, const at::Ten
   at::Tensor partial = at::empty({blocks, kStepStats}, x.options());
   const bool equal_perturbation = beta.has_value();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, grad.scalar_type(), "perturb_step_cuda", [&] {
+  ADVFAST_DISPATCH_FLOATS(
+      grad.scalar_type(), "perturb_step_cuda", [&] {
         auto run = [&](auto sign_tag) {
           constexpr bool SIGN = decltype(sign_tag)::value;
           const bool* act_ptr = op.active.defined() ? op.active.const_data_ptr<bool>() : nullptr;
