@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -66,22 +68,22 @@ def hardware_info(device: torch.device) -> dict[str, object]:
 
 
 class PhaseTimer:
-    """Marks phase boundaries inside the attack loop without synchronising with the host.
+    """Times the phases of the attack loop without synchronising with the host.
 
-    Usage per step: ``begin(n)``, then ``end(phase)`` for each of PHASES in order; the loop's final check forward is ``begin(n, check=True)`` ...
-    ``end("check")``.
+    ``with timer.phase(n, "forward"): ...`` brackets one phase of iteration n: a CUDA event
+    pair (read once, in :meth:`finish`) or perf_counter, and an NVTX range ``iter n/forward``
+    for Nsight Systems.  The phase "check" (the final forward that observes the last images)
+    is kept out of the per-iteration time.
     """
 
     def __init__(self, device: torch.device, per_phase: bool = True) -> None:
         self.cuda = device.type == "cuda"
         self.device = device
         self.per_phase = per_phase
-        self._marks: list[tuple[str, object]] = []
-        self._nvtx_open = False
+        self._spans: list[tuple[str, object, object]] = []
+        self._check: list[tuple[object, object]] = []
         self._start_wall = 0.0
-        self._steps_end: object | None = None
-        self._in_check = False
-        self._start = self._mark()
+        self._start: object = None
 
     def _mark(self) -> object:
         if self.cuda:
@@ -90,70 +92,53 @@ class PhaseTimer:
             return event
         return time.perf_counter()
 
-    def restart(self) -> None:
+    def start(self) -> None:
         """Starts the clock (after set-up work that should not count)."""
-        self._marks.clear()
-        self._steps_end = None
         if self.cuda:
             torch.cuda.synchronize(self.device)
         self._start_wall = time.perf_counter()
         self._start = self._mark()
 
-    def begin(self, n: int, check: bool = False) -> None:
-        """Starts iteration n; ``check`` marks the loop's final check forward, which ends the
-        steps' clock."""
-        self._iteration = n
-        self._in_check = check
-        if check:
-            self._steps_end = self._mark()
-        elif self.per_phase:
-            self._marks.append(("begin", self._mark()))
-        self._push("check" if check else PHASES[0])
-
-    def end(self, phase: str) -> None:
-        """Ends ``phase``; inside the final check forward only "check" counts, and ends it."""
-        if self._in_check:
-            if phase == "check":
-                self._pop()
-            return
-        self._pop()
-        if self.per_phase:
-            self._marks.append((phase, self._mark()))
-        following = PHASES.index(phase) + 1
-        if following < len(PHASES):
-            self._push(PHASES[following])
-
-    def _push(self, phase: str) -> None:
+    @contextmanager
+    def phase(self, n: int, name: str) -> Iterator[None]:
+        """Brackets phase ``name`` (one of PHASES, or "check") of iteration n."""
+        timed = self.per_phase or name == "check"
+        begin = self._mark() if timed else None
         if self.cuda:
-            torch.cuda.nvtx.range_push(f"iter {self._iteration}/{phase}")
-            self._nvtx_open = True
-
-    def _pop(self) -> None:
-        if self._nvtx_open:
-            torch.cuda.nvtx.range_pop()
-            self._nvtx_open = False
+            torch.cuda.nvtx.range_push(f"iter {n}/{name}")
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.nvtx.range_pop()
+            if timed:
+                span = (begin, self._mark())
+                if name == "check":
+                    self._check.append(span)
+                else:
+                    self._spans.append((name, *span))
 
     def _seconds(self, a: object, b: object) -> float:
         return a.elapsed_time(b) / 1e3 if self.cuda else b - a
 
-    def finish(self, steps: int, batch_size: int) -> Timing:
-        """Stops the clock; the one synchronisation, after the loop."""
+    def finish(self, steps: int, samples: int) -> Timing:
+        """Stops the clock; the one synchronisation, after the loop.  ``steps`` is the number
+        of iterations run, ``samples`` the number of samples attacked."""
         end = self._mark()
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        total = (time.perf_counter() - self._start_wall) if self.cuda else end - self._start
-        steps_end = end if self._steps_end is None else self._steps_end
-        steps_time = self._seconds(self._start, steps_end)
+            total = time.perf_counter() - self._start_wall
+        else:
+            total = end - self._start
+        check = sum(self._seconds(a, b) for a, b in self._check)
+        steps_time = self._seconds(self._start, end) - check
         phases = None
         if self.per_phase:
             sums = dict.fromkeys(PHASES, 0.0)
-            previous = None
-            for name, mark in self._marks:
-                if name != "begin":
-                    sums[name] += self._seconds(previous, mark)
-                previous = mark
+            for name, a, b in self._spans:
+                sums[name] += self._seconds(a, b)
             phases = {k: 1e3 * v / max(steps, 1) for k, v in sums.items()}
-        return Timing(device=str(self.device), total_s=total, steps=steps, batch_size=batch_size,
+        return Timing(device=str(self.device), total_s=total, steps=steps, batch_size=samples,
                       per_iteration_ms=1e3 * steps_time / max(steps, 1),
-                      images_per_s=batch_size / total if total > 0 else float("inf"),
+                      images_per_s=samples / total if total > 0 else float("inf"),
                       phases_ms=phases, hardware=hardware_info(self.device))

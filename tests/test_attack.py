@@ -224,18 +224,57 @@ def test_stopped_samples_equal_never_stopped_at_their_stop(stop, loss, beta):
         assert (at_stop == 3).all()
 
 
-def test_amp_and_channels_last_run():
-    model = small_model()
-    x0, target, _ = _batch(model)
+class RGBModel(nn.Module):
+    """3-channel convolutions, so channels_last changes the weights' strides."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+        self.seen: list[torch.Tensor] = []
+        self.conv.register_forward_hook(lambda m, args, out: self.seen.append(args[0]))
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def _rgb_batch(model, n=5):
+    x0 = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    return x0, (model(x0).argmax(1) + 3) % 10
+
+
+@pytest.mark.parametrize("arrives", ["contiguous", "channels_last"])
+def test_channels_last_takes_effect_and_memory_format_is_restored(arrives):
+    model = RGBModel()
+    layout = torch.channels_last if arrives == "channels_last" else torch.contiguous_format
+    model.to(memory_format=layout)
+    x0, target = _rgb_batch(model)
     base = advfast.Attack(model, loss="ce", iterations=5)(x0, target)
+    model.seen.clear()
     cl = advfast.Attack(model, loss="ce", iterations=5, channels_last=True)(x0, target)
+    assert model.seen and all(t.is_contiguous(memory_format=torch.channels_last)
+                              and not t.is_contiguous() for t in model.seen)
     torch.testing.assert_close(cl.adversarial, base.adversarial, atol=1e-5, rtol=0)
-    assert next(model.parameters()).is_contiguous()  # memory format restored
+    assert cl.adversarial.is_contiguous()
+    # the model leaves in the layout it arrived in
+    assert model.conv.weight.is_contiguous(memory_format=layout)
+    assert model.conv.weight.is_contiguous() == (arrives == "contiguous")
+
+
+def test_amp_takes_effect():
+    model = RGBModel()
+    x0, target = _rgb_batch(model)
+    base = advfast.Attack(model, loss="ce", iterations=5)(x0, target)
+    activations = []
+    hook = model.fc.register_forward_hook(lambda m, args, out: activations.append(out.dtype))
     bf16 = advfast.Attack(model, loss="ce", iterations=5, amp="bf16")(x0, target)
+    hook.remove()
+    assert activations and set(activations) == {torch.bfloat16}
     assert bf16.adversarial.dtype == torch.float32
     # bf16 logits round, so the path drifts a little, but only a little of the perturbation.
     drift = (bf16.adversarial - base.adversarial).abs().mean()
-    assert drift < 0.1 * (base.adversarial - x0).abs().mean()
+    assert 0 < drift < 0.1 * (base.adversarial - x0).abs().mean()
 
 
 def test_timing_reports_phases():
@@ -308,3 +347,37 @@ def test_empty_batch_and_zero_iterations(stop):
     none = advfast.Attack(model, iterations=0, stop=stop)(x0, target)
     assert torch.equal(none.adversarial, x0) and none.timing.steps == 0
     assert (none.steps == 0).all()
+
+
+class NaNAbove(nn.Module):
+    """The two-pixel model, whose logits are NaN once pixel b exceeds 0.5."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = two_pixel_model()
+
+    def forward(self, x):
+        logits = self.inner(x)
+        return torch.where(x.flatten(1)[:, 1:2] > 0.5, float("nan"), logits)
+
+
+@pytest.mark.parametrize("stop", ["never", "flip"])
+def test_non_finite_logits_stop_the_sample_and_spare_the_others(stop):
+    model = NaNAbove()
+    x0 = torch.tensor([[[[0.6, 0.2]]], [[[0.3, 0.1]]]])
+    target = torch.tensor([1, 0])
+    attack = advfast.Attack(model, loss="logit", step="equal-multiplier", alpha=0.15,
+                            iterations=6, stop=stop, compact_every=2)
+    result = attack(x0, target, source=torch.tensor([0, 0]))
+    # sample 0: b = 0.2, 0.35, 0.5, 0.65 -> NaN logits at step 3: it stops there, finite
+    assert result.failure.tolist() == [1, 0]
+    assert result.steps[0].item() == 3 and result.first_flip[0].item() == -1
+    assert result.adversarial[0].flatten().tolist() == pytest.approx([0.6, 0.65])
+    assert torch.isfinite(result.adversarial).all()
+    records = result.records()
+    assert records[0]["failure"] == "non-finite logits" and records[1]["failure"] is None
+    assert records[0]["l2_at_flip"] is None  # strict JSON: no NaN
+    # sample 1 is what it is alone
+    alone = attack(x0[1:], target[1:], source=torch.tensor([0]))
+    torch.testing.assert_close(result.adversarial[1:], alone.adversarial)
+    assert result.steps[1].item() == alone.steps[0].item()

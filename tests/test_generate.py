@@ -47,11 +47,12 @@ def test_stream_equals_each_sample_alone():
         return images[idx], target[idx], source[idx], idx
 
     results = {}
-    for done in attack.stream(feed, capacity=4):
+    stream = attack.stream(feed, capacity=4)
+    for done in stream:
         for j, key in enumerate(done.key.tolist()):
             results[key] = (int(done.first_flip[j]), done.adversarial[j])
     assert sorted(results) == list(range(11))
-    assert attack.last_timing.batch_size == 11
+    assert stream.timing.batch_size == 11
     for i in range(11):
         alone = attack(images[i:i + 1], target[i:i + 1], source[i:i + 1])
         assert results[i][0] == int(alone.first_flip[0])

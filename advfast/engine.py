@@ -1,0 +1,352 @@
+"""The attack engine: one iteration, written once, and the two drivers that repeat it.
+
+An iteration (:meth:`Engine.iterate`) is
+
+    forward -> ops.loss_head -> gradient w.r.t. the input only -> optimiser update (-> record)
+
+over :class:`Rows`, the samples on the device.  Three pluggable parts decide the rest:
+
+* the **optimiser** (:mod:`advfast.optim`) owns the iterate ``x`` and any per-sample state
+  (Adam moments, an L-BFGS history); the engine gathers and scatters that state with every
+  other row field when samples leave or join the batch;
+* the **control** (:mod:`advfast.control`) decides, per sample, when it stops (iteration cap,
+  stop rule) or, for attacks with an outer search over a constant (CW's c, L-BFGS's b), when
+  its inner run ends and it restarts from its clean image with a new constant, keeping its best
+  result;
+* the **head** (loss, kappa, kappa_mode, threshold) of :func:`advfast.ops.loss_head`.
+
+Drivers: :func:`run_fixed` (every sample runs the same number of iterations; no host
+synchronisation at all) and :func:`run_stream` (continuous batching: every ``compact_every``
+iterations the finished samples leave with one index gather and new ones take their slots; the
+only host synchronisation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from . import ops
+from .timing import PhaseTimer
+
+AMPS = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Per-iteration records: the first seven come from loss_head's stats, p_l1 from the step.
+TRAJECTORY = ("source_prob", "target_prob", "source_logit", "target_logit", "max_prob",
+              "subspace", "margin", "p_l1")
+HEAD_COLUMNS = [ops.HEAD_STATS.index(name) for name in TRAJECTORY[:-1]]
+COLUMN = {name: i for i, name in enumerate(ops.HEAD_STATS)}
+# Why a sample stopped early, as a code per row (0: it did not).
+FAILURES = ("", "non-finite logits")
+NONFINITE_LOGITS = 1
+# A trajectory buffer larger than this is refused (it is preallocated on the device).
+MAX_TRAJECTORY_BYTES = 2 << 30
+
+
+@dataclass(frozen=True)
+class Head:
+    """What ``ops.loss_head`` computes on the logits (see it for the meanings)."""
+
+    loss: str
+    kappa: float = 20.0
+    kappa_mode: str = "clamp"
+    threshold: float = 0.9
+
+
+class Rows:
+    """The samples on the device, one row each.  Every field is a tensor whose first dimension
+    is the row: ``key`` (the caller's id), ``x`` (the image the model sees: a leaf that
+    requires grad), ``x0``, ``target``, ``source``, the engine's bookkeeping and whatever
+    fields the optimiser and the control add."""
+
+    def __init__(self, fields: dict[str, torch.Tensor]) -> None:
+        object.__setattr__(self, "_fields", fields)
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        try:
+            return self._fields[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: torch.Tensor) -> None:
+        self._fields[name] = value
+
+    def __len__(self) -> int:
+        return len(self._fields["key"])
+
+    def take(self, index: torch.Tensor) -> Rows:
+        """The rows at ``index``, every field gathered with that one index."""
+        fields = {name: value.index_select(0, index) for name, value in self._fields.items()}
+        return Rows(_with_leaf_x(fields, self.x))
+
+    @staticmethod
+    def cat(a: Rows, b: Rows) -> Rows:
+        fields = {name: torch.cat([value, b._fields[name]]) for name, value in a._fields.items()}
+        return Rows(_with_leaf_x(fields, a.x))
+
+
+def _with_leaf_x(fields: dict[str, torch.Tensor], like: torch.Tensor) -> dict[str, torch.Tensor]:
+    """x as a fresh leaf that requires grad, in the memory format of ``like``."""
+    channels_last = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) \
+        and not like.is_contiguous()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    for name in ("x", "x0"):
+        fields[name] = fields[name].detach().contiguous(memory_format=layout)
+    fields["x"].requires_grad_(True)
+    return fields
+
+
+def start_rows(key: torch.Tensor, x0: torch.Tensor, target: torch.Tensor,
+               source: torch.Tensor) -> Rows:
+    """New rows at their clean images, with the engine's bookkeeping fields."""
+    b, device = len(key), x0.device
+    nan = torch.full((b,), float("nan"), device=device)
+    zeros = torch.zeros(b, dtype=torch.int64, device=device)
+    return Rows({
+        "key": key, "x": x0.clone().requires_grad_(True), "x0": x0, "target": target,
+        "source": source,
+        "age": zeros,                                    # steps applied
+        "first_flip": torch.full((b,), -1, dtype=torch.int64, device=device),
+        "flip_norms": torch.full((b, 3), float("nan"), device=device),
+        "norms": torch.zeros((b, 3), device=device),     # L1, L2, Linf of x - x0
+        "target_prob": nan, "subspace": nan.clone(),
+        "hit": torch.zeros(b, dtype=torch.bool, device=device),
+        "failure": zeros.clone(),
+        "done": torch.zeros(b, dtype=torch.bool, device=device),
+    })
+
+
+class Optimizer(Protocol):
+    """The per-sample update rule (see :mod:`advfast.optim`)."""
+
+    def begin(self, rows: Rows) -> None:
+        """Sets ``rows.x`` to each new row's starting point and adds the state fields."""
+
+    def step(self, rows: Rows, grad: torch.Tensor, head: torch.Tensor,
+             active: torch.Tensor | None) -> torch.Tensor:
+        """Updates ``rows.x`` in place from grad = dO/dx (O the head's objective, maximised);
+        rows where ``active`` is False are left as they are.  Returns [B, 4] float32
+        ``ops.STEP_STATS`` of the updated images."""
+
+    def restart(self, rows: Rows, mask: torch.Tensor) -> None:
+        """Puts the rows in ``mask`` back at their starting point with fresh state."""
+
+
+class Control(Protocol):
+    """When each sample stops or restarts (see :mod:`advfast.control`)."""
+
+    def begin(self, rows: Rows) -> None:
+        """Adds the control's fields to new rows."""
+
+    def after_head(self, rows: Rows, head: torch.Tensor) -> None:
+        """Marks in ``rows.done`` the rows that take no step from the images just observed."""
+
+    def after_step(self, rows: Rows, optimizer: Optimizer) -> None:
+        """Restarts rows whose inner run ended, or marks them done."""
+
+    def report(self, rows: Rows) -> torch.Tensor:
+        """The images the finished ``rows`` return."""
+
+    def constant(self, rows: Rows) -> torch.Tensor:
+        """For a search: the constant of each returned image [B] float32."""
+
+
+class Engine:
+    """One attack iteration on a frozen model, with its optimiser, control and head."""
+
+    def __init__(self, model: nn.Module, head: Head, optimizer: Optimizer, control: Control,
+                 timer: PhaseTimer, amp: str | None = None,
+                 trajectory: torch.Tensor | None = None) -> None:
+        self.model, self.head, self.optimizer, self.control = model, head, optimizer, control
+        self.timer, self.trajectory = timer, trajectory
+        self.autocast = autocast(timer.device, amp)
+
+    def begin(self, rows: Rows) -> Rows:
+        self.optimizer.begin(rows)
+        self.control.begin(rows)
+        return rows
+
+    def observe(self, rows: Rows, n: int, phase: str) -> tuple[torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor]:
+        """Forward and loss head on the current images; returns (logits, seed, head stats)."""
+        with self.timer.phase(n, phase):
+            with self.autocast:
+                logits = self.model(rows.x)
+        with self.timer.phase(n, "head" if phase == "forward" else phase):
+            h = self.head
+            seed, head = ops.loss_head(logits.detach(), rows.target, rows.source, h.loss,
+                                       h.kappa, h.kappa_mode, h.threshold,
+                                       validate_indices=False)
+            _observe(rows, head)
+            if self.trajectory is not None:
+                self.trajectory[..., :-1].index_put_((rows.age, rows.key), head[:, HEAD_COLUMNS])
+        return logits, seed, head
+
+    def measure(self, images: torch.Tensor, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """The L1/L2/Linf of images - x0 [B, 3] and the target probability [B] of ``images``
+        (one forward, no gradient): for controls that return other images than the last
+        observed ones."""
+        with torch.no_grad(), self.autocast:
+            logits = self.model(images)
+        h = self.head
+        _, head = ops.loss_head(logits, rows.target, rows.source, h.loss, h.kappa,
+                                h.kappa_mode, h.threshold, validate_indices=False)
+        delta = (images - rows.x0).flatten(1)
+        norms = torch.stack([delta.abs().sum(1), delta.norm(dim=1), delta.abs().amax(1)], 1)
+        return norms, head[:, COLUMN["target_prob"]]
+
+    def iterate(self, rows: Rows, n: int, controlled: bool = True) -> None:
+        """Iteration n over ``rows``.  With ``controlled`` the control stops and restarts
+        rows (and stopped rows take no step); without it every row steps (run_fixed)."""
+        logits, seed, head = self.observe(rows, n, "forward")
+        with self.timer.phase(n, "head"):
+            if controlled:
+                rows.done = rows.done | (rows.failure > 0)
+                self.control.after_head(rows, head)
+            active = ~rows.done if controlled else rows.failure == 0
+        with self.timer.phase(n, "backward"):
+            (grad,) = torch.autograd.grad(logits, rows.x, seed.to(logits.dtype))
+        with self.timer.phase(n, "update"), torch.no_grad():
+            stats = self.optimizer.step(rows, grad, head, active)
+            rows.norms = stats[:, 1:]
+            if self.trajectory is not None:
+                p_l1 = torch.where(active, stats[:, 0], float("nan"))
+                self.trajectory[..., -1].index_put_((rows.age, rows.key), p_l1)
+            rows.age = rows.age + active.long()
+            if controlled:
+                self.control.after_step(rows, self.optimizer)
+
+
+def _observe(rows: Rows, head: torch.Tensor) -> None:
+    """Takes in loss_head's stats of the current images X_age: the first flip and the norms
+    there, and stops a row whose logits are not finite."""
+    rows.hit = head[:, COLUMN["hit"]] > 0.5
+    rows.subspace = head[:, COLUMN["subspace"]]
+    rows.target_prob = head[:, COLUMN["target_prob"]]
+    nonfinite = head[:, COLUMN["finite"]] < 0.5
+    rows.failure = torch.where(nonfinite & (rows.failure == 0), NONFINITE_LOGITS, rows.failure)
+    newly = rows.hit & (rows.first_flip < 0) & ~nonfinite
+    rows.first_flip = torch.where(newly, rows.age, rows.first_flip)
+    rows.flip_norms = torch.where(newly[:, None], rows.norms, rows.flip_norms)
+
+
+def run_fixed(engine: Engine, rows: Rows, iterations: int) -> int:
+    """Every row takes ``iterations`` steps, then one forward observes the final images.  No
+    host synchronisation.  Returns the number of iterations."""
+    for n in range(iterations):
+        engine.iterate(rows, n, controlled=False)
+    engine.observe(rows, iterations, "check")
+    return iterations
+
+
+Feed = Callable[[int], "Rows | None"]
+Accept = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Stream:
+    """Continuous batching: iterates over groups of finished rows; ``iterations`` and
+    ``samples`` count what ran (set once the stream is exhausted).
+
+    Finished rows leave every ``compact_every`` iterations, and also as soon as every row is
+    surely finished: a row takes at most ``horizon`` iterations after it joins."""
+
+    def __init__(self, engine: Engine, feed: Feed, capacity: int, compact_every: int,
+                 horizon: int, accept: tuple[Accept, Callable[[Rows], torch.Tensor]] | None = None
+                 ) -> None:
+        self.engine, self.feed, self.capacity = engine, feed, capacity
+        self.compact_every, self.horizon, self.accept = compact_every, horizon, accept
+        self.iterations = self.samples = 0
+        self._deadline = 0
+
+    def __iter__(self) -> Iterator[Rows]:
+        n = 0
+        rows = self._refill(None, n)
+        while rows is not None and len(rows):
+            self.engine.iterate(rows, n)
+            n += 1
+            if n % self.compact_every and n < self._deadline:
+                continue
+            if self.accept is not None:
+                self._ask_accept(rows)
+            count = int(rows.done.sum())  # the host synchronisation, every K iterations
+            if count:
+                order = torch.argsort(rows.done.to(torch.uint8), stable=True)
+                yield rows.take(order[len(rows) - count:])
+                rows = rows.take(order[:len(rows) - count])
+            rows = self._refill(rows, n)
+        self.iterations = n
+
+    def _refill(self, rows: Rows | None, n: int) -> Rows | None:
+        room = self.capacity - (0 if rows is None else len(rows))
+        new = self.feed(room) if room > 0 else None
+        if new is None or len(new) == 0:
+            return rows
+        self.samples += len(new)
+        self._deadline = max(self._deadline, n + self.horizon + 1)
+        new = self.engine.begin(new)
+        return new if rows is None else Rows.cat(rows, new)
+
+    def _ask_accept(self, rows: Rows) -> None:
+        """Rows that meet the stop rule finish only once ``accept`` takes their images."""
+        accept, waiting_of = self.accept
+        index = waiting_of(rows).nonzero()[:, 0]
+        if len(index):
+            ok = accept(rows.x.detach().index_select(0, index), rows.target.index_select(0, index))
+            rows.done = rows.done.index_put((index,), ok)
+
+
+@contextmanager
+def frozen(model: nn.Module, channels_last: bool = False) -> Iterator[nn.Module]:
+    """Eval mode and no parameter gradients for the attack; the model's mode, requires_grad
+    flags and the memory format of its parameters are restored afterwards."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    layouts = [(t, _memory_format(t)) for t in (*model.parameters(), *model.buffers())]
+    model.eval()
+    model.requires_grad_(False)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    try:
+        yield model
+    finally:
+        if channels_last:
+            for t, layout in layouts:
+                if t.dim() == 4 and not t.is_contiguous(memory_format=layout):
+                    t.data = t.data.contiguous(memory_format=layout)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
+            and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def autocast(device: torch.device, amp: str | None):
+    """Autocast to amp's precision on device, or nothing."""
+    return torch.autocast(device.type, dtype=AMPS[amp]) if amp else nullcontext()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def trajectory_buffer(iterations: int, batch: int, device: torch.device) -> torch.Tensor:
+    """[iterations + 1, batch, len(TRAJECTORY)] of NaN on the device, refused (ValueError) when
+    larger than MAX_TRAJECTORY_BYTES."""
+    shape = (iterations + 1, batch, len(TRAJECTORY))
+    size = 4 * shape[0] * shape[1] * shape[2]
+    if size > MAX_TRAJECTORY_BYTES:
+        raise ValueError(f"recording the trajectory of {batch} samples over {iterations} "
+                         f"iterations needs {size / 2**30:.1f} GiB on {device}; record=False, "
+                         "fewer iterations or smaller batches")
+    return torch.full(shape, float("nan"), device=device)
