@@ -1,180 +1,332 @@
-"""The ``advfast`` command line: ``advfast table1``, ``advfast attack`` and ``advfast generate``."""
+"""The ``advfast`` command line.
+
+Every option is defined once, in the option groups below, and each subcommand takes the groups
+it needs.  A user error (bad option, missing file, weights that do not fit, a folder in use...)
+ends with one line on stderr and exit status 2, before anything is written.
+"""
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
+import math
 import os
 import sys
 import time
 
 import torch
 
-from . import figures, generate, models, ops, table1
+from . import __version__, figures, inputs, models, ops, table1
 from .attack import STEPS, STOPS, Attack
-from .inputs import DIGITS_ALPHA, DIGITS_BETA, prepare, resolve_device, step_sizes
+from .generate import DTYPES, FORMATS, GenerateConfig
+from .generate import run as run_generate
+from .outputs import OutputFolder, write_durably, write_json
+from .runtime import resolve_device, set_threads
+from .shards import save_png, write_bytes
 
 
-def _common(parser: argparse.ArgumentParser, n_default: int | None) -> None:
-    parser.add_argument("--model", default="digits",
-                        help="'digits' (built-in default, no download) or a torchvision "
-                             "classifier name such as resnet50")
-    parser.add_argument("--weights", help="torchvision weights name (needs the internet) or a "
-                                          "local .safetensors/.pt file; default: random init "
-                                          "(digits: the built-in trained CNN)")
-    parser.add_argument("--num-classes", type=int,
-                        help="output classes of a torchvision model (default 1000)")
-    parser.add_argument("--data", help="image folder (ImageFolder layout, or flat with "
-                                       "labels.csv); default: the digits test split")
-    parser.add_argument("--labels-csv", help="labels file for a flat folder "
-                                             "(default DIR/labels.csv)")
-    parser.add_argument("--image-size", type=int, default=224,
-                        help="centre-crop size for folder images (default 224)")
-    parser.add_argument("--n", type=int, default=n_default,
-                        help="attack the first N correctly classified inputs")
-    parser.add_argument("--iterations", type=int, default=250)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--kappa", type=float, default=20.0)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--amp", choices=["bf16", "fp16"], help="autocast forward/backward")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random targets")
-    parser.add_argument("--workers", type=int, default=0, help="image loading processes")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and defaults in --help."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def number(positive: bool = False, nonnegative: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if positive and value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        if nonnegative and value < 0:
+            raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+        return value
+
+    return parse
+
+
+# ---- option groups, each defined once ----------------------------------------------------
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="digits",
+                   help="'digits' (built-in, no download) or a torchvision classifier name such "
+                        "as resnet50")
+    g.add_argument("--weights", help="torchvision weights name (downloads) or a local "
+                                     ".safetensors/.pt file; without it digits is the built-in "
+                                     "trained CNN and torchvision models get seeded random "
+                                     "weights")
+    g.add_argument("--num-classes", type=int_at_least(2),
+                   help="output classes of a torchvision model (None: its own, 1000)")
+
+
+def add_input_options(parser: argparse.ArgumentParser, n_default: int | None) -> None:
+    g = parser.add_argument_group("inputs (the first N correctly classified, in index order)")
+    g.add_argument("--data", help="image folder: ImageFolder layout, or flat with labels.csv "
+                                  "(None: the digits)")
+    g.add_argument("--labels-csv", help="labels file of a flat folder (None: DATA/labels.csv)")
+    g.add_argument("--image-size", type=int_at_least(8), default=224,
+                   help="centre-crop size of folder images")
+    g.add_argument("--split", choices=inputs.DIGITS_SPLITS, default="test",
+                   help="digits only: test (never seen in training), train or all")
+    g.add_argument("--n", "--num-inputs", dest="n", type=int_at_least(1), default=n_default,
+                   help="how many inputs to attack (None: all); under torchrun write "
+                        "--num-inputs")
+    g.add_argument("--targets", choices=inputs.TARGET_RULES, default="random",
+                   help="random (seeded, keyed by input index) or least-likely")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random targets")
+
+
+def add_step_options(parser: argparse.ArgumentParser, both: bool = False) -> argparse._ArgumentGroup:
+    g = parser.add_argument_group("the paper's scheme (Eq. 11)")
+    rule = "" if both else " (only with that rule)"
+    g.add_argument("--alpha", type=number(positive=True),
+                   help=f"equal multiplier step{rule}; None: 5e-4, digits 2e-3")
+    g.add_argument("--beta", type=number(positive=True),
+                   help=f"equal perturbation: L1 added per step{rule}; None: 5, digits 0.1")
+    g.add_argument("--kappa", type=number(), default=20.0, help="M-logit margin (Eq. 16)")
+    g.add_argument("--iterations", type=int_at_least(0), default=250, help="iteration cap")
+    return g
+
+
+def add_attack_options(parser: argparse.ArgumentParser, stop_default: str) -> None:
+    g = add_step_options(parser)
+    g.add_argument("--loss", choices=ops.LOSSES, default="ce", help="source of perturbation")
+    g.add_argument("--step", choices=STEPS, default="equal-perturbation", help="step rule")
+    g.add_argument("--kappa-mode", choices=ops.KAPPA_MODES, default="clamp",
+                   help="M-logit beyond kappa: clamp (CW) or balance (Eq. 16 literally)")
+    g.add_argument("--eps", type=number(nonnegative=True),
+                   help="Linf ball around the clean image (None: no ball)")
+    g.add_argument("--stop", choices=STOPS, default=stop_default,
+                   help="stop a sample once it flips, once in D3, or never")
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("running")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--amp", choices=["bf16", "fp16"], help="autocast forward and backward")
+    g.add_argument("--batch-size", type=int_at_least(1), default=64, help="device batch")
+    g.add_argument("--workers", type=int_at_least(0), default=0, help="image loading processes")
+    g.add_argument("--threads", type=int_at_least(1),
+                   help="CPU threads (None: $OMP_NUM_THREADS, else the cores this process may "
+                        "use)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_out_option(parser: argparse.ArgumentParser, default: str | None) -> None:
+    g = parser.add_argument_group("output")
+    g.add_argument("--out", default=default, required=default is None, help="output folder")
+    g.add_argument("--overwrite", action="store_true",
+                   help="reuse a non-empty --out, replacing the files advfast wrote there")
+
+
+# ---- commands ----------------------------------------------------------------------------
+
+def _check_rule(args: argparse.Namespace) -> None:
+    if args.step == "equal-multiplier" and args.beta is not None:
+        raise ValueError("--beta is the equal-perturbation step; with --step equal-multiplier "
+                         "give --alpha")
+    if args.step == "equal-perturbation" and args.alpha is not None:
+        raise ValueError("--alpha is the equal-multiplier step; with --step "
+                         "equal-perturbation give --beta")
 
 
 def _setup(args: argparse.Namespace):
-    if args.n is not None and args.n < 1:
-        raise ValueError("--n must be at least 1")
-    if args.iterations < 1 or args.batch_size < 1:
-        raise ValueError("--iterations and --batch-size must be at least 1")
+    """Device, model and inputs of table1/attack; the folder is claimed first by the caller."""
+    if args.data is None and args.model != "digits":
+        raise ValueError(f"--model {args.model} needs --data DIR (only the digits model has "
+                         "built-in inputs)")
     device = resolve_device(args.device)
     model = models.load(args.model, weights=args.weights, device=device,
                         num_classes=args.num_classes)
-    inputs = prepare(model, args.model, args.data, args.n, args.seed, device,
-                     labels_csv=args.labels_csv, image_size=args.image_size,
-                     batch_size=args.batch_size, workers=args.workers)
-    if args.n is not None and len(inputs.labels) < args.n and not args.quiet:
-        print(f"note: only {len(inputs.labels)} correctly classified inputs are available "
-              f"(asked for {args.n}); using all of them", file=sys.stderr)
-    return device, model, inputs
+    source = inputs.source_for(model, args.data, split=args.split, labels_csv=args.labels_csv,
+                               image_size=args.image_size, device=device)
+    chosen, skipped = inputs.prepare(model, source, args.n, seed=args.seed,
+                                     targets=args.targets, device=device,
+                                     batch_size=args.batch_size, workers=args.workers)
+    if not args.quiet:
+        if args.n is not None and len(chosen.labels) < args.n:
+            print(f"note: only {len(chosen.labels)} correctly classified inputs are available "
+                  f"(asked for {args.n}); using all of them", file=sys.stderr)
+        if skipped:
+            print(f"note: {len(skipped)} unreadable inputs skipped, e.g. {skipped[0]['path']}: "
+                  f"{skipped[0]['reason']}", file=sys.stderr)
+    return device, model, chosen
+
+
+def _arguments(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("func", "command")}
 
 
 def cmd_table1(args: argparse.Namespace) -> int:
-    device, model, inputs = _setup(args)
-    alpha, beta = step_sizes(args)
+    out = OutputFolder(args.out, [*table1.FILES, *figures.FILES], args.overwrite)
+    out.claim()
+    device, model, chosen = _setup(args)
+    alpha, beta = inputs.step_sizes(args.data is None, args.alpha, args.beta)
     if not args.quiet:
-        print(f"Table I: {args.model} on {device}, {len(inputs.labels)} images, "
+        print(f"Table I: {args.model} on {device}, {len(chosen.labels)} images, "
               f"{args.iterations} iterations, alpha={alpha:g}, beta={beta:g}, "
-              f"kernels={ops.backend()}", file=sys.stderr)
-    cells = table1.run(model, inputs, iterations=args.iterations, alpha=alpha, beta=beta,
+              f"kernels={ops.backend()}, {torch.get_num_threads()} threads", file=sys.stderr)
+    cells = table1.run(model, chosen, iterations=args.iterations, alpha=alpha, beta=beta,
                        batch_size=args.batch_size, device=device, amp=args.amp,
                        kappa=args.kappa, quiet=args.quiet)
     print(table1.format_table(cells, alpha, beta))
-    config = {**vars(args), "alpha": alpha, "beta": beta, "device": str(device),
-              "n_images": len(inputs.labels), "backend": ops.backend(),
-              "torch": torch.__version__}
-    config.pop("func", None)
-    written = [*table1.write(cells, args.out, config).values()]
+    config = {**_arguments(args), "alpha": alpha, "beta": beta, "device": str(device),
+              "n_images": len(chosen.labels), "backend": ops.backend(),
+              "torch": torch.__version__, "advfast": __version__,
+              "threads": torch.get_num_threads()}
+    table1.write(cells, out, config)
     if not args.no_figures:
-        written += figures.draw_all(cells, args.out)
-    print(f"wrote {', '.join(written)}")
+        figures.draw_all(cells, out)
+    out.record()
+    print(f"wrote {', '.join(out.written)} in {args.out}")
     return 0
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+    from tqdm.auto import tqdm
 
-    device, model, inputs = _setup(args)
-    alpha, beta = step_sizes(args)
-    os.makedirs(args.out, exist_ok=True)
+    _check_rule(args)
+    out = OutputFolder(args.out, ["adversarial.safetensors", "metrics.csv", "summary.json",
+                                  "png/"], args.overwrite)
+    out.claim()
+    device, model, chosen = _setup(args)
+    alpha, beta = inputs.step_sizes(args.data is None, args.alpha, args.beta)
     attack = Attack(model, loss=args.loss, step=args.step, alpha=alpha, beta=beta,
                     iterations=args.iterations, kappa=args.kappa, kappa_mode=args.kappa_mode,
                     eps=args.eps, stop=args.stop, amp=args.amp, record=False)
-    from tqdm.auto import tqdm
-
     adversarial, rows = [], []
     started = time.perf_counter()
-    n = len(inputs.labels)
+    n = len(chosen.labels)
     for s in tqdm(range(0, n, args.batch_size), desc=f"{args.loss} {args.step}", unit="batch",
                   disable=args.quiet):
         sl = slice(s, s + args.batch_size)
-        result = attack(inputs.images[sl].to(device), inputs.targets[sl].to(device),
-                        source=inputs.labels[sl].to(device))
+        result = attack(chosen.images[sl].to(device), chosen.targets[sl].to(device),
+                        source=chosen.labels[sl].to(device))
         adversarial.append(result.adversarial.cpu())
-        rows += [{"index": int(inputs.index[i]), "path": inputs.paths[i],
-                  "label": int(inputs.labels[i]), "target": int(inputs.targets[i]), **record}
+        rows += [{"index": int(chosen.index[i]), "path": chosen.paths[i],
+                  "label": int(chosen.labels[i]), "target": int(chosen.targets[i]), **record}
                  for i, record in enumerate(result.records(), start=s)]
     elapsed = time.perf_counter() - started
     adv = torch.cat(adversarial)
-    save_file({"adversarial": adv.contiguous(), "index": inputs.index.contiguous(),
-               "label": inputs.labels.contiguous(), "target": inputs.targets.contiguous()},
-              os.path.join(args.out, "adversarial.safetensors"))
-    with open(os.path.join(args.out, "metrics.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    payload = save({"adversarial": adv.contiguous(), "index": chosen.index.contiguous(),
+                    "label": chosen.labels.contiguous(), "target": chosen.targets.contiguous()})
+    write_durably(out.file("adversarial.safetensors"), lambda tmp: write_bytes(tmp, payload))
+    write_durably(out.file("metrics.csv"), lambda tmp: _write_csv(tmp, rows))
     if args.png:
-        from torchvision.utils import save_image
-
-        folder = os.path.join(args.out, "png")
-        os.makedirs(folder, exist_ok=True)
-        for image, index in zip(adv, inputs.index.tolist()):
-            save_image(image, os.path.join(folder, f"{index:06d}.png"))
+        for image, index in zip(adv, chosen.index.tolist()):
+            path = out.file(os.path.join("png", f"{index:06d}.png"))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_durably(path, lambda tmp, image=image: save_png(image, tmp))
     flipped = sum(r["flipped"] for r in rows)
-    summary = {"config": {k: v for k, v in vars(args).items() if k != "func"} | {
-                   "alpha": alpha, "beta": beta, "device": str(device)},
-               "n": n, "flipped": flipped / n, "seconds": elapsed, "images_per_s": n / elapsed}
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json(out.file("summary.json"),
+               {"config": {**_arguments(args), "alpha": alpha, "beta": beta,
+                           "device": str(device), "advfast": __version__},
+                "n": n, "flipped": flipped / n, "seconds": elapsed, "images_per_s": n / elapsed})
+    out.record()
     print(f"{flipped}/{n} flipped to their target in {elapsed:.1f} s; wrote "
-          f"{os.path.join(args.out, 'adversarial.safetensors')}, metrics.csv, summary.json")
+          f"{', '.join(sorted(set(w.split('/')[0] for w in out.written)))} in {args.out}")
     return 0
 
 
+def _write_csv(path: str, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    _check_rule(args)
+    if args.overwrite:
+        raise ValueError("generate never overwrites: use --resume to continue a run, or "
+                         "another --out")
+    config = GenerateConfig(**{k: v for k, v in _arguments(args).items()
+                               if k not in ("overwrite",)})
+    return run_generate(config)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="advfast", description="Fast, instrumented targeted "
-                                     "adversarial attacks (Ozbulak et al.'s perturbation "
-                                     "analysis).")
-    sub = parser.add_subparsers(dest="command", required=True)
-    t1 = sub.add_parser("table1", help="the paper's Table I and Figs. 1-4: four losses under "
+    parser = Parser(prog="advfast", description="Fast, instrumented targeted adversarial "
+                    "attacks (Ozbulak et al.'s perturbation analysis).")
+    parser.add_argument("--version", action="version", version=f"advfast {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    t1 = sub.add_parser("table1", help="the paper's Table I and Figs. 1-5: four losses under "
                                        "both step rules")
-    _common(t1, n_default=1000)
-    t1.add_argument("--alpha", type=float, help="equal multiplier step (paper 5e-4; digits "
-                                                f"default {DIGITS_ALPHA})")
-    t1.add_argument("--beta", type=float, help="equal perturbation L1 per step (paper 5; "
-                                               f"digits default {DIGITS_BETA})")
-    t1.add_argument("--out", default="runs/table1", help="output folder")
-    t1.add_argument("--no-figures", action="store_true")
+    add_model_options(t1)
+    add_input_options(t1, n_default=1000)
+    add_step_options(t1, both=True)
+    add_run_options(t1)
+    add_out_option(t1, default=os.path.join("runs", "table1"))
+    t1.add_argument("--no-figures", action="store_true", help="write the table only")
     t1.set_defaults(func=cmd_table1)
-    at = sub.add_parser("attack", help="one configuration on a folder (or the digits); saves "
-                                       "adversarial images and a metrics file")
-    _common(at, n_default=None)
-    at.add_argument("--loss", choices=ops.LOSSES, default="ce")
-    at.add_argument("--step", choices=STEPS, default="equal-perturbation")
-    at.add_argument("--alpha", type=float)
-    at.add_argument("--beta", type=float)
-    at.add_argument("--kappa-mode", choices=ops.KAPPA_MODES, default="clamp")
-    at.add_argument("--eps", type=float, help="Linf ball around the clean image")
-    at.add_argument("--stop", choices=STOPS, default="flip")
+
+    at = sub.add_parser("attack", help="one configuration; saves adversarial images and "
+                                       "per-sample metrics")
+    add_model_options(at)
+    add_input_options(at, n_default=None)
+    add_attack_options(at, stop_default="flip")
+    add_run_options(at)
+    add_out_option(at, default=None)
     at.add_argument("--png", action="store_true", help="also write 8-bit PNGs")
-    at.add_argument("--out", required=True, help="output folder")
     at.set_defaults(func=cmd_attack)
+
     gen = sub.add_parser("generate", help="a large adversarial dataset: continuous batching, "
                                           "durable shards, --resume, torchrun")
-    generate.add_arguments(gen)
-    gen.set_defaults(func=generate.run)
+    add_model_options(gen)
+    add_input_options(gen, n_default=None)
+    add_attack_options(gen, stop_default="flip")
+    add_run_options(gen)
+    add_out_option(gen, default=None)
+    g = gen.add_argument_group("dataset")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out")
+    g.add_argument("--compact-every", type=int_at_least(1), default=4,
+                   help="refill finished slots every this many iterations")
+    g.add_argument("--shard-size", type=int_at_least(1), default=1024, help="samples per shard")
+    g.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="stored precision")
+    g.add_argument("--format", choices=FORMATS, default="safetensors",
+                   help="png: also 8-bit PNGs, attacking until the 8-bit image holds")
+    gen.set_defaults(func=cmd_generate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        set_threads(args.threads)
         return args.func(args)
+    except KeyboardInterrupt:
+        print(f"advfast {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, OSError, RuntimeError) as err:
-        print(f"advfast {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"advfast {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -1,28 +1,47 @@
-"""Inputs for attacks: scikit-learn's digits (the built-in default) and image folders.
+"""Inputs for attacks: scikit-learn's digits (the built-in default) and image folders, the
+target rule, and the output of ``advfast generate`` as a Dataset.
 
 Images are float32 in [0, 1], shape [C, H, W]; labels int64.  The paper attacks only images
 the model classifies correctly (they start in D1), with a random target different from the
-true class; :func:`correctly_classified` and :func:`random_targets` do that, deterministically.
+true class; :func:`correctly_classified` and :func:`random_targets` do that, deterministically
+(see :mod:`advfast.inputs` for the pipeline every command uses).
 """
 
 from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-DIGITS_SPLITS = ("train", "test", "all")
+DIGITS_SPLITS = ("test", "train", "all")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+_MASK = (1 << 64) - 1
+
+
+def _digits_order() -> torch.Tensor:
+    return torch.randperm(1797, generator=torch.Generator().manual_seed(0))
+
+
+def digits_split_indices(split: str) -> torch.Tensor:
+    """The indices (into scikit-learn's 1797 digits) of a split, ascending: the fixed, seeded
+    80/20 split the digits model is trained with (``train``: 1437, ``test``: 360, ``all``)."""
+    if split not in DIGITS_SPLITS:
+        raise ValueError(f"unknown digits split {split!r}; choose one of {', '.join(DIGITS_SPLITS)}")
+    order, cut = _digits_order(), int(0.8 * 1797)
+    chosen = {"train": order[:cut], "test": order[cut:], "all": torch.arange(1797)}[split]
+    return chosen.sort().values
 
 
 def digits(split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's handwritten digits: images [N, 1, 8, 8] float32 in [0, 1], labels [N].
 
-    A fixed, seeded 80/20 split: ``train`` (1437 images), ``test`` (360) or ``all`` (1797).
+    ``all`` (1797 images) in scikit-learn's order; ``train`` (1437) and ``test`` (360) in the
+    fixed seeded order the digits model is trained with (see :func:`digits_split_indices` for
+    their indices).
     """
     if split not in DIGITS_SPLITS:
         raise ValueError(f"unknown digits split {split!r}; choose one of {', '.join(DIGITS_SPLITS)}")
@@ -31,8 +50,7 @@ def digits(split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(bunch.target, dtype=torch.int64)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    cut = int(0.8 * len(labels))
+    order, cut = _digits_order(), int(0.8 * len(labels))
     chosen = {"train": order[:cut], "test": order[cut:], "all": torch.arange(len(labels))}[split]
     return images[chosen].contiguous(), labels[chosen].contiguous()
 
@@ -46,27 +64,71 @@ def imagenet_eval_transform(size: int = 224) -> Callable:
                                transforms.CenterCrop(size), transforms.ToTensor()])
 
 
+def mix64(seed: int, index: int) -> int:
+    """A fixed 64-bit hash of (seed, index) (splitmix64's finaliser)."""
+    z = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 1) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
+def random_target(index: int, label: int, num_classes: int, seed: int) -> int:
+    """The seeded random target of input ``index``: (label + 1 + h(seed, index) mod (M - 1))
+    mod M, never its label.  Keyed by the index, so it does not depend on which other inputs
+    are attacked with it."""
+    if num_classes < 2:
+        raise ValueError("targets need at least 2 classes")
+    return (label + 1 + mix64(seed, index) % (num_classes - 1)) % num_classes
+
+
+def random_targets(labels: torch.Tensor, num_classes: int, seed: int = 0,
+                   index: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`random_target` for each label; ``index`` (default 0..N-1) are the inputs'
+    indices."""
+    index = torch.arange(len(labels)) if index is None else index
+    return torch.tensor([random_target(int(i), int(y), num_classes, seed)
+                         for i, y in zip(index.tolist(), labels.tolist())], dtype=torch.int64)
+
+
 @dataclass(frozen=True)
 class Sample:
-    """One input image: [C, H, W] float32 in [0, 1] (None if unreadable), label, index, path."""
+    """One candidate input: image [C, H, W] float32 in [0, 1] (None if it could not be read,
+    with ``reason``), label, index and path ("" for the digits)."""
 
     image: torch.Tensor | None
     label: int
     index: int
     path: str
+    reason: str = ""
+
+
+def printable_path(path: str) -> str:
+    """The path as text that any JSON or Parquet writer takes: undecodable bytes of a
+    non-UTF-8 file name are shown as backslash escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 class ImageFiles(Dataset):
     """Images on disk, either in torchvision's ImageFolder layout (``root/<class>/<file>``,
     classes indexed in sorted order) or flat with a labels CSV (``filename,label`` rows, an
-    optional header).  Unreadable images come back with ``image=None`` instead of raising, so a
-    long run can skip and record them."""
+    optional header, UTF-8 with or without a byte-order mark).  Item k is the :class:`Sample`
+    of the k-th file, converted to ``channels`` (1: grey, 3: RGB).  A file that cannot be read
+    (undecodable, a decompression bomb, a name that is not UTF-8) comes back with
+    ``image=None`` and the reason, so a long run can skip and record it.
+
+    With ``num_classes`` given, a label outside [0, num_classes) is refused (ValueError)."""
 
     def __init__(self, root: str, labels_csv: str | None = None,
-                 transform: Callable | None = None) -> None:
+                 transform: Callable | None = None, channels: int = 3,
+                 num_classes: int | None = None) -> None:
+        if not os.path.exists(root):
+            raise FileNotFoundError(f"image folder {root} does not exist")
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"image folder {root!r} does not exist")
-        self.root = root
+            raise NotADirectoryError(f"{root} is a file, not an image folder")
+        if channels not in (1, 3):
+            raise ValueError(f"image files can feed models with 1 or 3 input channels, not "
+                             f"{channels}")
+        self.root, self.mode = root, "L" if channels == 1 else "RGB"
         self.transform = transform or imagenet_eval_transform()
         csv_path = labels_csv or os.path.join(root, "labels.csv")
         if labels_csv is not None or os.path.isfile(csv_path):
@@ -74,20 +136,29 @@ class ImageFiles(Dataset):
         else:
             self.items = _scan_class_folders(root)
         if not self.items:
-            raise ValueError(f"no images found in {root!r} (ImageFolder layout or labels.csv)")
+            raise ValueError(f"no images found in {root} (ImageFolder layout or labels.csv)")
+        if num_classes is not None:
+            for path, label in self.items:
+                if not 0 <= label < num_classes:
+                    raise ValueError(f"{printable_path(path)} has label {label}, outside the "
+                                     f"model's classes [0, {num_classes})")
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> Sample:
         path, label = self.items[index]
+        shown = printable_path(path)
+        if shown != path:
+            return Sample(None, label, index, shown, "file name is not valid UTF-8")
         try:
             from PIL import Image
 
             with Image.open(path) as img:
-                image = self.transform(img.convert("RGB"))
-        except (OSError, ValueError, SyntaxError):
-            image = None
+                image = self.transform(img.convert(self.mode))
+        except Exception as err:  # any decoding failure, DecompressionBombError included
+            return Sample(None, label, index, path, f"unreadable image: {type(err).__name__}: "
+                                                    f"{err}")
         return Sample(image, label, index, path)
 
 
@@ -104,79 +175,46 @@ def _scan_class_folders(root: str) -> list[tuple[str, int]]:
 
 def _read_labels_csv(root: str, csv_path: str) -> list[tuple[str, int]]:
     if not os.path.isfile(csv_path):
-        raise FileNotFoundError(f"labels file {csv_path!r} does not exist")
-    items = []
-    with open(csv_path, newline="") as f:
+        raise FileNotFoundError(f"labels file {csv_path} does not exist")
+    items, seen = [], {}
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
         for line_no, row in enumerate(csv.reader(f), start=1):
             if not row or (line_no == 1 and not row[-1].strip().lstrip("-").isdigit()):
                 continue  # blank line or header
             if len(row) < 2 or not row[1].strip().lstrip("-").isdigit():
-                raise ValueError(f"{csv_path}:{line_no}: expected 'filename,label', got {row}")
-            items.append((os.path.join(root, row[0].strip()), int(row[1])))
+                raise ValueError(f"{csv_path}:{line_no}: expected 'filename,label', got "
+                                 f"{','.join(row)!r}")
+            name = row[0].strip()
+            if name in seen:
+                raise ValueError(f"{csv_path}:{line_no}: {name} is listed twice (first on line "
+                                 f"{seen[name]})")
+            seen[name] = line_no
+            items.append((os.path.join(root, name), int(row[1])))
     return items
 
 
-def _collate(samples: Sequence[Sample]) -> list[Sample]:
-    return list(samples)
-
-
-def correctly_classified(model: torch.nn.Module, images: torch.Tensor | Dataset,
-                         labels: torch.Tensor | None = None, n: int | None = None,
-                         batch_size: int = 64, device: str | torch.device = "cpu",
-                         num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The first ``n`` inputs (in order) that ``model`` classifies correctly.
-
-    Takes either tensors (images [N, C, H, W], labels [N]) or an :class:`ImageFiles` dataset
-    (unreadable images are skipped).  Returns (images, labels, input indices) on the CPU.
-    """
-    model_mode = model.training
+def correctly_classified(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                         n: int | None = None, batch_size: int = 64,
+                         device: str | torch.device = "cpu"
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first ``n`` of ``images`` [N, C, H, W] (in order) that ``model`` classifies as their
+    ``labels`` [N].  Returns (images, labels, their positions) on the CPU."""
+    if len(labels) != len(images):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    mode = model.training
     model.eval()
-    kept_x, kept_y, kept_i = [], [], []
-    count = 0
-    if isinstance(images, torch.Tensor):
-        if labels is None or len(labels) != len(images):
-            raise ValueError("labels must be given, one per image")
-        batches = ((images[s:s + batch_size], labels[s:s + batch_size],
-                    torch.arange(s, min(s + batch_size, len(images))))
-                   for s in range(0, len(images), batch_size))
-    else:
-        loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers,
-                            collate_fn=_collate)
-        batches = _readable_batches(loader)
+    keep = []
     try:
         with torch.no_grad():
-            for x, y, idx in batches:
-                pred = model(x.to(device)).argmax(1).cpu()
-                ok = pred == y
-                kept_x.append(x[ok])
-                kept_y.append(y[ok])
-                kept_i.append(idx[ok])
-                count += int(ok.sum())
-                if n is not None and count >= n:
+            for s in range(0, len(images), batch_size):
+                pred = model(images[s:s + batch_size].to(device)).argmax(1).cpu()
+                keep.append(torch.nonzero(pred == labels[s:s + batch_size])[:, 0] + s)
+                if n is not None and sum(len(k) for k in keep) >= n:
                     break
     finally:
-        model.train(model_mode)
-    if not kept_x:
-        raise ValueError("no inputs to classify")
-    x, y, i = torch.cat(kept_x), torch.cat(kept_y), torch.cat(kept_i)
-    return (x[:n], y[:n], i[:n]) if n is not None else (x, y, i)
-
-
-def _readable_batches(loader: DataLoader):
-    for samples in loader:
-        good = [s for s in samples if s.image is not None]
-        if good:
-            yield (torch.stack([s.image for s in good]), torch.tensor([s.label for s in good]),
-                   torch.tensor([s.index for s in good]))
-
-
-def random_targets(labels: torch.Tensor, num_classes: int, seed: int = 0) -> torch.Tensor:
-    """A seeded random target class per label, never equal to it: (label + U{1..M-1}) mod M."""
-    if num_classes < 2:
-        raise ValueError("targets need at least 2 classes")
-    gen = torch.Generator().manual_seed(seed)
-    offset = torch.randint(1, num_classes, labels.shape, generator=gen)
-    return (labels + offset) % num_classes
+        model.train(mode)
+    index = torch.cat(keep)[:n] if keep else torch.zeros(0, dtype=torch.int64)
+    return images[index], labels[index], index
 
 
 class AdversarialDataset(Dataset):
@@ -185,22 +223,29 @@ class AdversarialDataset(Dataset):
     Item i is a dict with ``adversarial`` (float32 tensor [C, H, W]), ``index`` (input index),
     ``label``, ``target``, ``flipped`` and the other manifest fields (norms, steps, ...).
     Reads the merged manifest.jsonl, or the per-rank parts of a run that is not finished.
+
+    On open, every shard's size is checked against the manifest (cheap); ``verify=True`` also
+    checks each shard's SHA-256.  A missing or damaged shard raises ValueError naming it (run
+    ``advfast generate ... --resume`` to make its inputs again).
     """
 
-    def __init__(self, root: str) -> None:
-        import json
-
+    def __init__(self, root: str, verify: bool = False) -> None:
         from . import shards
 
+        if not os.path.isfile(os.path.join(root, "config.json")):
+            raise FileNotFoundError(f"{root} is not an advfast generate output folder "
+                                    "(no config.json)")
         self.root = root
         merged = os.path.join(root, "manifest.jsonl")
         if os.path.exists(merged):
-            with open(merged) as f:
-                self.rows = [json.loads(line) for line in f]
+            self.rows = shards.read_jsonl(merged)
         else:
             self.rows = sorted(shards.recorded_rows(root), key=lambda r: r["index"])
-        if not self.rows and not os.path.isdir(root):
-            raise FileNotFoundError(f"{root} is not an advfast generate output folder")
+        problems = shards.shard_problems(root, self.rows, full=verify)
+        if problems:
+            shown = "; ".join(f"{k}: {v}" for k, v in sorted(problems.items())[:3])
+            raise ValueError(f"{len(problems)} shard(s) of {root} are damaged or missing "
+                             f"({shown}); resume the run to make their inputs again")
         self._shard_name: str | None = None
         self._shard: torch.Tensor | None = None
 

@@ -8,11 +8,12 @@ perturbation.  Fig. 4: the gradient magnitude sum|P_n| under the equal multiplie
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .outputs import OutputFolder, write_durably
 from .table1 import Cell
+
+FILES = ("fig1.png", "fig2.png", "fig3.png", "fig4.png")
 
 COLORS = {"ce": "tab:blue", "ce-sign": "tab:orange", "logit": "tab:green", "m-logit": "tab:red"}
 BANDS = {1: ("tab:blue", "D1"), 2: ("tab:green", "D2"), 3: ("tab:red", "D3")}
@@ -64,7 +65,7 @@ def figure1(cell: Cell, path: str) -> None:
            title=f"Fig. 1: {cell.loss}, {cell.step} (mean, 95% CI; n={len(cell.first_flip)})")
     ax.legend(loc="center right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -88,7 +89,7 @@ def figure_rule(cells: list[Cell], number: int, path: str) -> None:
         ax.set(title=f"(c) {'L2' if norm == 'l2' else 'Linf'} at the first flip")
     fig.suptitle(f"Fig. {number}: {cells[0].step}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -102,20 +103,18 @@ def figure4(cells: list[Cell], path: str) -> None:
            title=f"Fig. 4: gradient magnitude, {cells[0].step}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
 
-def draw_all(cells: list[Cell], out: str) -> list[str]:
-    """Writes fig1.png .. fig4.png into ``out``; returns the paths."""
-    os.makedirs(out, exist_ok=True)
+def draw_all(cells: list[Cell], out: OutputFolder) -> None:
+    """Writes fig1.png .. fig4.png into ``out``."""
     by_step = {}
     for cell in cells:
         by_step.setdefault(cell.step, []).append(cell)
-    paths = [os.path.join(out, f"fig{i}.png") for i in range(1, 5)]
     multiplier, perturbation = by_step["equal-multiplier"], by_step["equal-perturbation"]
-    figure1(next(c for c in multiplier if c.loss == "ce-sign"), paths[0])  # IFGS, as the paper
-    figure_rule(multiplier, 2, paths[1])
-    figure_rule(perturbation, 3, paths[2])
-    figure4(multiplier, paths[3])
-    return paths
+    ifgs = next(c for c in multiplier if c.loss == "ce-sign")  # Fig. 1 is IFGS, as the paper's
+    write_durably(out.file("fig1.png"), lambda tmp: figure1(ifgs, tmp))
+    write_durably(out.file("fig2.png"), lambda tmp: figure_rule(multiplier, 2, tmp))
+    write_durably(out.file("fig3.png"), lambda tmp: figure_rule(perturbation, 3, tmp))
+    write_durably(out.file("fig4.png"), lambda tmp: figure4(multiplier, tmp))

@@ -1,19 +1,207 @@
-"""Choosing what to attack: a model plus its correctly classified inputs and seeded targets,
-shared by the ``table1`` and ``attack`` commands."""
+"""What to attack: one input pipeline for every command.
+
+* A **source** lists candidate inputs in a fixed order, each with an ``index`` that means the
+  same thing in every command: the position in scikit-learn's 1797 digits (``load_digits()``
+  order) for the built-in default, or the position in the folder's listing (sorted class
+  folders, then sorted file names; or the rows of labels.csv).  The digits source takes one
+  split of the fixed 80/20 split the digits model is trained with: ``test`` by default (360
+  images the model never saw, as the paper attacks ImageNet validation images), ``train`` or
+  ``all``.
+* :func:`select` keeps the first N inputs, in that order, that the model classifies correctly
+  (the paper starts from D1), and gives each a **target keyed by its index**:
+  ``(label + 1 + h(seed, index) mod (M - 1)) mod M`` with a fixed 64-bit mix h, so a sample's
+  target never depends on the batch, the rank split or the command that asked.
+* Unreadable inputs are skipped and returned with the reason.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from . import data
+
+TARGET_RULES = ("random", "least-likely")
+DIGITS_SPLITS = data.DIGITS_SPLITS
+Sample = data.Sample
+
+# Step sizes: the paper's values for ImageNet-sized inputs, and ones chosen for the 1x8x8
+# digits default so that (nearly) every first flip falls inside 250 iterations.
+PAPER_ALPHA, PAPER_BETA = 5e-4, 5.0
+DIGITS_ALPHA, DIGITS_BETA = 2e-3, 0.1
+
+
+def step_sizes(digits_default: bool, alpha: float | None,
+               beta: float | None) -> tuple[float, float]:
+    """(alpha, beta): the given ones, else the digits defaults or the paper's."""
+    return (alpha if alpha is not None else (DIGITS_ALPHA if digits_default else PAPER_ALPHA),
+            beta if beta is not None else (DIGITS_BETA if digits_default else PAPER_BETA))
+
+
+class Source(Dataset):
+    """Candidate inputs in their fixed order; item k is the :class:`Sample` of the k-th."""
+
+    name: str
+
+    def index_of(self, k: int) -> int:
+        raise NotImplementedError
+
+    def position(self, index: int) -> int:
+        """The k of input ``index`` (KeyError if the source has no such input)."""
+        raise NotImplementedError
+
+
+class DigitsSource(Source):
+    """scikit-learn's digits, one split, in index order."""
+
+    def __init__(self, split: str = "test") -> None:
+        self.images, self.labels = data.digits("all")
+        self.indices = data.digits_split_indices(split)
+        self._position = {int(i): k for k, i in enumerate(self.indices)}
+        self.name = f"digits:{split}"
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def index_of(self, k: int) -> int:
+        return int(self.indices[k])
+
+    def position(self, index: int) -> int:
+        return self._position[index]
+
+    def __getitem__(self, k: int) -> Sample:
+        i = self.index_of(k)
+        return Sample(self.images[i], int(self.labels[i]), i, "")
+
+
+class FolderSource(Source):
+    """Image files (see :class:`advfast.data.ImageFiles`), in listing order, converted to the
+    model's channel count."""
+
+    def __init__(self, root: str, labels_csv: str | None = None, image_size: int = 224,
+                 channels: int = 3, num_classes: int | None = None) -> None:
+        self.files = data.ImageFiles(root, labels_csv, data.imagenet_eval_transform(image_size),
+                                     channels=channels, num_classes=num_classes)
+        self.name = root
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def index_of(self, k: int) -> int:
+        return k
+
+    def position(self, index: int) -> int:
+        if not 0 <= index < len(self.files):
+            raise KeyError(index)
+        return index
+
+    def __getitem__(self, k: int) -> Sample:
+        return self.files[k]
+
+
+def open_source(data_dir: str | None, *, split: str = "test", labels_csv: str | None = None,
+                image_size: int = 224, channels: int = 3,
+                num_classes: int | None = None) -> Source:
+    """The digits (``data_dir`` None) or an image folder."""
+    if data_dir is None:
+        return DigitsSource(split)
+    return FolderSource(data_dir, labels_csv, image_size, channels, num_classes)
+
+
+def source_for(model: torch.nn.Module, data_dir: str | None, *, split: str = "test",
+               labels_csv: str | None = None, image_size: int = 224,
+               device: torch.device | str = "cpu") -> Source:
+    """:func:`open_source` for ``model``: images converted to its channel count, labels checked
+    against its number of classes."""
+    from . import models
+
+    channels = models.input_channels(model)
+    size = 8 if data_dir is None else image_size
+    with torch.no_grad():
+        classes = model(torch.zeros(1, channels, size, size, device=device)).shape[1]
+    return open_source(data_dir, split=split, labels_csv=labels_csv, image_size=image_size,
+                       channels=channels, num_classes=classes)
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+def load(source: Source, positions: Sequence[int], batch_size: int = 64,
+         workers: int = 0) -> Iterator[list[Sample]]:
+    """Batches of the samples at ``positions``, in that order, read by ``workers`` processes."""
+    loader = DataLoader(torch.utils.data.Subset(source, list(positions)), batch_size=batch_size,
+                        num_workers=workers, collate_fn=_as_list)
+    yield from loader
+
+
+@dataclass
+class Selection:
+    """The chosen inputs, in order: dicts with index, path, label, target; and the skipped
+    ones: dicts with index, path, reason."""
+
+    work: list[dict]
+    skipped: list[dict]
+
+
+def select(model: torch.nn.Module, source: Source, n: int | None, *, seed: int = 0,
+           targets: str = "random", device: torch.device | str = "cpu", batch_size: int = 64,
+           workers: int = 0, rank: int = 0, world: int = 1,
+           gather: Callable[[list], list[list]] | None = None) -> Selection:
+    """The first ``n`` inputs of ``source`` (all if None) that ``model`` classifies correctly,
+    each with its target.  Under several processes each classifies a share of every chunk of
+    candidates and ``gather`` (an all-gather) merges them; the result is the same."""
+    if targets not in TARGET_RULES:
+        raise ValueError(f"unknown target rule {targets!r}; choose one of "
+                         f"{', '.join(TARGET_RULES)}")
+    gather = gather or (lambda part: [part])
+    wanted = len(source) if n is None else n
+    chosen: list[dict] = []
+    skipped: list[dict] = []
+    chunk = max(4 * batch_size * world, 256)
+    mode = model.training
+    model.eval()
+    try:
+        for start in range(0, len(source), chunk):
+            if len(chosen) >= wanted:
+                break
+            mine = range(start + rank, min(start + chunk, len(source)), world)
+            found = _classify(model, source, mine, seed, targets, device, batch_size, workers)
+            merged = sorted((r for part in gather(found) for r in part), key=lambda r: r["index"])
+            chosen += [r for r in merged if "target" in r]
+            skipped += [r for r in merged if "reason" in r]
+    finally:
+        model.train(mode)
+    return Selection(chosen[:wanted], skipped)
+
+
+def _classify(model, source: Source, positions: range, seed: int, targets: str, device,
+              batch_size: int, workers: int) -> list[dict]:
+    found = []
+    for batch in load(source, positions, batch_size, workers):
+        found += [{"index": s.index, "path": s.path, "reason": s.reason}
+                  for s in batch if s.image is None]
+        readable = [s for s in batch if s.image is not None]
+        if not readable:
+            continue
+        with torch.no_grad():
+            logits = model(torch.stack([s.image for s in readable]).to(device)).float().cpu()
+        for s, row in zip(readable, logits):
+            if int(row.argmax()) != s.label:
+                continue
+            target = (int(row.argmin()) if targets == "least-likely"
+                      else data.random_target(s.index, s.label, len(row), seed))
+            found.append({"index": s.index, "path": s.path, "label": s.label, "target": target})
+    return found
 
 
 @dataclass
 class AttackInputs:
-    """Correctly classified images [N, C, H, W] in [0, 1], their labels, input indices (in the
-    source's order), paths (or "" for digits), and a random target per image."""
+    """Correctly classified images [N, C, H, W] in [0, 1], their labels, input indices, paths
+    ("" for digits), targets, and the number of classes."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -23,47 +211,28 @@ class AttackInputs:
     num_classes: int
 
 
-# Step sizes: the paper's values for ImageNet-sized inputs, and ones chosen for the 1x8x8
-# digits default so that (nearly) every first flip falls inside 250 iterations.
-PAPER_ALPHA, PAPER_BETA = 5e-4, 5.0
-DIGITS_ALPHA, DIGITS_BETA = 2e-3, 0.1
-
-
-def step_sizes(args) -> tuple[float, float]:
-    """(alpha, beta) from --alpha/--beta, else the defaults for the digits or for images."""
-    digits = args.model == "digits" and args.data is None
-    alpha = args.alpha if args.alpha is not None else (DIGITS_ALPHA if digits else PAPER_ALPHA)
-    beta = args.beta if args.beta is not None else (DIGITS_BETA if digits else PAPER_BETA)
-    return alpha, beta
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA GPU is visible")
-    return resolved
-
-
-def prepare(model: torch.nn.Module, model_name: str, data_dir: str | None, n: int | None,
-            seed: int, device: torch.device, labels_csv: str | None = None,
-            image_size: int = 224, batch_size: int = 64, workers: int = 0) -> AttackInputs:
-    """The first ``n`` correctly classified inputs and their seeded random targets."""
-    if data_dir is None:
-        if model_name != "digits":
-            raise ValueError("--data DIR is required for models other than the digits default")
-        images, labels = data.digits("test")
-        x, y, idx = data.correctly_classified(model, images, labels, n=n, batch_size=batch_size,
-                                              device=device)
-        paths = [""] * len(idx)
-    else:
-        files = data.ImageFiles(data_dir, labels_csv,
-                                data.imagenet_eval_transform(image_size))
-        x, y, idx = data.correctly_classified(model, files, n=n, batch_size=batch_size,
-                                              device=device, num_workers=workers)
-        paths = [files.items[i][0] for i in idx.tolist()]
+def prepare(model: torch.nn.Module, source: Source, n: int | None, *, seed: int = 0,
+            targets: str = "random", device: torch.device | str = "cpu", batch_size: int = 64,
+            workers: int = 0) -> tuple[AttackInputs, list[dict]]:
+    """:func:`select`, then the chosen images in memory (for ``table1`` and ``attack``); also
+    returns the skipped inputs.  ValueError when no input is eligible."""
+    selection = select(model, source, n, seed=seed, targets=targets, device=device,
+                       batch_size=batch_size, workers=workers)
+    if not selection.work:
+        raise ValueError(f"none of the {len(source)} inputs of {source.name} is classified "
+                         "correctly by the model, so there is nothing to attack (random "
+                         "weights? wrong labels or class order?)")
+    images = []
+    for batch in load(source, [source.position(r["index"]) for r in selection.work], batch_size,
+                      workers):
+        for sample in batch:
+            if sample.image is None:  # readable a moment ago
+                raise ValueError(f"{sample.path} became unreadable: {sample.reason}")
+            images.append(sample.image)
     with torch.no_grad():
-        num_classes = model(x[:1].to(device)).shape[1]
-    return AttackInputs(x, y, idx, paths, data.random_targets(y, num_classes, seed), num_classes)
-
+        num_classes = model(images[0][None].to(device)).shape[1]
+    work = selection.work
+    as_tensor = lambda key: torch.tensor([r[key] for r in work], dtype=torch.int64)  # noqa: E731
+    return AttackInputs(torch.stack(images), as_tensor("label"), as_tensor("index"),
+                        [r["path"] for r in work], as_tensor("target"),
+                        num_classes), selection.skipped

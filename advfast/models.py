@@ -51,27 +51,55 @@ def cache_dir() -> str:
 
 
 def load(name: str, weights: str | None = None, device: str | torch.device | None = None,
-         num_classes: int | None = None) -> nn.Module:
+         num_classes: int | None = None, seed: int = 0) -> nn.Module:
     """A classifier in eval mode that takes [B, C, H, W] images in [0, 1].
 
     Args:
         name: "digits" (the built-in default: a CNN trained on scikit-learn's digits on first
             use, in seconds, then cached) or any torchvision classifier ("resnet18", ...).
-        weights: None (random initialisation, good for timing), a torchvision weights name
-            ("IMAGENET1K_V1" or "ResNet18_Weights.IMAGENET1K_V1"; downloads, so it needs the
-            internet), or a local file: safetensors, or anything ``torch.load(weights_only=True)``
-            reads (a state dict, possibly under "state_dict" or "model").
+        weights: None (digits: the built-in trained CNN; torchvision: random initialisation
+            drawn from ``seed``, good for timing), a torchvision weights name ("IMAGENET1K_V1"
+            or "ResNet18_Weights.IMAGENET1K_V1"; downloads, so it needs the internet), or a
+            local file: safetensors, or anything ``torch.load(weights_only=True)`` reads (a
+            state dict, possibly under "state_dict" or "model").
         device: where to put the model (default: CPU).
-        num_classes: output size for a randomly initialised torchvision model.
+        num_classes: output size of a torchvision model (default 1000).
+        seed: the seed of random weights, so two loads give the same model.
+
+    Raises ValueError (unknown model, weights that do not fit or cannot be read) and
+    FileNotFoundError, each with a one-line message.
     """
     if name == "digits":
         if num_classes not in (None, 10):
             raise ValueError("the digits model has 10 classes")
         model = _load_digits(weights)
     else:
-        model = Normalized(_load_torchvision(name, weights, num_classes), IMAGENET_MEAN,
-                           IMAGENET_STD)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = _load_torchvision(name, weights, num_classes)
+        model = Normalized(net, IMAGENET_MEAN, IMAGENET_STD)
     return model.to(device or "cpu").eval()
+
+
+def input_channels(model: nn.Module) -> int:
+    """The number of image channels ``model`` takes (its first convolution's)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return module.in_channels
+    raise ValueError("cannot tell how many image channels the model takes (no Conv2d)")
+
+
+def fingerprint(weights: str | None) -> str | None:
+    """What identifies weights: the SHA-256 of a file's content, else the name (or None)."""
+    if weights is None or not os.path.isfile(weights):
+        return weights
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
 
 
 def _load_torchvision(name: str, weights: str | None, num_classes: int | None) -> nn.Module:
@@ -87,11 +115,9 @@ def _load_torchvision(name: str, weights: str | None, num_classes: int | None) -
         return models.get_model(name, weights=None, **extra)
     if os.path.isfile(weights):
         model = models.get_model(name, weights=None, **extra)
-        try:
-            model.load_state_dict(read_state_dict(weights))
-        except RuntimeError as err:
-            raise ValueError(f"{weights} does not fit {name}: {err}\nIf it was trained with "
-                             "another number of classes, give num_classes (--num-classes)") from err
+        fit(model, read_state_dict(weights), f"{weights} does not fit {name}",
+            "if it was trained with another number of classes, give num_classes "
+            "(--num-classes)")
         return model
     enum = models.get_model_weights(name)
     member = weights.split(".")[-1]
@@ -105,35 +131,67 @@ def _load_torchvision(name: str, weights: str | None, num_classes: int | None) -
                            "elsewhere and pass the file with --weights") from err
 
 
-def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """A state dict from a safetensors file or a ``torch.load(weights_only=True)`` file."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+def fit(model: nn.Module, state: dict[str, torch.Tensor], what: str, hint: str = "") -> None:
+    """Loads ``state`` into ``model``, or raises a one-line ValueError saying what differs."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if shapes:
+        k = shapes[0]
+        problems.append(f"{len(shapes)} of another shape (e.g. {k}: {tuple(state[k].shape)} "
+                        f"instead of {tuple(own[k].shape)})")
+    if problems:
+        raise ValueError(f"{what}: tensors {'; '.join(problems)}" + (f"; {hint}" if hint else ""))
+    model.load_state_dict(state)
 
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict")
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors file or a ``torch.load(weights_only=True)`` file;
+    ValueError when the file holds none."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            for key in ("state_dict", "model"):
+                if isinstance(state, dict) and isinstance(state.get(key), dict):
+                    state = state[key]
+    except Exception as err:  # whatever the reader raises on a damaged or foreign file
+        raise ValueError(f"cannot read weights from {path}: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
     return state
 
 
 def _load_digits(weights: str | None) -> nn.Module:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
+    if weights is not None and not os.path.isfile(weights):
+        raise FileNotFoundError(f"the digits model takes a weights file (.safetensors or .pt); "
+                                f"{weights} is not one")
     path = weights or os.path.join(cache_dir(), DIGITS_FILE)
     if weights is None and not os.path.isfile(path):
+        import sys
+
+        print("advfast: training the built-in digits model (first use only, about 10 s; "
+              f"cached in {os.path.dirname(path)})", file=sys.stderr, flush=True)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         state = train_digits().state_dict()
         tmp = f"{path}.{os.getpid()}.tmp"
         save_file({k: v.contiguous() for k, v in state.items()}, tmp)
         os.replace(tmp, path)  # atomic: concurrent first uses never see half a file
-    state = load_file(path) if path.endswith(".safetensors") else read_state_dict(path)
     model = Normalized(DigitsNet(), [0.0], [1.0])
-    model.load_state_dict(state)
+    fit(model, read_state_dict(path), f"{path} does not fit the digits model")
     return model
 
 

@@ -2,82 +2,111 @@
 
 Layout of an output folder::
 
-    config.json                 the model, weights and every argument that shapes the result
+    config.json                 written first: advfast's version and every argument that
+                                shapes the result (weights by content hash)
     selection.json              the inputs to attack, in order, with their targets
-    skipped.jsonl               inputs that could not be read
+    .lock                       an advisory lock held by every process of a running run
     shards/shard-rRRR-SSSSSS.safetensors   "adversarial" [k, C, H, W], "index" [k]
-    parts/manifest-rRRR.jsonl   one JSON row per sample, appended after its shard is durable
+    parts/manifest-rRRR.jsonl   one JSON row per sample, appended after its shard is durable;
+                                each row names its shard, offset, and the shard's size and
+                                SHA-256
+    parts/skipped-rRRR.jsonl    inputs that could not be attacked, with the reason
     png/IIIIIIII.png            8-bit images (--format png)
-    manifest.jsonl, manifest.parquet       the merged manifest, sorted by input index
+    manifest.jsonl, manifest.parquet, skipped.jsonl   merged at the end, sorted by index
 
-A shard is written under a temporary name, flushed, fsynced and renamed; only then are its
-rows appended (and fsynced) to the manifest part.  Whatever instant a run is killed at, the
-manifest names only complete shards, and a resumed run redoes exactly the samples it lacks.
+A shard is written under a temporary name, fsynced and renamed; only then are its rows
+appended (and fsynced) to the manifest part.  Whatever instant a run is killed at, the
+manifest names only complete shards; ``--resume`` verifies each shard against its recorded
+size and checksum and redoes exactly the samples it lacks.  Cleaning up touches only files
+whose names advfast itself uses, inside the folders it made.
 """
 
 from __future__ import annotations
 
+import fcntl
 import glob
+import hashlib
 import json
 import os
 import queue
 import re
+import socket
 import threading
+import time
 from collections.abc import Iterable
 
 import torch
 
-SHARD_RE = re.compile(r"shard-r(\d+)-(\d+)\.safetensors$")
+from .outputs import dumps, is_tmp_name, write_durably
+
+SHARD_RE = re.compile(r"^shard-r(\d{3})-(\d{6})\.safetensors$")
+PART_RE = re.compile(r"^(manifest|skipped)-r(\d{3})\.jsonl$")
+PNG_RE = re.compile(r"^\d{8}\.png$")
+OWN_FOLDERS = ("shards", "parts", "png")
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class Busy(ValueError):
+    """Another run holds the folder."""
 
 
-def write_durably(path: str, write) -> None:
-    """Calls ``write(tmp_path)``, fsyncs the file, renames it to ``path``, fsyncs the folder.
-    On any error the temporary file is removed and the error re-raised."""
-    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp"
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(os.path.dirname(path))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+class FolderLock:
+    """The advisory lock on an output folder (``.lock``, flock), held for the run's life by
+    every process of the run.  The first process takes it exclusively (so a live run, even one
+    whose other ranks outlived their launcher, refuses it), notes who holds it, and then
+    shares it with the run's other processes."""
 
+    def __init__(self, out: str) -> None:
+        self.path = os.path.join(out, ".lock")
+        self._fd: int | None = None
 
-def write_json(path: str, obj: object) -> None:
-    def dump(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
+    def acquire(self, first: bool) -> None:
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, (fcntl.LOCK_EX if first else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self.holder()
+            self.release()
+            raise Busy(f"another advfast generate ({holder}) is using {os.path.dirname(self.path)}"
+                       "; wait for it to finish or stop it first") from None
+        if first:
+            os.ftruncate(self._fd, 0)
+            os.write(self._fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                               f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+            os.fsync(self._fd)
+            fcntl.flock(self._fd, fcntl.LOCK_SH)  # now shared with the run's other ranks
 
-    write_durably(path, dump)
+    def holder(self) -> str:
+        try:
+            with open(self.path) as f:
+                return f.read().strip() or "unknown process"
+        except OSError:
+            return "unknown process"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the lock
+            self._fd = None
 
 
 def read_jsonl(path: str, repair: bool = False) -> list[dict]:
-    """Rows of a JSON-lines file.  A torn last line (a run killed mid-append) is dropped, and
-    with ``repair`` cut from the file so appends continue cleanly."""
+    """Rows of a JSON-lines file.  A torn last line (no newline yet: a run killed mid-append)
+    is dropped, and with ``repair`` cut from the file so appends continue cleanly; a complete
+    line that is not a JSON object is an error (ValueError naming the line)."""
     if not os.path.exists(path):
         return []
-    rows, good_bytes = [], 0
     with open(path, "rb") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                break
-            if not line.endswith(b"\n"):
-                rows.pop()
-                break
-            good_bytes += len(line)
+        lines = f.read().split(b"\n")
+    rows, good_bytes = [], 0
+    for number, line in enumerate(lines[:-1], start=1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number} is not a JSON object; the file was edited or "
+                             "damaged")
+        rows.append(row)
+        good_bytes += len(line) + 1
     if repair and good_bytes != os.path.getsize(path):
         with open(path, "rb+") as f:
             f.truncate(good_bytes)
@@ -85,47 +114,100 @@ def read_jsonl(path: str, repair: bool = False) -> list[dict]:
     return rows
 
 
-def manifest_parts(out: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(out, "parts", "manifest-r*.jsonl")))
+def parts(out: str, kind: str = "manifest") -> list[str]:
+    return sorted(p for p in glob.glob(os.path.join(out, "parts", f"{kind}-r*.jsonl"))
+                  if PART_RE.match(os.path.basename(p)))
 
 
 def recorded_rows(out: str, repair: bool = False) -> list[dict]:
     """Every manifest row written so far, by any rank."""
-    return [row for part in manifest_parts(out) for row in read_jsonl(part, repair)]
+    return [row for part in parts(out) for row in read_jsonl(part, repair)]
+
+
+def shard_problems(out: str, rows: Iterable[dict], full: bool = True) -> dict[str, str]:
+    """{shard: what is wrong} for the shards the rows name: missing, another size, or (with
+    ``full``) another SHA-256 than recorded."""
+    expected: dict[str, tuple] = {}
+    for row in rows:
+        expected.setdefault(row["shard"], (row.get("shard_bytes"), row.get("shard_sha256")))
+    problems = {}
+    for name, (size, digest) in expected.items():
+        path = os.path.join(out, name)
+        if not os.path.isfile(path):
+            problems[name] = "missing"
+        elif os.path.getsize(path) != size:
+            problems[name] = f"{os.path.getsize(path)} bytes instead of {size}"
+        elif full and sha256_of(path) != digest:
+            problems[name] = "checksum differs"
+    return problems
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def drop_shards(out: str, damaged: Iterable[str]) -> int:
+    """Removes the rows of the ``damaged`` shards from the manifest parts (durably) and the
+    shards themselves (advfast wrote them); returns the number of rows dropped."""
+    damaged = set(damaged)
+    dropped = 0
+    for part in parts(out):
+        rows = read_jsonl(part)
+        kept = [r for r in rows if r["shard"] not in damaged]
+        if len(kept) != len(rows):
+            dropped += len(rows) - len(kept)
+            write_durably(part, lambda tmp, kept=kept: _write_rows(tmp, kept))
+    for name in damaged:
+        path = os.path.join(out, name)
+        if os.path.isfile(path) and SHARD_RE.match(os.path.basename(name)):
+            os.remove(path)
+    return dropped
+
+
+def _write_rows(path: str, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        f.writelines(dumps(r) + "\n" for r in rows)
 
 
 def clean_incomplete(out: str, rows: Iterable[dict]) -> list[str]:
-    """Removes temporary files and shards that no manifest row names (a run killed between a
-    shard's rename and its manifest append); returns what it removed."""
+    """Removes advfast's own temporary files and the shards no manifest row names (a run killed
+    between a shard's rename and its manifest append); returns what it removed.  Only names
+    advfast uses, inside the folders it made, are touched."""
     named = {row["shard"] for row in rows}
     removed = []
-    for path in glob.glob(os.path.join(out, "**", ".*.tmp"), recursive=True):
-        os.remove(path)
-        removed.append(path)
-    for path in glob.glob(os.path.join(out, "shards", "shard-*.safetensors")):
-        if os.path.relpath(path, out) not in named:
-            os.remove(path)
-            removed.append(path)
+    for folder in ("", *OWN_FOLDERS):
+        full = os.path.join(out, folder)
+        if not os.path.isdir(full):
+            continue
+        for name in os.listdir(full):
+            path = os.path.join(full, name)
+            stray_shard = folder == "shards" and SHARD_RE.match(name) and \
+                os.path.join("shards", name) not in named
+            if (is_tmp_name(name) and os.path.isfile(path)) or stray_shard:
+                os.remove(path)
+                removed.append(path)
     return removed
 
 
 class ShardWriter:
     """Writes finished samples in shards of ``shard_size`` on a background thread.
 
-    ``put(tensors, rows)`` queues samples: tensors {"adversarial": [k, ...] float32,
-    "index": [k] int64} on the CPU, and one manifest row (dict) per sample.  ``close()`` writes
-    the last partial shard and re-raises any error of the thread (a full disk, say).
+    ``put(images, rows)`` queues samples ([k, C, H, W] float32 on the CPU and one manifest
+    row per sample); ``close()`` writes the last partial shard, stops the thread and raises
+    its error, if any (a full disk, say) as OSError.  Neither ever blocks on a dead thread.
     """
 
     def __init__(self, out: str, rank: int, shard_size: int, dtype: torch.dtype,
                  png: bool = False) -> None:
         self.out, self.rank, self.shard_size, self.dtype, self.png = out, rank, shard_size, dtype, png
-        os.makedirs(os.path.join(out, "shards"), exist_ok=True)
-        os.makedirs(os.path.join(out, "parts"), exist_ok=True)
-        if png:
-            os.makedirs(os.path.join(out, "png"), exist_ok=True)
+        for folder in ("shards", "parts", *(("png",) if png else ())):
+            os.makedirs(os.path.join(out, folder), exist_ok=True)
         existing = [int(m.group(2)) for p in os.listdir(os.path.join(out, "shards"))
-                    if (m := SHARD_RE.search(p)) and int(m.group(1)) == rank]
+                    if (m := SHARD_RE.match(p)) and int(m.group(1)) == rank]
         self.next_shard = max(existing, default=-1) + 1
         self.part = os.path.join(out, "parts", f"manifest-r{rank:03d}.jsonl")
         self._images: list[torch.Tensor] = []
@@ -136,24 +218,38 @@ class ShardWriter:
                                         daemon=True)
         self._thread.start()
 
-    def put(self, adversarial: torch.Tensor, rows: list[dict]) -> None:
-        self._raise_if_failed()
-        self._queue.put((adversarial, rows))
+    def put(self, images: torch.Tensor, rows: list[dict]) -> None:
+        self._send((images, rows))
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        if self._thread.is_alive():
+            self._send(None)
+            self._thread.join()
         self._raise_if_failed()
+
+    def _send(self, item: object) -> None:
+        while True:
+            self._raise_if_failed()
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if not self._thread.is_alive():
+                    self._raise_if_failed()
+                    raise RuntimeError("the shard writer stopped")
 
     def _raise_if_failed(self) -> None:
         if self.error is not None:
             raise OSError(f"writing to {self.out} failed: {self.error}") from self.error
 
     def _work(self) -> None:
+        """Runs until the None sentinel; on an error it records it and exits at once (the
+        producer sees the error at its next put or at close, and never waits on a dead
+        thread)."""
         try:
             while (item := self._queue.get()) is not None:
-                adversarial, rows = item
-                self._images.extend(adversarial.unbind(0))
+                images, rows = item
+                self._images.extend(images.unbind(0))
                 self._rows.extend(rows)
                 while len(self._rows) >= self.shard_size:
                     self._flush(self.shard_size)
@@ -161,53 +257,74 @@ class ShardWriter:
                 self._flush(len(self._rows))
         except BaseException as err:  # handed to the main thread by put/close
             self.error = err
-            while self._queue.get() is not None:  # let the producer finish without blocking
-                pass
 
     def _flush(self, count: int) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         images = torch.stack(self._images[:count]).to(self.dtype).contiguous()
         rows = self._rows[:count]
         name = os.path.join("shards", f"shard-r{self.rank:03d}-{self.next_shard:06d}.safetensors")
         index = torch.tensor([r["index"] for r in rows], dtype=torch.int64)
-        write_durably(os.path.join(self.out, name),
-                      lambda tmp: save_file({"adversarial": images, "index": index}, tmp))
+        payload = save({"adversarial": images, "index": index})
+        write_durably(os.path.join(self.out, name), lambda tmp: write_bytes(tmp, payload))
         if self.png:
             self._write_pngs(images, rows)
+        digest = hashlib.sha256(payload).hexdigest()
         with open(self.part, "a") as f:
             for offset, row in enumerate(rows):
-                f.write(json.dumps({**row, "shard": name, "offset": offset}) + "\n")
+                f.write(dumps({**row, "shard": name, "offset": offset,
+                               "shard_bytes": len(payload), "shard_sha256": digest}) + "\n")
             f.flush()
             os.fsync(f.fileno())
         del self._images[:count], self._rows[:count]
         self.next_shard += 1
 
     def _write_pngs(self, images: torch.Tensor, rows: list[dict]) -> None:
-        from torchvision.utils import save_image
-
         for image, row in zip(images, rows):
             path = os.path.join(self.out, row["png"])
-            write_durably(path, lambda tmp, image=image: save_image(image.float(), tmp,
-                                                                     format="png"))
+            write_durably(path, lambda tmp, image=image: save_png(image, tmp))
 
 
-def finalize(out: str) -> list[dict]:
-    """Merges the manifest parts into manifest.jsonl and manifest.parquet, sorted by input
-    index; returns the rows."""
+def write_bytes(path: str, payload: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(payload)
+
+
+def save_png(image: torch.Tensor, path: str) -> None:
+    """An 8-bit PNG of image [C, H, W] in [0, 1]: grey for one channel (so it reads back as
+    the model's input), RGB for three."""
+    from PIL import Image
+
+    pixels = (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    array = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
+    Image.fromarray(array, mode="L" if pixels.shape[0] == 1 else "RGB").save(path, format="png")
+
+
+def append_skipped(out: str, rank: int, rows: list[dict]) -> None:
+    """Records inputs that could not be attacked (durably appended to the rank's part)."""
+    if not rows:
+        return
+    os.makedirs(os.path.join(out, "parts"), exist_ok=True)
+    with open(os.path.join(out, "parts", f"skipped-r{rank:03d}.jsonl"), "a") as f:
+        f.writelines(dumps(r) + "\n" for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def finalize(out: str, skipped_at_selection: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Merges the parts into manifest.jsonl, manifest.parquet and skipped.jsonl, sorted by
+    input index; returns (manifest rows, skipped rows)."""
     rows = sorted(recorded_rows(out), key=lambda r: r["index"])
+    done = {r["index"] for r in rows}
+    later = [r for part in parts(out, "skipped") for r in read_jsonl(part)
+             if r["index"] not in done]
+    skipped = sorted({r["index"]: r for r in skipped_at_selection + later}.values(),
+                     key=lambda r: r["index"])
+    write_durably(os.path.join(out, "manifest.jsonl"), lambda tmp: _write_rows(tmp, rows))
+    write_durably(os.path.join(out, "skipped.jsonl"), lambda tmp: _write_rows(tmp, skipped))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    def write_jsonl(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-
-    write_durably(os.path.join(out, "manifest.jsonl"), write_jsonl)
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        return rows
     table = pa.Table.from_pylist(rows)
     write_durably(os.path.join(out, "manifest.parquet"), lambda tmp: pq.write_table(table, tmp))
-    return rows
+    return rows, skipped

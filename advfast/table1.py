@@ -9,9 +9,7 @@ images/s, and the L2/Linf perturbation at the first flip.  Trajectories feed Fig
 from __future__ import annotations
 
 import csv
-import json
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +18,11 @@ from tqdm.auto import tqdm
 from . import ops
 from .attack import STEPS, TRAJECTORY, Attack
 from .inputs import AttackInputs
+from .outputs import OutputFolder, write_durably, write_json
+
+FILES = ("table1.json", "table1.csv", "samples.csv")
+# Iterations of the untimed warm-up run (first-call costs: allocator, kernels, caches).
+WARMUP_ITERATIONS = 3
 
 
 @dataclass
@@ -58,13 +61,31 @@ def _std(t: torch.Tensor) -> float:
     return float(t.std()) if t.numel() > 1 else math.nan
 
 
+def _plus_minus(mean: float, std: float, spec: str, std_spec: str) -> str:
+    """"mean ± std", "mean" when there is no spread to report, "n/a" when no value."""
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:{spec}}" if math.isnan(std) else f"{mean:{spec}} ± {std:{std_spec}}"
+
+
+def warm_up(model: torch.nn.Module, inputs: AttackInputs, batch_size: int,
+            device: torch.device, amp: str | None) -> None:
+    """One short untimed run of every loss on the first batch, so that no cell's time
+    includes start-up (first calls, memory allocation, lazy initialisation)."""
+    x = inputs.images[:batch_size].to(device)
+    t, y = inputs.targets[:batch_size].to(device), inputs.labels[:batch_size].to(device)
+    for loss in ops.LOSSES:
+        Attack(model, loss=loss, iterations=WARMUP_ITERATIONS, amp=amp, record=True)(x, t, y)
+
+
 def run(model: torch.nn.Module, inputs: AttackInputs, *, iterations: int, alpha: float,
         beta: float, batch_size: int, device: torch.device, amp: str | None = None,
         kappa: float = 20.0, quiet: bool = False) -> list[Cell]:
-    """Runs the 8 configurations; returns one Cell per (step rule, loss)."""
+    """Runs the 8 configurations after a warm-up; returns one Cell per (step rule, loss)."""
     n = len(inputs.labels)
     starts = list(range(0, n, batch_size))
     cells = []
+    warm_up(model, inputs, batch_size, device, amp)
     bar = tqdm(total=len(STEPS) * len(ops.LOSSES) * len(starts), desc="Table I", unit="batch",
                disable=quiet)
     for step in STEPS:
@@ -106,10 +127,10 @@ def format_table(cells: list[Cell], alpha: float, beta: float) -> str:
         row = f"{loss:10}"
         for step in STEPS:
             s = by[(step, loss)]
-            flips = f"{s['iterations_mean']:.0f} ± {s['iterations_std']:.0f}"
+            flips = _plus_minus(s["iterations_mean"], s["iterations_std"], ".0f", ".0f")
             if s["flipped"] < 1:
                 flips += f" ({100 * s['flipped']:.0f}%)"
-            time = f"{s['time_per_image_s_mean']:.3g} ± {s['time_per_image_s_std']:.1g}"
+            time = _plus_minus(s["time_per_image_s_mean"], s["time_per_image_s_std"], ".3g", ".1g")
             row += (f"| {flips:>13} {time:>15} {s['per_iteration_ms']:7.2f} "
                     f"{s['images_per_s']:7.1f} ")
         lines.append(row)
@@ -119,24 +140,29 @@ def format_table(cells: list[Cell], alpha: float, beta: float) -> str:
     return "\n".join(lines)
 
 
-def write(cells: list[Cell], out: str, config: dict) -> dict[str, str]:
-    """Writes table1.json, table1.csv and samples.csv into ``out``; returns their paths."""
-    os.makedirs(out, exist_ok=True)
+def write(cells: list[Cell], out: OutputFolder, config: dict) -> None:
+    """Writes table1.json (strict JSON: null where a value is missing), table1.csv and
+    samples.csv into ``out``."""
     summaries = [c.summary() for c in cells]
-    paths = {name: os.path.join(out, name) for name in ("table1.json", "table1.csv",
-                                                         "samples.csv")}
-    with open(paths["table1.json"], "w") as f:
-        json.dump({"config": config, "results": summaries}, f, indent=2)
-    with open(paths["table1.csv"], "w", newline="") as f:
+    write_json(out.file("table1.json"), {"config": config, "results": summaries})
+    write_durably(out.file("table1.csv"), lambda tmp: _write_summaries(tmp, summaries))
+    write_durably(out.file("samples.csv"), lambda tmp: _write_samples(tmp, cells))
+
+
+def _write_summaries(path: str, summaries: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(summaries[0]))
         writer.writeheader()
         writer.writerows(summaries)
-    with open(paths["samples.csv"], "w", newline="") as f:
+
+
+def _write_samples(path: str, cells: list[Cell]) -> None:
+    with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["step", "loss", "sample", "first_flip", "l1_at_flip", "l2_at_flip",
                          "linf_at_flip"])
         for c in cells:
             for i in range(len(c.first_flip)):
+                norms = (float(c.at_flip[k][i]) for k in ("l1", "l2", "linf"))
                 writer.writerow([c.step, c.loss, i, int(c.first_flip[i]),
-                                 *(f"{float(c.at_flip[k][i]):.6g}" for k in ("l1", "l2", "linf"))])
-    return paths
+                                 *("" if math.isnan(v) else f"{v:.6g}" for v in norms)])

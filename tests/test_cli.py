@@ -4,6 +4,8 @@ import csv
 import json
 import os
 
+import contextlib
+
 import pytest
 import torch
 
@@ -76,11 +78,21 @@ def test_attack_command_on_a_folder(tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["table1", "--model", "resnet18", "--out", "x"], "--data DIR is required"),
-    (["table1", "--model", "vgg99", "--out", "x"], "unknown model"),
-    (["table1", "--n", "0", "--out", "x"], "--n must be at least 1"),
-    (["attack", "--data", "/nonexistent", "--model", "resnet18", "--out", "x"], "does not exist"),
+    (["table1", "--model", "resnet18"], "needs --data DIR"),
+    (["table1", "--model", "vgg99", "--data", "."], "unknown model"),
+    (["table1", "--n", "0"], "argument --n/--num-inputs: must be at least 1"),
+    (["attack", "--data", "/nonexistent", "--model", "resnet18"], "does not exist"),
 ])
-def test_errors_are_clear(argv, message, capsys):
-    assert cli.main(argv) == 2
-    assert message in capsys.readouterr().err
+def test_errors_are_clear(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) if "--n" in argv else _no_exit() as exited:
+        code = cli.main(argv + ["--out", str(tmp_path / "x")])
+    if exited is not None:
+        code = exited.value.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+@contextlib.contextmanager
+def _no_exit():
+    yield None

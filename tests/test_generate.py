@@ -159,7 +159,7 @@ def test_png_format_holds_after_quantisation(tmp_path):
 
 
 def _unfinished(out):
-    return glob.glob(str(out / "**" / ".*.tmp"), recursive=True)
+    return glob.glob(str(out / "**" / ".*.advfast-tmp"), recursive=True)
 
 
 def test_kill_9_then_resume_produces_every_input_once(tmp_path):
@@ -218,22 +218,49 @@ def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     assert generate(blocker / "out") == 2
-    assert "error" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error: " in err and "Not a directory" in err and str(blocker) in err
+    assert generate(blocker) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
 
 
-def test_full_disk_leaves_no_half_shard(tmp_path, monkeypatch, capsys):
+def _full_disk(monkeypatch, after_writes=0):
+    """Every shard write after the first ``after_writes`` fails half-way with ENOSPC."""
     import errno
 
-    import safetensors.torch
+    from advfast import shards
 
-    def full_disk(tensors, path, *a, **k):
+    real, calls = shards.write_bytes, []
+
+    def write(path, payload):
+        calls.append(path)
+        if len(calls) <= after_writes:
+            return real(path, payload)
         with open(path, "wb") as f:
-            f.write(b"partial")
+            f.write(payload[:10])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr(shards, "write_bytes", write)
+
+
+@pytest.mark.parametrize("shard_size", ["7", "1000"], ids=["mid-run", "last-flush"])
+def test_full_disk_stops_cleanly_and_never_hangs(tmp_path, monkeypatch, capsys, shard_size):
+    """A full disk in the middle of the run or in the final flush (which used to hang the
+    writer thread forever) ends with one clear error and no half-written shard."""
+    import threading
+
+    _full_disk(monkeypatch, after_writes=1 if shard_size == "7" else 0)
     out = tmp_path / "run"
-    assert generate(out) == 2
-    assert "No space left on device" in capsys.readouterr().err
+    codes = []
+    worker = threading.Thread(target=lambda: codes.append(
+        generate(out, "--shard-size", shard_size)), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "generate hung on a full disk"
+    assert codes == [2]
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and len(err.strip().splitlines()) == 1
     assert not _unfinished(out)
-    assert not glob.glob(str(out / "shards" / "*.safetensors"))
+    from advfast import shards
+
+    assert not shards.shard_problems(str(out), shards.recorded_rows(str(out)))

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from advfast import data, models
+from advfast import data, inputs, models
 
 
 @pytest.fixture(scope="session")
@@ -92,6 +92,17 @@ def test_image_folder_layout(tmp_path):
     assert ds[0].image.shape == (3, 8, 8) and 0 <= ds[0].image.min() <= ds[0].image.max() <= 1
 
 
+class Constant(torch.nn.Module):
+    """Predicts class 5 for everything; one convolution, so it has an input channel count."""
+
+    def __init__(self, channels=3):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, 1, 1)
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot(torch.full((len(x),), 5), 10).float()
+
+
 def test_flat_folder_with_labels_csv_and_corrupt_image(tmp_path):
     paths = _write_images(tmp_path, 3)
     (tmp_path / "broken.png").write_bytes(b"not a png")
@@ -99,22 +110,56 @@ def test_flat_folder_with_labels_csv_and_corrupt_image(tmp_path):
     (tmp_path / "labels.csv").write_text("\n".join(rows + ["broken.png,1"]) + "\n")
     ds = data.ImageFiles(str(tmp_path), transform=data.imagenet_eval_transform(8))
     assert [ds[i].label for i in range(4)] == [4, 5, 6, 1]
-    assert ds[3].image is None  # unreadable: reported, not raised
-
-    class Constant(torch.nn.Module):
-        def forward(self, x):  # predicts class 5 for everything
-            return torch.nn.functional.one_hot(torch.full((len(x),), 5), 10).float()
-
-    x, y, idx = data.correctly_classified(Constant(), ds, batch_size=2)
-    assert idx.tolist() == [1] and y.tolist() == [5] and x.shape == (1, 3, 8, 8)
+    assert ds[3].image is None and "unreadable" in ds[3].reason  # reported, not raised
+    source = inputs.source_for(Constant(), str(tmp_path), image_size=8)
+    chosen = inputs.select(Constant(), source, None, batch_size=2)
+    assert [r["index"] for r in chosen.work] == [1] and chosen.work[0]["label"] == 5
+    assert [r["path"] for r in chosen.skipped] == [str(tmp_path / "broken.png")]
 
 
 def test_missing_folder_and_bad_csv(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         data.ImageFiles(str(tmp_path / "nope"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        data.ImageFiles(str(tmp_path / "file"))
     (tmp_path / "labels.csv").write_text("filename,label\na.png,cat\n")
     with pytest.raises(ValueError, match="filename,label"):
         data.ImageFiles(str(tmp_path))
+    (tmp_path / "labels.csv").write_text("a.png,1\nb.png,2\na.png,3\n")
+    with pytest.raises(ValueError, match="listed twice"):
+        data.ImageFiles(str(tmp_path))
+
+
+def test_labels_csv_with_bom_and_out_of_range_labels(tmp_path):
+    paths = _write_images(tmp_path, 2)
+    names = [os.path.basename(p) for p in paths]
+    (tmp_path / "labels.csv").write_bytes(f"\ufeff{names[0]},1\n{names[1]},2\n".encode())
+    ds = data.ImageFiles(str(tmp_path), transform=data.imagenet_eval_transform(8))
+    assert ds[0].image is not None and ds[0].label == 1  # the BOM is not part of the name
+    with pytest.raises(ValueError, match="label 2, outside the model's classes"):
+        data.ImageFiles(str(tmp_path), num_classes=2)
+
+
+def test_bad_files_are_skipped_with_their_name(tmp_path):
+    from PIL import Image
+
+    _write_images(tmp_path / "a", 1)
+    Image.new("L", (20000, 20000)).save(tmp_path / "a" / "bomb.png")  # 400 MP: a bomb
+    odd = os.fsencode(str(tmp_path / "a")) + b"/caf\xe9.png"
+    with open(odd, "wb") as f:
+        f.write((tmp_path / "a" / "img0.png").read_bytes())
+    ds = data.ImageFiles(str(tmp_path), transform=data.imagenet_eval_transform(8))
+    by_reason = {os.path.basename(ds[i].path): ds[i].reason for i in range(len(ds))}
+    assert "DecompressionBomb" in by_reason["bomb.png"]
+    assert by_reason["caf\\xe9.png"] == "file name is not valid UTF-8"
+    assert by_reason["img0.png"] == ""
+
+
+def test_grey_model_reads_colour_files_as_grey(tmp_path):
+    _write_images(tmp_path / "cls", 2)
+    source = inputs.source_for(Constant(channels=1), str(tmp_path), image_size=8)
+    assert source[0].image.shape == (1, 8, 8)
 
 
 def test_correctly_classified_keeps_order_and_n(digits_model):
@@ -126,10 +171,27 @@ def test_correctly_classified_keeps_order_and_n(digits_model):
         assert torch.equal(digits_model(x).argmax(1), y)
 
 
-def test_random_targets_are_seeded_and_never_the_label():
+def test_random_targets_are_seeded_keyed_by_index_and_never_the_label():
     labels = torch.randint(0, 10, (1000,))
     t1 = data.random_targets(labels, 10, seed=3)
     assert torch.equal(t1, data.random_targets(labels, 10, seed=3))
     assert not torch.equal(t1, data.random_targets(labels, 10, seed=4))
     assert (t1 != labels).all() and t1.min() >= 0 and t1.max() <= 9
     assert len(t1.unique()) == 10
+    # keyed by index: a subset in another order gets the same targets
+    pick = torch.tensor([900, 3, 517])
+    assert torch.equal(data.random_targets(labels[pick], 10, seed=3, index=pick), t1[pick])
+
+
+def test_digits_source_uses_the_held_out_split_in_index_order(digits_model):
+    source = inputs.DigitsSource("test")
+    indices = [source.index_of(k) for k in range(len(source))]
+    assert len(indices) == 360 and indices == sorted(indices)
+    assert set(indices) == set(data.digits_split_indices("test").tolist())
+    assert not set(indices) & set(data.digits_split_indices("train").tolist())
+    images, labels = data.digits("all")
+    sample = source[7]
+    assert torch.equal(sample.image, images[sample.index]) and sample.label == labels[sample.index]
+    selection = inputs.select(digits_model, source, 20, seed=1)
+    for row in selection.work:
+        assert row["target"] == data.random_target(row["index"], row["label"], 10, 1)
