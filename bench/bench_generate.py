@@ -71,21 +71,25 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compact-every", type=int, default=4)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes (smoke test)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    n_digits, n_resnet, size = (32, 4, 16) if args.tiny else (1024, 128, 64)
     settings = []
     digits = models.load("digits", device=device)
     x, y = data.digits("all")
-    x, y, _ = data.correctly_classified(digits, x, y, n=1024, device=device)
+    x, y, index = data.correctly_classified(digits, x, y, n=n_digits, device=device)
     settings.append(("digits (1x8x8)", digits, x.to(device), y.to(device),
-                     data.random_targets(y, 10, seed=0).to(device), 256, 250, 0.1))
+                     data.random_targets(y, 10, seed=0, index=index).to(device),
+                     min(256, n_digits), 250, 0.1))
     torch.manual_seed(0)
     resnet = models.load("resnet18", device=device)
-    noise = torch.rand(128, 3, 64, 64, device=device)
+    noise = torch.rand(n_resnet, 3, size, size, device=device)
     with torch.no_grad():
         src = resnet(noise).argmax(1)
-    settings.append(("resnet18 (3x64x64)", resnet, noise, src,
-                     (src + 1 + torch.randint(0, 999, (128,), device=device)) % 1000, 32, 100, 20.0))
+    settings.append((f"resnet18 (3x{size}x{size})", resnet, noise, src,
+                     (src + 1 + torch.randint(0, 999, (n_resnet,), device=device)) % 1000,
+                     min(32, n_resnet), 100, 20.0))
     print(f"advfast generation benchmark: device={device} backend={ops.backend()} "
           f"compact_every={args.compact_every}\n")
     print("| setting | N | batch | cap | fixed ex/s | continuous ex/s | speed-up | flipped "

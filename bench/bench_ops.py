@@ -24,6 +24,7 @@ from torch.utils import benchmark
 from advfast import ops, reference
 
 SHAPES = [(8, 3, 224, 224), (32, 3, 64, 64), (256, 3, 32, 32)]
+TINY_SHAPES = [(2, 3, 16, 16)]  # --tiny: the same steps in seconds (the GPU check's CPU mode)
 VARIANTS = {"alpha": dict(sign=False, alpha=5e-4), "beta": dict(sign=False, beta=5.0),
             "alpha-sign": dict(sign=True, alpha=5e-4), "beta-sign": dict(sign=True, beta=5.0)}
 CLASSES = 1000
@@ -70,7 +71,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--tiny", action="store_true", help="one tiny shape (smoke test)")
     args = parser.parse_args()
+    shapes = TINY_SHAPES if args.tiny else SHAPES
     device_name = (torch.cuda.get_device_name() if args.device == "cuda"
                    else f"{platform.machine()}, {torch.ops.advfast.cpu_isa()} kernels, "
                         f"{torch.get_num_threads()} threads")
@@ -81,7 +84,7 @@ def main() -> None:
           "compile/copy |")
     print("|---|---|---|---|---|---|---|---|---|")
     steps, heads = [], []
-    for shape in SHAPES:
+    for shape in shapes:
         for name, variant in VARIANTS.items():
             t = bench_step(shape, variant, args.device, args.min_run_time)
             print(f"| {'x'.join(map(str, shape))} | {name} | {t['copy']:.3f} | {t['advfast']:.3f} | "
@@ -91,7 +94,7 @@ def main() -> None:
     print(f"\nloss_head on [B, {CLASSES}] logits (ms)\n")
     print("| B | loss | advfast | eager | eager/advfast |")
     print("|---|---|---|---|---|")
-    for batch in sorted({shape[0] for shape in SHAPES}):
+    for batch in sorted({shape[0] for shape in shapes}):
         for loss, t in bench_head(batch, args.device, args.min_run_time).items():
             print(f"| {batch} | {loss} | {t['advfast']:.3f} | {t['eager']:.3f} | "
                   f"{t['eager'] / t['advfast']:.2f}x |", flush=True)

@@ -124,8 +124,9 @@ def test_seed_is_gradient_of_objective(device):
     torch.testing.assert_close(seed, expected, atol=1e-6, rtol=1e-5)
 
 
-def test_opcheck():
-    logits, target, source = _inputs(5, 11, "cpu")
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    logits, target, source = _inputs(5, 11, device)
     for loss in ops.LOSSES:
         torch.library.opcheck(torch.ops.advfast.loss_head.default,
                               (logits, target, source, loss, 20.0, "balance", 0.9))

@@ -112,9 +112,10 @@ def test_eps_ball_and_box(device, rule):
     assert x.min().item() >= 0.0 and x.max().item() <= 1.0
 
 
-def test_opcheck():
-    x, grad, x0 = _inputs((3, 2, 5, 7), "cpu")
-    active = torch.tensor([True, False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x, grad, x0 = _inputs((3, 2, 5, 7), device)
+    active = torch.tensor([True, False, True], device=device)
     for args in [(x, grad, x0, None, True, 0.01, None, 0.0, 1.0, None),
                  (x, grad.half(), x0, active, False, None, 3.0, 0.0, 1.0, 0.1)]:
         torch.library.opcheck(torch.ops.advfast.perturb_step_.default, args)

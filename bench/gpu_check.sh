@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# bench/gpu_check.sh OUT
+#
+# Everything advfast checks on a GPU, as one command, for the day a GPU machine is lent: on a
+# bare Linux machine with an NVIDIA GPU, its own preinstalled PyTorch (it may be older than our
+# pin and have no package registry), nvcc and pytest, it
+#   1. builds advfast in place for the visible GPU's architecture only (fast),
+#   2. runs every CUDA test (opcheck on CUDA and the CPU-vs-CUDA comparisons among them),
+#   3. runs the kernel, attack and generation benchmarks on CUDA (ResNet-50 at 3x224x224, bf16,
+#      channels_last, batches 64 and 256; the digits default; bench_ops.py's shapes),
+#   4. captures an Nsight Systems profile if nsys is on the PATH,
+# and writes every log and a summary.json into OUT.  Budget: under 8 minutes on an H100.
+#
+# ADVFAST_CHECK_DEVICE=cpu runs the same steps on the CPU at tiny sizes (CI does, so this
+# script never rots).  PYTHON picks the interpreter (default python3).
+set -uo pipefail
+
+out="${1:?usage: bench/gpu_check.sh OUT}"
+mode="${ADVFAST_CHECK_DEVICE:-cuda}"
+py="${PYTHON:-python3}"
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+summary="$out/steps.jsonl"
+: > "$summary"
+failed=0
+
+# step NAME LIMIT_SECONDS COMMAND...: runs COMMAND with a time limit, logs to OUT/NAME.log.
+step() {
+  local name="$1" limit="$2"; shift 2
+  local start rc
+  start=$(date +%s)
+  echo "== $name: $*" | tee "$out/$name.log"
+  timeout "$limit" "$@" >> "$out/$name.log" 2>&1
+  rc=$?
+  local seconds=$(( $(date +%s) - start ))
+  echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $seconds}" >> "$summary"
+  echo "   rc=$rc in ${seconds}s"
+  [ "$rc" -eq 0 ] || failed=1
+  tail -n 3 "$out/$name.log"
+}
+
+if [ "$mode" = "cuda" ]; then
+  if ! "$py" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    echo "no CUDA GPU visible to $py; use ADVFAST_CHECK_DEVICE=cpu for the CPU mode" >&2
+    exit 2
+  fi
+  arch="$("$py" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")"
+  export TORCH_CUDA_ARCH_LIST="$arch" ADVFAST_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}"
+  dev=cuda; tiny=(); attack_args=(--model resnet50 --shape 3,224,224 --batch 64 256 --amp bf16
+                                  --channels-last --iterations 10 --repeats 3)
+  test_args=(-m cuda)
+else
+  dev=cpu; tiny=(--tiny); attack_args=(--model resnet18 --shape 3,32,32 --batch 2
+                                       --iterations 2 --repeats 1)
+  test_args=(-k "opcheck or cpu_and_cuda")
+fi
+
+step environment 60 bash -c "nvidia-smi || true; $py -c 'import torch, sys; print(sys.version); \
+print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available()); \
+print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"cpu\")'; \
+command -v nvcc && nvcc --version; command -v nsys || echo 'nsys: not on PATH'"
+step build 300 "$py" setup.py build_ext --inplace
+step backend 60 "$py" -c "import advfast.ops as o, sys; b = o.backend(); print(b); \
+sys.exit(b != ('cpu+cuda' if '$mode' == 'cuda' else b))"
+step tests 300 "$py" -m pytest -q -p no:cacheprovider "${test_args[@]}" tests
+step bench_ops 240 "$py" bench/bench_ops.py --device "$dev" --min-run-time 0.2 "${tiny[@]}" \
+  --json "$out/bench_ops.json"
+step bench_attack 300 "$py" bench/bench_attack.py --device "$dev" "${attack_args[@]}" \
+  --json "$out/bench_attack.json"
+step bench_generate 240 "$py" bench/bench_generate.py --device "$dev" "${tiny[@]}" \
+  --json "$out/bench_generate.json"
+if command -v nsys > /dev/null; then
+  step nsys 180 nsys profile -t cuda,nvtx -o "$out/attack" --force-overwrite true \
+    "$py" -m advfast attack --device "$dev" --n 64 --iterations 20 --stop never --quiet \
+    --out "$out/nsys-attack"
+fi
+
+"$py" - "$out" <<'EOF'
+import json, os, sys
+out = sys.argv[1]
+summary = {"steps": [json.loads(line) for line in open(os.path.join(out, "steps.jsonl"))]}
+for name in ("bench_ops", "bench_attack", "bench_generate"):
+    path = os.path.join(out, name + ".json")
+    if os.path.exists(path):
+        summary[name] = json.load(open(path))
+with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+print("summary:", ", ".join(f"{s['step']}={s['rc']} ({s['seconds']}s)" for s in summary["steps"]))
+EOF
+exit "$failed"
