@@ -177,7 +177,9 @@ def _read_labels_csv(root: str, csv_path: str) -> list[tuple[str, int]]:
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(f"labels file {csv_path} does not exist")
     items, seen = [], {}
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+    # surrogateescape: a file name that is not UTF-8 still names its file (and is then
+    # skipped with a clear reason instead of stopping the run)
+    with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         for line_no, row in enumerate(csv.reader(f), start=1):
             if not row or (line_no == 1 and not row[-1].strip().lstrip("-").isdigit()):
                 continue  # blank line or header
