@@ -17,7 +17,7 @@
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define ADVFAST_HD __host__ __device__ __forceinline__
 #else
-#define ADVFAST_HD inline
+#define ADVFAST_HD inline __attribute__((always_inline))
 #endif
 
 namespace advfast {
@@ -36,15 +36,16 @@ ADVFAST_HD bool is_nan(float v) { return v != v; }
 // The gradient element the step uses: v itself if finite, else 0 (it contributes nothing).
 ADVFAST_HD float finite_or_zero(float v) { return fabsf(v) <= FLT_MAX ? v : 0.f; }
 
-// sign(v) with sign(0) = 0 (and sign(NaN) = 0, as torch.sign).  Branch-free: gradient signs
-// are random, so a branch would be mispredicted on every other element.
-ADVFAST_HD float sign_of(float v) { return (v > 0.f ? 1.f : 0.f) - (v < 0.f ? 1.f : 0.f); }
+// sign(v) of a finite v, 0 for 0, NaN and +-inf (a non-finite element takes no step); written
+// as two range tests so that it vectorises to mask operations.
+ADVFAST_HD float finite_sign_of(float v) {
+  return ((v > 0.f) & (v <= FLT_MAX) ? 1.f : 0.f) - ((v < 0.f) & (v >= -FLT_MAX) ? 1.f : 0.f);
+}
 
 // P_n's element from one gradient element: the element, or its sign (IFGS, Eq. 13).
 template <bool SIGN>
 ADVFAST_HD float perturbation_of(float g) {
-  const float v = finite_or_zero(g);
-  return SIGN ? sign_of(v) : v;
+  return SIGN ? finite_sign_of(g) : finite_or_zero(g);
 }
 
 // min(max(v, lo), hi) as torch.clamp computes it: lo > hi resolves to hi and NaN propagates.
@@ -54,8 +55,13 @@ ADVFAST_HD float clamp_to(float v, float lo, float hi) {
   return v > hi ? hi : v;
 }
 
-// max(a, b) with NaN propagated, as torch.amax: the Linf of a sample holding NaN is NaN.
-ADVFAST_HD float max_of(float a, float b) { return (a > b) | is_nan(a) ? a : b; }
+// max(a, b) for the Linf reductions: one compare and a blend (vectorises to vmaxps).  It may
+// drop a NaN, so the reductions restore torch.amax's NaN afterwards from the L1 sum of the
+// same elements, which NaN always reaches (linf_of).
+ADVFAST_HD float max_of(float a, float b) { return a > b ? a : b; }
+
+// The Linf of a sample given its L1 sum: NaN when any element was NaN, as torch.amax.
+ADVFAST_HD float linf_of(float linf, float l1) { return is_nan(l1) ? l1 : linf; }
 
 // exp(x) for the kernels.  On the GPU, expf.  On the CPU, a Cephes-style polynomial (within
 // 2 ulp of expf over the normal float range; 0 below it, where expf gives denormals; +inf and
@@ -227,5 +233,44 @@ ADVFAST_HD float updated_value(float x, float step, float x0, float lo, float hi
   }
   return v;
 }
+
+// ---- Carlini-Wagner L2 (Eqs. 3-4) in tanh space: X' = (tanh(w) + 1) / 2 -------------------
+
+// d/dw of CW's loss ||X' - X0||^2 - c * O, where g_obj = dO/dX' is the gradient of the head's
+// objective (O = min(margin, kappa), so -O is CW's max(max_i g_i - g_t, -kappa)), t = tanh(w).
+ADVFAST_HD float cw_grad_w(float x, float x0, float g_obj, float c, float t) {
+  const float dl_dx = 2.f * (x - x0) - c * finite_or_zero(g_obj);
+  return dl_dx * (0.5f * (1.f - t * t));
+}
+
+// One Adam step on one element, in torch.optim.Adam's order of operations: m <- lerp(m, g,
+// 1 - beta1), v <- beta2 v + (1 - beta2) g^2, w <- w - step_size * m / (sqrt(v) / bc2_sqrt + eps)
+// with step_size = lr / (1 - beta1^t) and bc2_sqrt = sqrt(1 - beta2^t) (see adam_scalars).
+struct AdamConfig {
+  float beta1, beta2, eps;
+};
+
+ADVFAST_HD float adam_update(float w, float g, float* m, float* v, AdamConfig cfg, float step_size,
+                             float bc2_sqrt) {
+  *m = *m + (1.f - cfg.beta1) * (g - *m);
+  *v = *v * cfg.beta2 + (1.f - cfg.beta2) * g * g;
+  const float denom = sqrtf(*v) / bc2_sqrt + cfg.eps;
+  return w - step_size * (*m / denom);
+}
+
+// A sample's Adam scalars at step t (>= 1), computed in double as torch.optim.Adam does on the
+// host, then rounded to float.
+struct AdamScalars {
+  float step_size, bc2_sqrt;
+};
+
+ADVFAST_HD AdamScalars adam_scalars(double lr, double beta1, double beta2, int64_t t) {
+  const double bc1 = 1.0 - pow(beta1, static_cast<double>(t));
+  const double bc2 = 1.0 - pow(beta2, static_cast<double>(t));
+  return AdamScalars{static_cast<float>(lr / bc1), static_cast<float>(sqrt(bc2))};
+}
+
+// The image of a tanh-space variable: (tanh(w) + 1) / 2, in [0, 1].
+ADVFAST_HD float tanh_image(float t) { return (t + 1.f) * 0.5f; }
 
 }  // namespace advfast

@@ -154,6 +154,6 @@ void perturb_step_kernel(float* x, const g_t* g, const float* x0, const bool* ac
     st[0] = equal_perturbation ? p_l1[b] : out[0];
     st[1] = out[1];
     st[2] = std::sqrt(out[2]);
-    st[3] = out[3];
+    st[3] = linf_of(out[3], out[1]);
   }
 }

@@ -20,7 +20,7 @@ constexpr int64_t kChunk = kThreads * 16;
 struct Sum {
   __device__ float operator()(float a, float b) const { return a + b; }
 };
-struct Max {  // NaN-propagating, as torch.amax
+struct Max {  // may drop a NaN: finalize_kernel restores it with linf_of
   __device__ float operator()(float a, float b) const { return max_of(a, b); }
 };
 
@@ -124,7 +124,7 @@ __global__ void finalize_kernel(const float* __restrict__ partial, int64_t B, in
   st[0] = out[0];
   st[1] = out[1];
   st[2] = sqrtf(out[2]);
-  st[3] = out[3];
+  st[3] = linf_of(out[3], out[1]);
 }
 
 at::Tensor perturb_step_cuda(at::Tensor x, const at::Tensor& grad, const at::Tensor& x0,
