@@ -17,7 +17,7 @@ from . import reference
 from .reference import HEAD_STATS, STEP_STATS
 
 __all__ = ["LOSSES", "KAPPA_MODES", "HEAD_STATS", "STEP_STATS", "backend", "loss_head",
-           "perturb_step_"]
+           "perturb_step_", "adam_tanh_step_"]
 
 LOSSES: tuple[str, ...] = ("ce", "ce-sign", "logit", "m-logit")
 KAPPA_MODES: tuple[str, ...] = ("clamp", "balance")
@@ -56,6 +56,10 @@ if _COMPILED:
     def _perturb_step_fake(x, grad, x0, active, sign, alpha, beta, lo, hi, eps):
         return x.new_empty((x.shape[0], len(STEP_STATS)))
 
+    @torch.library.register_fake("advfast::adam_tanh_step_")
+    def _adam_tanh_step_fake(w, m, v, x, grad, x0, c, step, active, lr, beta1, beta2, eps):
+        return w.new_empty((w.shape[0], len(STEP_STATS)))
+
 
 def _require_tensor(value: object, name: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
@@ -77,7 +81,8 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
     return lo, hi + t.element_size()
 
 
-def _check_no_overlap(x: torch.Tensor, other: torch.Tensor, name: str) -> None:
+def _check_no_overlap(x: torch.Tensor, other: torch.Tensor, name: str,
+                      written: str = "x") -> None:
     """x is written in place: it must not share memory with an input (the kernels read their
     inputs through restrict pointers, and the reference would read what it just wrote)."""
     if x.numel() == 0 or other.numel() == 0 or torch.compiler.is_compiling():
@@ -86,7 +91,7 @@ def _check_no_overlap(x: torch.Tensor, other: torch.Tensor, name: str) -> None:
         return
     (a0, a1), (b0, b1) = _byte_span(x), _byte_span(other)
     if a0 < b1 and b0 < a1:
-        raise ValueError(f"x is updated in place and must not share memory with {name}")
+        raise ValueError(f"{written} is updated in place and must not share memory with {name}")
 
 
 def _check_indices(index: torch.Tensor, classes: int, name: str) -> None:
@@ -223,3 +228,72 @@ def perturb_step_(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, *, sign
                                                hi, eps)
     return reference.perturb_step_(x, grad, x0, sign=bool(sign), alpha=alpha, beta=beta, lo=lo,
                                    hi=hi, eps=eps, active=active)
+
+
+def adam_tanh_step_(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
+                    grad: torch.Tensor, x0: torch.Tensor, c: torch.Tensor, step: torch.Tensor, *,
+                    lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                    active: torch.Tensor | None = None) -> torch.Tensor:
+    """One fused Adam step of Carlini-Wagner L2 in tanh space (paper Eqs. 3-4), in place.
+
+    The attack minimises L = ||X' - X0||^2 - c * O over w, with X' = (tanh(w) + 1) / 2 (always
+    inside the box [0, 1]) and O the head's objective (for CW, min(margin, kappa), so that -O
+    is CW's max(max_{i != t} g_i - g_t, -kappa)).  Per element: dL/dw = (2 (X' - X0) -
+    c * grad) (1 - tanh(w)^2) / 2, then torch.optim.Adam's update of w (bias-corrected with
+    each sample's own step count), then X' from the new w.
+
+    Args:
+        w, m, v: [B, ...] float32: the variable and Adam's first and second moments.
+        x: [B, ...] float32, X' = (tanh(w) + 1) / 2 of the current w (what the model saw).
+        grad: [B, ...] float32/float16/bfloat16, dO/dX' at x.
+        x0: [B, ...] float32, the clean images.
+        c: [B] float32, each sample's constant.
+        step: [B] int64 >= 1, each sample's Adam step count including this step.
+        lr, beta1, beta2, eps: Adam's (torch.optim.Adam's defaults but lr).
+        active: [B] bool, None = all; inactive samples are neither stepped nor written.
+
+    Returns:
+        [B, 4] float32 with columns :data:`STEP_STATS`: sum|dL/dw| (0 for inactive samples),
+        then the L1, L2 and Linf norms of the new X' - X0.
+
+    A non-finite element of grad counts as 0.  w, m, v and x must not share memory with each
+    other or with grad and x0.
+    """
+    for value, name in ((w, "w"), (m, "m"), (v, "v"), (x, "x"), (grad, "grad"), (x0, "x0"),
+                        (c, "c"), (step, "step")):
+        _require_tensor(value, name)
+    for value, name in ((w, "w"), (m, "m"), (v, "v"), (x, "x"), (x0, "x0")):
+        if value.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {value.dtype}")
+        if value.shape != w.shape or value.device != w.device:
+            raise ValueError(f"{name} must have the shape and device of w, {tuple(w.shape)} on "
+                             f"{w.device}; got {tuple(value.shape)} on {value.device}")
+    if grad.dtype not in _FLOATS:
+        raise TypeError(f"grad must be float32, float16 or bfloat16, got {grad.dtype}")
+    if grad.shape != w.shape or grad.device != w.device:
+        raise ValueError(f"grad must have the shape and device of w, got {tuple(grad.shape)}")
+    if w.dim() < 1:
+        raise ValueError("w must have a batch dimension [B, ...]")
+    for value, name, dtype in ((c, "c", torch.float32), (step, "step", torch.int64),
+                               (active, "active", torch.bool)):
+        if value is None:
+            continue
+        _require_tensor(value, name)
+        if value.dtype != dtype or tuple(value.shape) != (w.shape[0],) or value.device != w.device:
+            raise ValueError(f"{name} must be {dtype} of shape [{w.shape[0]}] on {w.device}, got "
+                             f"{value.dtype} {tuple(value.shape)} on {value.device}")
+    lr, eps = _require_finite(lr, "lr"), _require_finite(eps, "eps")
+    beta1, beta2 = _require_finite(beta1, "beta1"), _require_finite(beta2, "beta2")
+    if lr <= 0 or eps <= 0:
+        raise ValueError(f"lr and eps must be positive, got {lr} and {eps}")
+    if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+        raise ValueError(f"beta1 and beta2 must lie in [0, 1), got {beta1} and {beta2}")
+    written = (("w", w), ("m", m), ("v", v), ("x", x))
+    for i, (name, tensor) in enumerate(written):
+        for other_name, other in (*written[i + 1:], ("grad", grad), ("x0", x0)):
+            _check_no_overlap(tensor, other, other_name, written=name)
+    if _COMPILED:
+        return torch.ops.advfast.adam_tanh_step_(w, m, v, x, grad, x0, c, step, active, lr,
+                                                 beta1, beta2, eps)
+    return reference.adam_tanh_step_(w, m, v, x, grad, x0, c, step, lr=lr, beta1=beta1,
+                                     beta2=beta2, eps=eps, active=active)

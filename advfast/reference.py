@@ -112,3 +112,35 @@ def perturb_step_(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, *, sign
     delta = new - x0f
     return torch.stack([p_l1, delta.abs().sum(dim=1), delta.square().sum(dim=1).sqrt(),
                         delta.abs().amax(dim=1)], dim=1)
+
+
+def adam_tanh_step_(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
+                    grad: torch.Tensor, x0: torch.Tensor, c: torch.Tensor, step: torch.Tensor, *,
+                    lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                    active: torch.Tensor | None = None) -> torch.Tensor:
+    """Carlini-Wagner's Adam step in tanh space, in place (see advfast.ops.adam_tanh_step_):
+    dL/dw = (2 (x - x0) - c * grad) (1 - tanh(w)^2) / 2, torch.optim.Adam's update with each
+    sample's step count, x = (tanh(w) + 1) / 2.  Returns STEP_STATS [B, 4]."""
+    batch = w.shape[0]
+    if w.numel() == 0:
+        return w.new_zeros((batch, 4))
+    shape = (batch,) + (1,) * (w.dim() - 1)
+    g = grad.float()
+    g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
+    t = torch.tanh(w)
+    gw = (2 * (x - x0) - c.view(shape) * g) * (0.5 * (1 - t * t))
+    steps = step.double()
+    step_size = (lr / (1 - beta1 ** steps)).float().view(shape)
+    bc2_sqrt = (1 - beta2 ** steps).sqrt().float().view(shape)
+    new_m = m + (1 - beta1) * (gw - m)
+    new_v = v * beta2 + (1 - beta2) * gw * gw
+    new_w = w - step_size * (new_m / (new_v.sqrt() / bc2_sqrt + eps))
+    new_x = (torch.tanh(new_w) + 1) * 0.5
+    keep = (torch.ones(batch, dtype=torch.bool, device=w.device) if active is None
+            else active).view(shape)
+    for old, new in ((w, new_w), (m, new_m), (v, new_v), (x, new_x)):
+        old.copy_(torch.where(keep, new, old))
+    delta = (x - x0).reshape(batch, -1)
+    p_l1 = torch.where(keep.view(-1), gw.abs().reshape(batch, -1).sum(1), torch.zeros(batch, device=w.device))
+    return torch.stack([p_l1, delta.abs().sum(1), delta.square().sum(1).sqrt(),
+                        delta.abs().amax(1)], dim=1)

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <initializer_list>
 #include <optional>
 #include <string_view>
 
@@ -124,16 +125,25 @@ inline void check_perturb_step_args(const at::Tensor& x, const at::Tensor& grad,
   }
 }
 
-// True when x, grad and x0 can be walked as flat per-sample memory without copies: one dense,
-// non-overlapping layout shared by all three (contiguous, channels_last, ...), with the batch
-// as the outermost dimension.  Element order inside a sample does not matter to the step.
-inline bool shares_flat_sample_layout(const at::Tensor& x, const at::Tensor& grad,
-                                      const at::Tensor& x0) {
-  if (x.is_contiguous() && grad.is_contiguous() && x0.is_contiguous()) return true;
-  const int64_t per_sample = x.size(0) == 0 ? 0 : x.numel() / x.size(0);
-  return x.is_non_overlapping_and_dense() && grad.strides() == x.strides() &&
-         x0.strides() == x.strides() && (x.size(0) <= 1 || x.stride(0) == per_sample);
+// True when the tensors (one shape) can be walked as flat per-sample memory without copies:
+// one dense, non-overlapping layout shared by all (contiguous, channels_last, ...), with the
+// batch as the outermost dimension.  Element order inside a sample does not matter to the
+// element-wise updates.
+inline bool shares_flat_sample_layout(std::initializer_list<const at::Tensor*> tensors) {
+  const at::Tensor& first = **tensors.begin();
+  bool contiguous = true, same = true;
+  for (const at::Tensor* t : tensors) {
+    contiguous = contiguous && t->is_contiguous();
+    same = same && t->strides() == first.strides();
+  }
+  if (contiguous) return true;
+  const int64_t per_sample = first.size(0) == 0 ? 0 : first.numel() / first.size(0);
+  return same && first.is_non_overlapping_and_dense() &&
+         (first.size(0) <= 1 || first.stride(0) == per_sample);
 }
+
+// A tensor as the kernels walk it: itself when the layouts are shared, else a contiguous copy.
+inline at::Tensor flat(const at::Tensor& t, bool shared) { return shared ? t : t.contiguous(); }
 
 // loss_head's outputs, float32 on the logits' device: seed [B, M] and stats [B, kHeadStats].
 inline std::tuple<at::Tensor, at::Tensor> empty_head_outputs(const at::Tensor& logits) {
@@ -151,11 +161,64 @@ struct StepOperands {
 
 inline StepOperands step_operands(const at::Tensor& x, const at::Tensor& grad,
                                   const at::Tensor& x0, const std::optional<at::Tensor>& active) {
-  const bool flat = shares_flat_sample_layout(x, grad, x0);
-  return StepOperands{flat ? x : x.contiguous(), flat ? grad : grad.contiguous(),
-                      flat ? x0 : x0.contiguous(),
+  const bool shared = shares_flat_sample_layout({&x, &grad, &x0});
+  return StepOperands{flat(x, shared), flat(grad, shared), flat(x0, shared),
                       active.has_value() ? active->contiguous() : at::Tensor(),
                       x.numel() / x.size(0)};
+}
+
+// [B] per-sample operand checks: dtype, shape, device.
+inline void check_per_sample(const at::Tensor& t, at::ScalarType dtype, const at::Tensor& like,
+                             const char* op, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "advfast.", op, ": ", name, " must be ", dtype,
+                   ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == like.size(0), "advfast.", op, ": ", name,
+                    " must be [B] with B = ", like.size(0), ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == like.device(), "advfast.", op, ": ", name, " must be on ",
+                    like.device());
+}
+
+inline void check_adam_tanh_args(const at::Tensor& w, const at::Tensor& m, const at::Tensor& v,
+                                 const at::Tensor& x, const at::Tensor& grad,
+                                 const at::Tensor& x0, const at::Tensor& c, const at::Tensor& t,
+                                 const std::optional<at::Tensor>& active, double lr,
+                                 double beta1, double beta2, double eps) {
+  constexpr const char* op = "adam_tanh_step_";
+  for (const auto& [tensor, name] : {std::pair{&w, "w"}, std::pair{&m, "m"}, std::pair{&v, "v"},
+                                     std::pair{&x, "x"}, std::pair{&x0, "x0"}}) {
+    TORCH_CHECK_TYPE(tensor->scalar_type() == at::kFloat, "advfast.", op, ": ", name,
+                     " must be float32, got ", tensor->scalar_type());
+    TORCH_CHECK_VALUE(tensor->sizes() == w.sizes(), "advfast.", op, ": ", name,
+                      " must have the shape of w, ", w.sizes(), ", got ", tensor->sizes());
+    TORCH_CHECK_VALUE(tensor->device() == w.device(), "advfast.", op,
+                      ": all tensors must be on one device");
+  }
+  TORCH_CHECK_TYPE(is_supported_float(grad.scalar_type()), "advfast.", op,
+                   ": grad must be float32, float16 or bfloat16, got ", grad.scalar_type());
+  TORCH_CHECK_VALUE(grad.sizes() == w.sizes() && grad.device() == w.device(), "advfast.", op,
+                    ": grad must have the shape and device of w");
+  TORCH_CHECK_VALUE(w.dim() >= 1, "advfast.", op, ": w must be [B, ...]");
+  check_per_sample(c, at::kFloat, w, op, "c");
+  check_per_sample(t, at::kLong, w, op, "step");
+  if (active.has_value()) check_per_sample(*active, at::kBool, w, op, "active");
+  check_finite(lr, op, "lr");
+  check_finite(eps, op, "eps");
+  TORCH_CHECK_VALUE(lr > 0 && eps > 0, "advfast.", op, ": lr and eps must be positive");
+  TORCH_CHECK_VALUE(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, "advfast.", op,
+                    ": beta1 and beta2 must lie in [0, 1)");
+  const std::pair<const at::Tensor*, const char*> written[] = {
+      {&w, "w"}, {&m, "m"}, {&v, "v"}, {&x, "x"}};
+  for (size_t i = 0; i < 4; ++i) {
+    TORCH_CHECK_VALUE(at::has_internal_overlap(*written[i].first) != at::MemOverlap::Yes,
+                      "advfast.", op, ": ", written[i].second,
+                      " is updated in place and must not overlap itself");
+    for (size_t j = i + 1; j < 4; ++j) {
+      check_no_overlap(*written[i].first, *written[j].first, op, written[i].second,
+                       written[j].second);
+    }
+    check_no_overlap(*written[i].first, grad, op, written[i].second, "grad");
+    check_no_overlap(*written[i].first, x0, op, written[i].second, "x0");
+  }
 }
 
 }  // namespace advfast

@@ -54,13 +54,21 @@ TORCH_LIBRARY(advfast, m) {
   m.def(
       "perturb_step_(Tensor(a!) x, Tensor grad, Tensor x0, Tensor? active, bool sign, "
       "float? alpha, float? beta, float lo, float hi, float? eps) -> Tensor");
+  // Carlini-Wagner L2's Adam step in tanh space: w, its moments m and v, and the image
+  // x = (tanh(w) + 1) / 2 are updated in place; returns stats [B, 4] float32.
+  m.def(
+      "adam_tanh_step_(Tensor(a!) w, Tensor(b!) m, Tensor(c!) v, Tensor(d!) x, Tensor grad, "
+      "Tensor x0, Tensor c, Tensor step, Tensor? active, float lr, float beta1, float beta2, "
+      "float eps) -> Tensor");
   // The instruction set the CPU kernels run with on this machine.
   m.def("cpu_isa() -> str", &advfast::cpu_isa);
 }
 
-// Autograd sees perturb_step_ as the in-place op it is: x's version counter moves (so a tensor
+// Autograd sees the in-place ops as what they are: x's version counter moves (so a tensor
 // that autograd saved and then stepped raises "modified by an inplace operation" at backward).
 // The Autograd key keeps PyTorch's default for custom ops, which reaches this kernel.
 TORCH_LIBRARY_IMPL(advfast, ADInplaceOrView, m) {
-  m.impl("perturb_step_", torch::CppFunction::makeFromBoxedFunction<&advfast::bump_written_arguments>());
+  for (const char* op : {"perturb_step_", "adam_tanh_step_"}) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&advfast::bump_written_arguments>());
+  }
 }

@@ -2,11 +2,10 @@
 // includes this file inside one namespace per ISA under `#pragma GCC target`, and picks one at
 // run time.  No include guard on purpose; it declares nothing outside its enclosing namespace.
 //
-// Work is split into fixed chunks of every sample, so results do not depend on the thread
-// count; lanes of partial sums let the compiler vectorise the reductions.
+// Work is split into fixed chunks of every sample (sample_chunks.h), so results do not depend
+// on the thread count; lanes of partial sums let the compiler vectorise the reductions.
 
-constexpr int64_t kChunk = 1 << 15;
-constexpr int kLanes = 16;
+#include "sample_chunks.h"
 
 template <bool SIGN, typename g_t>
 inline float perturbation(g_t g) {
@@ -25,35 +24,6 @@ float abs_sum(const g_t* __restrict__ g, int64_t n) {
   for (int l = 0; l < kLanes; ++l) total += acc[l];
   return total;
 }
-
-// Partial sums of one chunk: [p_l1, delta_l1, delta_l2^2, delta_linf].
-struct Partial {
-  float v[kStepStats];
-};
-
-// Lane-wise accumulators of the delta norms (and sum|P|), kept in registers by the compiler.
-struct Lanes {
-  float p[kLanes] = {}, l1[kLanes] = {}, l2[kLanes] = {}, linf[kLanes] = {};
-
-  void add(int l, float p_abs, float d) {
-    const float a = std::fabs(d);
-    p[l] += p_abs;
-    l1[l] += a;
-    l2[l] += d * d;
-    linf[l] = max_of(linf[l], a);
-  }
-
-  Partial total() const {
-    Partial out{};
-    for (int l = 0; l < kLanes; ++l) {
-      out.v[0] += p[l];
-      out.v[1] += l1[l];
-      out.v[2] += l2[l];
-      out.v[3] = max_of(out.v[3], linf[l]);
-    }
-    return out;
-  }
-};
 
 // One chunk of the update.  DIVIDE is the rare denormal-sum path of step_scale; EPS the
 // optional Linf ball; SUM_P whether sum|P| is still to be taken (the equal multiplier rule).
@@ -90,33 +60,18 @@ Partial update_chunk_dispatch(float* x, const g_t* g, const float* x0, int64_t n
                  : update_chunk<SIGN, false, false, SUM_P>(x, g, x0, n, st, p_l1, lo, hi, eps);
 }
 
-Partial delta_chunk(const float* __restrict__ x, const float* __restrict__ x0, int64_t n) {
-  Lanes acc;
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc.add(l, 0.f, x[i + l] - x0[i + l]);
-  }
-  for (int l = 0; i < n; ++i, ++l) acc.add(l, 0.f, x[i] - x0[i]);
-  return acc.total();
-}
-
 template <bool SIGN, typename g_t>
 void perturb_step_kernel(float* x, const g_t* g, const float* x0, const bool* active, int64_t B,
                          int64_t N, bool equal_perturbation, float alpha, float beta, float lo,
                          float hi, bool use_eps, float eps, float* stats) {
   const int64_t chunks = (N + kChunk - 1) / kChunk;
   std::vector<Partial> partial(B * chunks);
-  auto chunk_range = [&](int64_t task, int64_t* b, int64_t* begin, int64_t* n) {
-    *b = task / chunks;
-    *begin = *b * N + (task % chunks) * kChunk;
-    *n = std::min(kChunk, (*b + 1) * N - *begin);
-  };
   std::vector<float> p_l1(B, 0.f);
   if (equal_perturbation) {
     at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t task = t0; task < t1; ++task) {
         int64_t b, begin, n;
-        chunk_range(task, &b, &begin, &n);
+        chunk_range(task, chunks, N, &b, &begin, &n);
         partial[task].v[0] = (active == nullptr || active[b]) ? abs_sum<SIGN>(g + begin, n) : 0.f;
       }
     });
@@ -127,7 +82,7 @@ void perturb_step_kernel(float* x, const g_t* g, const float* x0, const bool* ac
   at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t task = t0; task < t1; ++task) {
       int64_t b, begin, n;
-      chunk_range(task, &b, &begin, &n);
+      chunk_range(task, chunks, N, &b, &begin, &n);
       if (active != nullptr && !active[b]) {
         partial[task] = delta_chunk(x + begin, x0 + begin, n);
         continue;
@@ -141,19 +96,8 @@ void perturb_step_kernel(float* x, const g_t* g, const float* x0, const bool* ac
                                                   p_l1[b], lo, hi, use_eps, eps);
     }
   });
-  for (int64_t b = 0; b < B; ++b) {
-    float out[kStepStats] = {};
-    for (int64_t k = 0; k < chunks; ++k) {
-      const Partial& p = partial[b * chunks + k];
-      out[0] += p.v[0];
-      out[1] += p.v[1];
-      out[2] += p.v[2];
-      out[3] = max_of(out[3], p.v[3]);
-    }
-    float* st = stats + b * kStepStats;
-    st[0] = equal_perturbation ? p_l1[b] : out[0];
-    st[1] = out[1];
-    st[2] = std::sqrt(out[2]);
-    st[3] = linf_of(out[3], out[1]);
+  combine_chunks(partial.data(), B, chunks, stats);
+  if (equal_perturbation) {
+    for (int64_t b = 0; b < B; ++b) stats[b * kStepStats] = p_l1[b];
   }
 }

@@ -14,32 +14,9 @@
 namespace advfast {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kChunk = kThreads * 16;
-
-struct Sum {
-  __device__ float operator()(float a, float b) const { return a + b; }
-};
-struct Max {  // may drop a NaN: finalize_kernel restores it with linf_of
-  __device__ float operator()(float a, float b) const { return max_of(a, b); }
-};
-
 template <bool SIGN, typename g_t>
 __device__ __forceinline__ float perturbation(g_t g) {
   return perturbation_of<SIGN>(static_cast<float>(g));
-}
-
-struct ChunkRange {
-  int64_t sample;
-  int64_t begin;
-  int64_t end;
-};
-
-__device__ __forceinline__ ChunkRange chunk_range(int64_t N, int64_t chunks) {
-  const int64_t task = blockIdx.x;
-  const int64_t b = task / chunks;
-  const int64_t begin = b * N + (task % chunks) * kChunk;
-  return ChunkRange{b, begin, min(begin + kChunk, (b + 1) * N)};
 }
 
 // partial: [B * chunks, 4] = p_l1, delta_l1, delta_l2^2, delta_linf of each chunk.
@@ -95,36 +72,9 @@ __global__ void update_kernel(float* __restrict__ x, const g_t* __restrict__ g,
     l2 += d * d;
     linf = max_of(linf, fabsf(d));
   }
-  l1 = block_reduce(l1, Sum{}, smem);
-  l2 = block_reduce(l2, Sum{}, smem);
-  linf = block_reduce(linf, Max{}, smem);
-  if (!equal_perturbation) p_acc = block_reduce(p_acc, Sum{}, smem);
-  if (threadIdx.x == 0) {
-    float* out = partial + blockIdx.x * kStepStats;
-    if (!equal_perturbation) out[0] = p_acc;
-    out[1] = l1;
-    out[2] = l2;
-    out[3] = linf;
-  }
-}
-
-__global__ void finalize_kernel(const float* __restrict__ partial, int64_t B, int64_t chunks,
-                                float* __restrict__ stats) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= B) return;
-  float out[kStepStats] = {0.f, 0.f, 0.f, 0.f};
-  for (int64_t k = 0; k < chunks; ++k) {
-    const float* p = partial + (b * chunks + k) * kStepStats;
-    out[0] += p[0];
-    out[1] += p[1];
-    out[2] += p[2];
-    out[3] = max_of(out[3], p[3]);
-  }
-  float* st = stats + b * kStepStats;
-  st[0] = out[0];
-  st[1] = out[1];
-  st[2] = sqrtf(out[2]);
-  st[3] = linf_of(out[3], out[1]);
+  // Equal perturbation: the chunk's sum|P| is already in place (abs_sum_kernel); keep it.
+  if (equal_perturbation) p_acc = threadIdx.x == 0 ? partial[blockIdx.x * kStepStats] : 0.f;
+  write_chunk_partial(p_acc, l1, l2, linf, smem, partial);
 }
 
 at::Tensor perturb_step_cuda(at::Tensor x, const at::Tensor& grad, const at::Tensor& x0,
@@ -169,10 +119,7 @@ at::Tensor perturb_step_cuda(at::Tensor x, const at::Tensor& grad, const at::Ten
           run(std::false_type{});
         }
       });
-  finalize_kernel<<<static_cast<unsigned int>((B + kThreads - 1) / kThreads), kThreads, 0,
-                    stream>>>(partial.const_data_ptr<float>(), B, chunks,
-                              stats.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_combine_chunks(partial, B, chunks, stats, stream);
   if (!op.x.is_same(x)) x.copy_(op.x);
   return stats;
 }

@@ -1,0 +1,76 @@
+// Per-sample chunked reductions shared by the CPU kernel bodies that update images in place
+// (perturb_step_kernel.h, adam_tanh_step_kernel.h).  Included inside each body's per-ISA
+// namespace, so no include guard on purpose.
+//
+// Every sample of N elements is cut into fixed chunks of kChunk (one task each), so results do
+// not depend on the thread count; each chunk keeps kLanes partial sums that the compiler
+// vectorises, and the chunks of a sample are combined in order.
+
+constexpr int64_t kChunk = 1 << 15;
+constexpr int kLanes = 16;
+
+// Sample b, first element and length of task `task` of a [B, N] buffer in chunks per sample.
+inline void chunk_range(int64_t task, int64_t chunks, int64_t N, int64_t* b, int64_t* begin,
+                        int64_t* n) {
+  *b = task / chunks;
+  *begin = *b * N + (task % chunks) * kChunk;
+  *n = std::min(kChunk, (*b + 1) * N - *begin);
+}
+
+// Partial sums of one chunk: [p_l1, delta_l1, delta_l2^2, delta_linf].
+struct Partial {
+  float v[kStepStats];
+};
+
+// Lane-wise accumulators of the delta norms (and sum|P|), kept in registers by the compiler.
+struct Lanes {
+  float p[kLanes] = {}, l1[kLanes] = {}, l2[kLanes] = {}, linf[kLanes] = {};
+
+  void add(int l, float p_abs, float d) {
+    const float a = std::fabs(d);
+    p[l] += p_abs;
+    l1[l] += a;
+    l2[l] += d * d;
+    linf[l] = max_of(linf[l], a);
+  }
+
+  Partial total() const {
+    Partial out{};
+    for (int l = 0; l < kLanes; ++l) {
+      out.v[0] += p[l];
+      out.v[1] += l1[l];
+      out.v[2] += l2[l];
+      out.v[3] = max_of(out.v[3], linf[l]);
+    }
+    return out;
+  }
+};
+
+Partial delta_chunk(const float* __restrict__ x, const float* __restrict__ x0, int64_t n) {
+  Lanes acc;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc.add(l, 0.f, x[i + l] - x0[i + l]);
+  }
+  for (int l = 0; i < n; ++i, ++l) acc.add(l, 0.f, x[i] - x0[i]);
+  return acc.total();
+}
+
+// stats[b] = [sum of p, sum |d|, sqrt(sum d^2), max |d|] of sample b's chunks (in order).
+inline void combine_chunks(const Partial* partial, int64_t B, int64_t chunks, float* stats) {
+  for (int64_t b = 0; b < B; ++b) {
+    float out[kStepStats] = {};
+    for (int64_t k = 0; k < chunks; ++k) {
+      const Partial& p = partial[b * chunks + k];
+      out[0] += p.v[0];
+      out[1] += p.v[1];
+      out[2] += p.v[2];
+      out[3] = max_of(out[3], p.v[3]);
+    }
+    float* st = stats + b * kStepStats;
+    st[0] = out[0];
+    st[1] = out[1];
+    st[2] = std::sqrt(out[2]);
+    st[3] = linf_of(out[3], out[1]);
+  }
+}

@@ -1,0 +1,97 @@
+// CUDA Adam step in tanh space for Carlini-Wagner L2, mirroring csrc/cpu/adam_tanh_step.cpp:
+// one block per chunk of a sample updates w, m, v and x = (tanh(w) + 1) / 2 and reduces
+// sum|dL/dw| and the norms of x - x0; the chunks of each sample are then combined in order.
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "reduce.cuh"
+
+namespace advfast {
+namespace {
+
+template <typename g_t>
+__global__ void adam_tanh_kernel(float* __restrict__ w, float* __restrict__ m,
+                                 float* __restrict__ v, float* __restrict__ x,
+                                 const g_t* __restrict__ g, const float* __restrict__ x0,
+                                 const float* __restrict__ c, const int64_t* __restrict__ t,
+                                 const bool* __restrict__ active, int64_t N, int64_t chunks,
+                                 double lr, AdamConfig cfg, float* __restrict__ partial) {
+  __shared__ float smem[kThreads / kWarp];
+  __shared__ AdamScalars scalars;
+  const ChunkRange r = chunk_range(N, chunks);
+  const bool stepping = active == nullptr || active[r.sample];
+  if (threadIdx.x == 0 && stepping) scalars = adam_scalars(lr, cfg.beta1, cfg.beta2, t[r.sample]);
+  __syncthreads();
+  const float cs = c[r.sample];
+  float p_acc = 0.f, l1 = 0.f, l2 = 0.f, linf = 0.f;
+  for (int64_t i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {
+    float xi = x[i];
+    const float x0i = x0[i];
+    if (stepping) {
+      const float gw = cw_grad_w(xi, x0i, static_cast<float>(g[i]), cs, tanhf(w[i]));
+      float mi = m[i], vi = v[i];
+      const float wi = adam_update(w[i], gw, &mi, &vi, cfg, scalars.step_size,
+                                   scalars.bc2_sqrt);
+      xi = tanh_image(tanhf(wi));
+      m[i] = mi;
+      v[i] = vi;
+      w[i] = wi;
+      x[i] = xi;
+      p_acc += fabsf(gw);
+    }
+    const float d = xi - x0i;
+    l1 += fabsf(d);
+    l2 += d * d;
+    linf = max_of(linf, fabsf(d));
+  }
+  write_chunk_partial(p_acc, l1, l2, linf, smem, partial);
+}
+
+at::Tensor adam_tanh_step_cuda(at::Tensor w, at::Tensor m, at::Tensor v, at::Tensor x,
+                               const at::Tensor& grad, const at::Tensor& x0, const at::Tensor& c,
+                               const at::Tensor& step, const std::optional<at::Tensor>& active,
+                               double lr, double beta1, double beta2, double eps) {
+  check_adam_tanh_args(w, m, v, x, grad, x0, c, step, active, lr, beta1, beta2, eps);
+  const c10::cuda::CUDAGuard guard(w.device());
+  const int64_t B = w.size(0);
+  at::Tensor stats = at::zeros({B, kStepStats}, w.options());
+  if (w.numel() == 0) return stats;
+  const bool shared = shares_flat_sample_layout({&w, &m, &v, &x, &grad, &x0});
+  at::Tensor fw = flat(w, shared), fm = flat(m, shared), fv = flat(v, shared),
+             fx = flat(x, shared);
+  const at::Tensor fg = flat(grad, shared), fx0 = flat(x0, shared), fc = c.contiguous(),
+                   ft = step.contiguous();
+  const at::Tensor act = active.has_value() ? active->contiguous() : at::Tensor();
+  const int64_t N = w.numel() / B;
+  const int64_t chunks = (N + kChunk - 1) / kChunk;
+  const int64_t blocks = B * chunks;
+  TORCH_CHECK(blocks < (int64_t{1} << 31), "advfast.adam_tanh_step_: input too large");
+  at::Tensor partial = at::empty({blocks, kStepStats}, w.options());
+  const AdamConfig cfg{static_cast<float>(beta1), static_cast<float>(beta2),
+                       static_cast<float>(eps)};
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  ADVFAST_DISPATCH_FLOATS(grad.scalar_type(), "adam_tanh_step_cuda", [&] {
+    adam_tanh_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
+        fw.data_ptr<float>(), fm.data_ptr<float>(), fv.data_ptr<float>(), fx.data_ptr<float>(),
+        fg.const_data_ptr<scalar_t>(), fx0.const_data_ptr<float>(), fc.const_data_ptr<float>(),
+        ft.const_data_ptr<int64_t>(), act.defined() ? act.const_data_ptr<bool>() : nullptr, N,
+        chunks, lr, cfg, partial.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  launch_combine_chunks(partial, B, chunks, stats, stream);
+  for (auto [out, used] : {std::pair{&w, &fw}, std::pair{&m, &fm}, std::pair{&v, &fv},
+                           std::pair{&x, &fx}}) {
+    if (!used->is_same(*out)) out->copy_(*used);
+  }
+  return stats;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(advfast, CUDA, m) { m.impl("adam_tanh_step_", &adam_tanh_step_cuda); }
+
+}  // namespace advfast

@@ -1,0 +1,190 @@
+"""advfast.ops.adam_tanh_step_ (Carlini-Wagner's Adam step in tanh space) against the
+reference, against torch.optim.Adam + autograd over whole trajectories, and its contracts."""
+
+import math
+
+import pytest
+import torch
+
+from advfast import ops, reference
+from conftest import CUDA, DEVICES
+
+compiled = pytest.mark.skipif(ops.backend() == "reference", reason="compiled library missing")
+
+
+def _state(shape, device, seed=0, grad_dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(shape, generator=gen)
+    w = torch.atanh((2 * x0 - 1) * 0.999999) + 0.05 * torch.randn(shape, generator=gen)
+    m = 0.01 * torch.randn(shape, generator=gen)
+    v = 0.01 * torch.rand(shape, generator=gen)
+    x = (torch.tanh(w) + 1) / 2
+    grad = torch.randn(shape, generator=gen).to(grad_dtype)
+    b = shape[0]
+    c = torch.rand(b, generator=gen) * 10
+    step = torch.randint(1, 50, (b,), generator=gen)
+    return [t.to(device) for t in (w, m, v, x, grad, x0, c, step)]
+
+
+def _both(w, m, v, x, grad, x0, c, step, **kw):
+    ref = [t.clone() for t in (w, m, v, x)]
+    stats = ops.adam_tanh_step_(w, m, v, x, grad, x0, c, step, **kw)
+    ref_stats = reference.adam_tanh_step_(*ref, grad, x0, c, step, **kw)
+    for got, want, name in zip((w, m, v, x), ref, "wmvx"):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)
+    torch.testing.assert_close(stats, ref_stats, atol=1e-5, rtol=1e-4)
+    return stats
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(0, 3, 5, 5), (1, 1, 7, 7), (5, 3, 17, 19), (2, 70001)])
+def test_matches_reference(device, dtype, shape):
+    stats = _both(*_state(shape, device, grad_dtype=dtype), lr=0.01)
+    assert stats.shape == (shape[0], len(ops.STEP_STATS))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_and_channels_last(device):
+    w, m, v, x, grad, x0, c, step = _state((3, 3, 9, 11), device)
+    layouts = [t.to(memory_format=torch.channels_last) for t in (w, m, v, x)]
+    strided_grad = torch.zeros(3, 3, 9, 22, device=device)[..., ::2]
+    strided_grad.copy_(grad)
+    ref = [t.clone() for t in (w, m, v, x)]
+    stats = ops.adam_tanh_step_(*layouts, strided_grad, x0, c, step, lr=0.02)
+    ref_stats = reference.adam_tanh_step_(*ref, grad, x0, c, step, lr=0.02)
+    for got, want in zip(layouts, ref):
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(stats, ref_stats, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inactive_samples_untouched_and_non_finite_grad_ignored(device):
+    w, m, v, x, grad, x0, c, step = _state((4, 2, 6, 6), device)
+    grad[0, 0, 0, :3] = torch.tensor([math.nan, math.inf, -math.inf])
+    active = torch.tensor([True, False, True, False], device=device)
+    before = [t.clone() for t in (w, m, v, x)]
+    stats = _both(w, m, v, x, grad, x0, c, step, lr=0.01, active=active)
+    for now, then in zip((w, m, v, x), before):
+        assert torch.equal(now[~active], then[~active])
+        assert not torch.equal(now[active], then[active])
+    assert (stats[~active, 0] == 0).all() and torch.isfinite(w).all() and torch.isfinite(x).all()
+    torch.testing.assert_close(stats[~active, 1], (x - x0)[~active].abs().sum((1, 2, 3)))
+
+
+class TwoLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 5 * 5, 16),
+                                       torch.nn.Tanh(), torch.nn.Linear(16, 6))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kappa", [0.0, 2.0])
+def test_forty_steps_equal_torch_adam_on_cw_loss(device, kappa):
+    """The fused op with the M-logit head's seed reproduces CW's loss minimised by
+    torch.optim.Adam through autograd, step for step."""
+    model = TwoLayer().to(device).requires_grad_(False)
+    gen = torch.Generator().manual_seed(7)
+    x0 = torch.rand(3, 2, 5, 5, generator=gen).to(device)
+    target = torch.tensor([1, 4, 5], device=device)
+    c = torch.tensor([0.5, 3.0, 20.0], device=device)
+    w0 = torch.atanh((2 * x0 - 1) * 0.999999)
+    # torch.optim.Adam, one optimiser per sample so each has its own step count
+    ws = [w0[i:i + 1].clone().requires_grad_(True) for i in range(3)]
+    adams = [torch.optim.Adam([w], lr=0.05) for w in ws]
+    # the fused op
+    w, m, v = w0.clone(), torch.zeros_like(w0), torch.zeros_like(w0)
+    x = (torch.tanh(w) + 1) / 2
+    for n in range(40):
+        for i in range(3):
+            xi = (torch.tanh(ws[i]) + 1) / 2
+            logits = model(xi)
+            others = logits.clone()
+            others[0, target[i]] = -math.inf
+            margin = logits[0, target[i]] - others.max()
+            loss = ((xi - x0[i:i + 1]) ** 2).sum() + c[i] * torch.clamp(-margin, min=-kappa)
+            adams[i].zero_grad()
+            loss.backward()
+            adams[i].step()
+        xr = x.detach().requires_grad_(True)
+        logits = model(xr)
+        seed, _ = ops.loss_head(logits.detach(), target, target, "m-logit", kappa, "clamp")
+        (grad,) = torch.autograd.grad(logits, xr, seed)
+        ops.adam_tanh_step_(w, m, v, x, grad, x0, c, torch.full((3,), n + 1, device=device),
+                            lr=0.05)
+        expected = torch.cat([wi.detach() for wi in ws])
+        torch.testing.assert_close(w, expected, atol=2e-5, rtol=1e-5, msg=f"step {n}")
+    torch.testing.assert_close(x, (torch.tanh(expected) + 1) / 2, atol=2e-5, rtol=0)
+    assert (w - w0).abs().max() > 0.1  # it really moved
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    w, m, v, x, grad, x0, c, step = _state((3, 2, 4, 5), device)
+    active = torch.tensor([True, False, True], device=device)
+    for args in [(w, m, v, x, grad, x0, c, step, None, 0.01, 0.9, 0.999, 1e-8),
+                 (w, m, v, x, grad.half(), x0, c, step, active, 0.1, 0.5, 0.9, 1e-6)]:
+        torch.library.opcheck(torch.ops.advfast.adam_tanh_step_.default, args)
+
+
+def test_version_counters_move():
+    w, m, v, x, grad, x0, c, step = _state((2, 3), "cpu")
+    before = [t._version for t in (w, m, v, x)]
+    ops.adam_tanh_step_(w, m, v, x, grad, x0, c, step, lr=0.01)
+    assert all(t._version > b for t, b in zip((w, m, v, x), before))
+
+
+def _bad(**change):
+    w, m, v, x, grad, x0, c, step = _state((2, 3, 4), "cpu")
+    args = dict(w=w, m=m, v=v, x=x, grad=grad, x0=x0, c=c, step=step, lr=0.01)
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize("args,error", [
+    (_bad(w=torch.rand(2, 3, 4).double()), TypeError),
+    (_bad(grad=torch.ones(2, 3, 4, dtype=torch.int32)), TypeError),
+    (_bad(m=torch.rand(2, 3, 5)), ValueError),
+    (_bad(c=torch.rand(3)), ValueError),
+    (_bad(step=torch.ones(2)), ValueError),
+    (_bad(lr=0.0), ValueError),
+    (_bad(lr=math.nan), ValueError),
+    (_bad(beta1=1.0), ValueError),
+    (_bad(active=torch.ones(2)), ValueError),
+], ids=range(9))
+def test_bad_input(args, error):
+    with pytest.raises(error):
+        ops.adam_tanh_step_(**args)
+
+
+def test_aliasing_is_rejected():
+    w, m, v, x, grad, x0, c, step = _state((2, 3), "cpu")
+    for args in ((w, w, v, x, grad, x0), (w, m, v, x, x, x0), (w, m, v, x, grad, v)):
+        with pytest.raises(ValueError, match="must not share memory"):
+            ops.adam_tanh_step_(*args, c, step, lr=0.01)
+
+
+@compiled
+def test_direct_call_checks_scalars():
+    w, m, v, x, grad, x0, c, step = _state((2, 3), "cpu")
+    with pytest.raises(ValueError, match="finite"):
+        torch.ops.advfast.adam_tanh_step_(w, m, v, x, grad, x0, c, step, None, math.inf, 0.9,
+                                          0.999, 1e-8)
+
+
+@CUDA
+@pytest.mark.cuda
+def test_cpu_and_cuda_agree():
+    cpu = _state((3, 3, 33, 35), "cpu", seed=4)
+    gpu = [t.cuda() for t in cpu]
+    s_cpu = ops.adam_tanh_step_(*cpu, lr=0.01)
+    s_gpu = ops.adam_tanh_step_(*gpu, lr=0.01)
+    for a, b in zip(cpu[:4], gpu[:4]):
+        torch.testing.assert_close(b.cpu(), a, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(s_gpu.cpu(), s_cpu, atol=1e-5, rtol=1e-5)
