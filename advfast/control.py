@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .engine import Optimizer, Rows
+from .engine import COLUMN, Optimizer, Rows
 
 STOPS = ("never", "flip", "confidence")
 
@@ -42,8 +42,173 @@ class StopRule:
             finished = finished | self.meets(rows)
         rows.done = rows.done | finished
 
-    def after_step(self, rows: Rows, optimizer: Optimizer) -> None:
+    def boundary(self, rows: Rows, optimizer: Optimizer) -> None:
         pass
 
     def report(self, rows: Rows) -> torch.Tensor:
         return rows.x.detach()
+
+
+class ConstantSearch:
+    """An outer search over a per-sample constant (``rows.constant``): each sample runs the
+    optimiser with one constant until its inner run ends (``rows.paused``), then, at the next
+    boundary, the search picks its next constant and restarts it from its clean image, up to
+    ``search_steps`` runs.  The sample keeps its best success across runs (smallest L2;
+    ``rows.best_x``, else its clean image) and the constant that gave it.  While one sample
+    restarts, the others keep going.  Subclasses say what a success is and how the constant
+    moves."""
+
+    def __init__(self, initial: float, search_steps: int) -> None:
+        self.initial, self.search_steps = initial, search_steps
+
+    def begin(self, rows: Rows) -> None:
+        b, device = len(rows), rows.x0.device
+        rows.constant = torch.full((b,), self.initial, device=device)
+        rows.best_l2 = torch.full((b,), float("inf"), device=device)
+        rows.best_x = rows.x0.clone()
+        rows.best_constant = rows.constant.clone()
+        rows.search_step = torch.zeros(b, dtype=torch.int64, device=device)
+        rows.succeeded = torch.zeros(b, dtype=torch.bool, device=device)  # in this run
+
+    def keep_best(self, rows: Rows, mask: torch.Tensor, images: torch.Tensor) -> None:
+        """Takes ``images`` as the new best of the rows in ``mask`` whose L2 beats their best."""
+        l2sq = (images - rows.x0).flatten(1).square().sum(1)
+        better = mask & (l2sq < rows.best_l2)
+        rows.best_l2 = torch.where(better, l2sq, rows.best_l2)
+        rows.best_x = torch.where(better.view(-1, *[1] * (images.dim() - 1)), images, rows.best_x)
+        rows.best_constant = torch.where(better, rows.constant, rows.best_constant)
+
+    def next_constant(self, rows: Rows, ended: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def boundary(self, rows: Rows, optimizer: Optimizer) -> None:
+        ended = rows.paused & ~rows.done
+        rows.search_step = rows.search_step + ended.long()
+        exhausted = ended & (rows.search_step >= self.search_steps)
+        restart = ended & ~exhausted
+        rows.constant = torch.where(restart, self.next_constant(rows, ended), rows.constant)
+        rows.done = rows.done | exhausted
+        optimizer.restart(rows, restart)
+        self.restarted(rows, restart)
+        rows.paused = rows.paused & ~restart
+
+    def restarted(self, rows: Rows, mask: torch.Tensor) -> None:
+        rows.succeeded = rows.succeeded & ~mask
+
+    def report(self, rows: Rows) -> torch.Tensor:
+        return rows.best_x
+
+    def constant(self, rows: Rows) -> torch.Tensor:
+        """The constant of each returned image; the last one tried where none succeeded."""
+        return torch.where(torch.isfinite(rows.best_l2), rows.best_constant, rows.constant)
+
+
+class CWSearch(ConstantSearch):
+    """Carlini and Wagner's search over c (their L2 attack, the original algorithm).
+
+    Every iteration, a sample whose margin g_t - max_{i != t} g_i exceeds kappa is a success
+    and its image becomes its best if closer in L2.  Its inner run ends after ``steps``
+    iterations, or, with ``abort_early``, when at a check (every steps // 10 iterations) its
+    loss ||X' - X0||^2 + c max(-margin, -kappa) is above 0.9999 times the loss at the previous
+    check (that image is then not taken as a candidate, as in the original).  Then c moves:
+    after a run with a success, upper = min(upper, c); without, lower = max(lower, c); c is
+    (lower + upper) / 2 once an upper bound exists, else c * 10.  With 10 or more search steps,
+    the last run uses the upper bound (the original's "repeat")."""
+
+    def __init__(self, c: float, kappa: float, steps: int, search_steps: int,
+                 abort_early: bool) -> None:
+        super().__init__(c, search_steps)
+        self.kappa, self.steps, self.abort_early = kappa, steps, abort_early
+        self.check_every = max(steps // 10, 1)
+
+    def begin(self, rows: Rows) -> None:
+        super().begin(rows)
+        b, device = len(rows), rows.x0.device
+        rows.lower = torch.zeros(b, device=device)
+        rows.upper = torch.full((b,), 1e10, device=device)
+        rows.inner_age = torch.zeros(b, dtype=torch.int64, device=device)
+        rows.previous_loss = torch.full((b,), float("inf"), device=device)
+
+    def after_head(self, rows: Rows, head: torch.Tensor) -> None:
+        live = ~(rows.done | rows.paused)
+        margin = head[:, COLUMN["margin"]]
+        loss = rows.norms[:, 1].square() + rows.constant * torch.clamp(-margin, min=-self.kappa)
+        check = live & (rows.inner_age % self.check_every == 0) & self.abort_early
+        stalled = check & (loss > rows.previous_loss * 0.9999)
+        rows.previous_loss = torch.where(check, loss, rows.previous_loss)
+        success = live & ~stalled & (margin > self.kappa)
+        self.keep_best(rows, success, rows.x.detach())
+        rows.succeeded = rows.succeeded | success
+        ended = live & (stalled | (rows.inner_age + 1 >= self.steps))
+        rows.paused = rows.paused | ended
+        rows.inner_age = rows.inner_age + (live & ~ended).long()
+
+    def next_constant(self, rows: Rows, ended: torch.Tensor) -> torch.Tensor:
+        found = rows.succeeded
+        c = rows.constant
+        rows.upper = torch.where(ended & found, torch.minimum(rows.upper, c), rows.upper)
+        rows.lower = torch.where(ended & ~found, torch.maximum(rows.lower, c), rows.lower)
+        bounded = rows.upper < 1e9
+        nxt = torch.where(bounded, (rows.lower + rows.upper) / 2, torch.where(found, c, c * 10))
+        if self.search_steps >= 10:  # the original repeats its last step at the upper bound
+            nxt = torch.where(rows.search_step == self.search_steps - 1, rows.upper, nxt)
+        return nxt
+
+    def restarted(self, rows: Rows, mask: torch.Tensor) -> None:
+        super().restarted(rows, mask)
+        rows.inner_age = torch.where(mask, 0, rows.inner_age)
+        rows.previous_loss = torch.where(mask, float("inf"), rows.previous_loss)
+
+
+class BisectionSearch(ConstantSearch):
+    """Szegedy et al.'s search over b for box-constrained L-BFGS (Eq. 1): the largest b (the
+    smallest perturbation) whose minimiser is still predicted as the target.  A run is judged
+    where it ends (``optimizer.candidate``).  After a success, b grows ten-fold until a failure
+    brackets it; after a failure it shrinks ten-fold until a success; once bracketed, b is the
+    midpoint of the largest success and the smallest failure."""
+
+    def begin(self, rows: Rows) -> None:
+        super().begin(rows)
+        b, device = len(rows), rows.x0.device
+        rows.b_success = torch.full((b,), float("nan"), device=device)
+        rows.b_failure = torch.full((b,), float("nan"), device=device)
+
+    def after_head(self, rows: Rows, head: torch.Tensor) -> None:
+        pass
+
+    def boundary(self, rows: Rows, optimizer: Optimizer) -> None:
+        ended = rows.paused & ~rows.done
+        images, hit = optimizer.candidate(rows)
+        success = ended & hit
+        self.keep_best(rows, success, images)
+        rows.succeeded = rows.succeeded | success
+        super().boundary(rows, optimizer)
+
+    def next_constant(self, rows: Rows, ended: torch.Tensor) -> torch.Tensor:
+        found, b = rows.succeeded, rows.constant
+        rows.b_success = torch.where(ended & found, torch.fmax(rows.b_success, b), rows.b_success)
+        rows.b_failure = torch.where(ended & ~found, torch.fmin(rows.b_failure, b),
+                                     rows.b_failure)
+        bracketed = ~(torch.isnan(rows.b_success) | torch.isnan(rows.b_failure))
+        return torch.where(bracketed, (rows.b_success + rows.b_failure) / 2,
+                           torch.where(found, b * 10, b / 10))
+
+
+class SingleRun(ConstantSearch):
+    """One inner run per sample with a fixed constant, returning where it ends (successful
+    or not): the minimiser of Eq. 1 for that b, say."""
+
+    def __init__(self, constant: float) -> None:
+        super().__init__(constant, 1)
+
+    def after_head(self, rows: Rows, head: torch.Tensor) -> None:
+        pass
+
+    def boundary(self, rows: Rows, optimizer: Optimizer) -> None:
+        ended = rows.paused & ~rows.done
+        images, _ = optimizer.candidate(rows)
+        rows.best_x = torch.where(ended.view(-1, *[1] * (images.dim() - 1)), images, rows.best_x)
+        rows.done = rows.done | ended
+
+    def constant(self, rows: Rows) -> torch.Tensor:
+        return rows.constant

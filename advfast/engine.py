@@ -90,12 +90,14 @@ class Rows:
 
 
 def _with_leaf_x(fields: dict[str, torch.Tensor], like: torch.Tensor) -> dict[str, torch.Tensor]:
-    """x as a fresh leaf that requires grad, in the memory format of ``like``."""
+    """x as a fresh leaf that requires grad; every image-shaped field in the memory format of
+    ``like`` (the fused ops then need no copies)."""
     channels_last = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) \
         and not like.is_contiguous()
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    for name in ("x", "x0"):
-        fields[name] = fields[name].detach().contiguous(memory_format=layout)
+    for name, value in fields.items():
+        if value.dim() == like.dim() and value.shape[1:] == like.shape[1:]:
+            fields[name] = value.detach().contiguous(memory_format=layout)
     fields["x"].requires_grad_(True)
     return fields
 
@@ -116,7 +118,8 @@ def start_rows(key: torch.Tensor, x0: torch.Tensor, target: torch.Tensor,
         "target_prob": nan, "subspace": nan.clone(),
         "hit": torch.zeros(b, dtype=torch.bool, device=device),
         "failure": zeros.clone(),
-        "done": torch.zeros(b, dtype=torch.bool, device=device),
+        "done": torch.zeros(b, dtype=torch.bool, device=device),    # finished: leaves the batch
+        "paused": torch.zeros(b, dtype=torch.bool, device=device),  # inner run over: waits
     })
 
 
@@ -133,20 +136,28 @@ class Optimizer(Protocol):
         ``ops.STEP_STATS`` of the updated images."""
 
     def restart(self, rows: Rows, mask: torch.Tensor) -> None:
-        """Puts the rows in ``mask`` back at their starting point with fresh state."""
+        """Puts the rows in ``mask`` back at their starting point with fresh state (and their
+        ``norms`` to those of that point)."""
+
+    def candidate(self, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images an inner run settled on, and whether each was predicted as the target
+        (for searches that judge a run by where it ends)."""
 
 
 class Control(Protocol):
-    """When each sample stops or restarts (see :mod:`advfast.control`)."""
+    """When each sample stops or restarts (see :mod:`advfast.control`).  A row whose inner run
+    ended sets ``rows.paused`` (it takes no step) and waits for the next ``boundary``."""
 
     def begin(self, rows: Rows) -> None:
         """Adds the control's fields to new rows."""
 
     def after_head(self, rows: Rows, head: torch.Tensor) -> None:
-        """Marks in ``rows.done`` the rows that take no step from the images just observed."""
+        """Marks in ``rows.done`` (or ``rows.paused``) the rows that take no step from the
+        images just observed."""
 
-    def after_step(self, rows: Rows, optimizer: Optimizer) -> None:
-        """Restarts rows whose inner run ended, or marks them done."""
+    def boundary(self, rows: Rows, optimizer: Optimizer) -> None:
+        """Every ``compact_every`` iterations, before finished rows leave: restarts paused
+        rows with a new constant, or marks them done."""
 
     def report(self, rows: Rows) -> torch.Tensor:
         """The images the finished ``rows`` return."""
@@ -195,9 +206,7 @@ class Engine:
         h = self.head
         _, head = ops.loss_head(logits, rows.target, rows.source, h.loss, h.kappa,
                                 h.kappa_mode, h.threshold, validate_indices=False)
-        delta = (images - rows.x0).flatten(1)
-        norms = torch.stack([delta.abs().sum(1), delta.norm(dim=1), delta.abs().amax(1)], 1)
-        return norms, head[:, COLUMN["target_prob"]]
+        return norms_of(images - rows.x0), head[:, COLUMN["target_prob"]]
 
     def iterate(self, rows: Rows, n: int, controlled: bool = True) -> None:
         """Iteration n over ``rows``.  With ``controlled`` the control stops and restarts
@@ -207,7 +216,7 @@ class Engine:
             if controlled:
                 rows.done = rows.done | (rows.failure > 0)
                 self.control.after_head(rows, head)
-            active = ~rows.done if controlled else rows.failure == 0
+            active = ~(rows.done | rows.paused) if controlled else rows.failure == 0
         with self.timer.phase(n, "backward"):
             (grad,) = torch.autograd.grad(logits, rows.x, seed.to(logits.dtype))
         with self.timer.phase(n, "update"), torch.no_grad():
@@ -217,8 +226,6 @@ class Engine:
                 p_l1 = torch.where(active, stats[:, 0], float("nan"))
                 self.trajectory[..., -1].index_put_((rows.age, rows.key), p_l1)
             rows.age = rows.age + active.long()
-            if controlled:
-                self.control.after_step(rows, self.optimizer)
 
 
 def _observe(rows: Rows, head: torch.Tensor) -> None:
@@ -270,6 +277,7 @@ class Stream:
             n += 1
             if n % self.compact_every and n < self._deadline:
                 continue
+            self.engine.control.boundary(rows, self.engine.optimizer)
             if self.accept is not None:
                 self._ask_accept(rows)
             count = int(rows.done.sum())  # the host synchronisation, every K iterations
@@ -327,6 +335,12 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
             and not t.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+def norms_of(delta: torch.Tensor) -> torch.Tensor:
+    """[B, 3] L1, L2 and Linf of delta [B, ...]."""
+    flat = delta.flatten(1)
+    return torch.stack([flat.abs().sum(1), flat.norm(dim=1), flat.abs().amax(1)], dim=1)
 
 
 def autocast(device: torch.device, amp: str | None):
