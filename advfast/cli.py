@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from . import __version__, figures, inputs, models, ops, table1
-from .attack import STEPS, STOPS, Attack
+from . import __version__, attacks, figures, inputs, models, ops, table1
+from .attack import STEPS, STOPS
 from .generate import DTYPES, FORMATS, GenerateConfig
 from .generate import run as run_generate
 from .outputs import OutputFolder, write_durably, write_json
@@ -66,7 +66,52 @@ def number(positive: bool = False, nonnegative: bool = False):
     return parse
 
 
-# ---- option groups, each defined once ----------------------------------------------------
+# ---- options, each defined once ----------------------------------------------------------
+
+ATTACK_HELP = ("eq11: the paper's scheme (Eq. 11; --loss, --step, --alpha/--beta, --kappa, "
+               "--kappa-mode, --eps, --iterations, --stop); ifgs: IFGS / BIM (Eq. 2; --eps "
+               "8/255, --alpha 2/255, --iterations 10, --random-start, --stop); cw-l2: "
+               "Carlini-Wagner L2 (Eqs. 3-4; --c 1e-3, --kappa 0, --iterations 1000, --lr 1e-2, "
+               "--binary-search-steps 9, --no-abort-early); lbfgs: box-constrained L-BFGS "
+               "(Eq. 1; --b 1e-2, --iterations 100, --history 10, --binary-search-steps 10)")
+
+OPTIONS: dict[str, dict] = {
+    "attack": dict(choices=attacks.ATTACKS, default="eq11", help=ATTACK_HELP),
+    "loss": dict(choices=ops.LOSSES, help="eq11: source of perturbation (None: ce)"),
+    "step": dict(choices=STEPS, help="eq11: step rule (None: equal-perturbation)"),
+    "alpha": dict(type=number(positive=True),
+                  help="eq11 equal-multiplier step (None: 5e-4, digits 2e-3); ifgs step"),
+    "beta": dict(type=number(positive=True),
+                 help="eq11 equal-perturbation L1 per step (None: 5, digits 0.1)"),
+    "kappa": dict(type=number(), help="M-logit / CW margin (None: eq11 20, cw-l2 0)"),
+    "kappa_mode": dict(choices=ops.KAPPA_MODES,
+                       help="eq11 M-logit beyond kappa: clamp (CW) or balance (None: clamp)"),
+    "eps": dict(type=number(nonnegative=True),
+                help="Linf ball around the clean image (eq11: None = no ball; ifgs: 8/255)"),
+    "iterations": dict(type=int_at_least(0),
+                       help="iterations (None: eq11 250, ifgs 10); steps per constant for "
+                            "cw-l2 (1000) and lbfgs (100)"),
+    "stop": dict(choices=STOPS, help="eq11/ifgs: stop a sample once it flips, once in D3, or "
+                                     "never (None: flip)"),
+    "random_start": dict(action="store_const", const=True,
+                         help="ifgs: start from a random point in the eps ball (PGD)"),
+    "c": dict(type=number(positive=True), help="cw-l2: initial constant (None: 1e-3)"),
+    "lr": dict(type=number(positive=True), help="cw-l2: Adam's learning rate (None: 1e-2)"),
+    "binary_search_steps": dict(type=int_at_least(1),
+                                help="cw-l2 / lbfgs: constants tried per sample (None: 9 / 10)"),
+    "abort_early": dict(action="store_const", const=False, flag="--no-abort-early",
+                        help="cw-l2: run every step even when the loss stops improving"),
+    "b": dict(type=number(positive=True), help="lbfgs: initial constant (None: 1e-2)"),
+    "history": dict(type=int_at_least(1), help="lbfgs: (s, y) pairs kept (None: 10)"),
+}
+
+
+def add(group, name: str, **override) -> None:
+    """Adds option ``name`` of OPTIONS to ``group``, with per-command overrides (default)."""
+    spec = {**OPTIONS[name], **override}
+    flag = spec.pop("flag", "--" + name.replace("_", "-"))
+    group.add_argument(flag, dest=name, **spec)
+
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
@@ -78,7 +123,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                                      "trained CNN and torchvision models get seeded random "
                                      "weights")
     g.add_argument("--num-classes", type=int_at_least(2),
-                   help="output classes of a torchvision model (None: its own, 1000)")
+                   help="output classes of a torchvision model (None: 1000)")
 
 
 def add_input_options(parser: argparse.ArgumentParser, n_default: int | None) -> None:
@@ -98,28 +143,10 @@ def add_input_options(parser: argparse.ArgumentParser, n_default: int | None) ->
     g.add_argument("--seed", type=int, default=0, help="seed of the random targets")
 
 
-def add_step_options(parser: argparse.ArgumentParser, both: bool = False) -> argparse._ArgumentGroup:
-    g = parser.add_argument_group("the paper's scheme (Eq. 11)")
-    rule = "" if both else " (only with that rule)"
-    g.add_argument("--alpha", type=number(positive=True),
-                   help=f"equal multiplier step{rule}; None: 5e-4, digits 2e-3")
-    g.add_argument("--beta", type=number(positive=True),
-                   help=f"equal perturbation: L1 added per step{rule}; None: 5, digits 0.1")
-    g.add_argument("--kappa", type=number(), default=20.0, help="M-logit margin (Eq. 16)")
-    g.add_argument("--iterations", type=int_at_least(0), default=250, help="iteration cap")
-    return g
-
-
-def add_attack_options(parser: argparse.ArgumentParser, stop_default: str) -> None:
-    g = add_step_options(parser)
-    g.add_argument("--loss", choices=ops.LOSSES, default="ce", help="source of perturbation")
-    g.add_argument("--step", choices=STEPS, default="equal-perturbation", help="step rule")
-    g.add_argument("--kappa-mode", choices=ops.KAPPA_MODES, default="clamp",
-                   help="M-logit beyond kappa: clamp (CW) or balance (Eq. 16 literally)")
-    g.add_argument("--eps", type=number(nonnegative=True),
-                   help="Linf ball around the clean image (None: no ball)")
-    g.add_argument("--stop", choices=STOPS, default=stop_default,
-                   help="stop a sample once it flips, once in D3, or never")
+def add_attack_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("attack")
+    for name in OPTIONS:
+        add(g, name)
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -143,13 +170,10 @@ def add_out_option(parser: argparse.ArgumentParser, default: str | None) -> None
 
 # ---- commands ----------------------------------------------------------------------------
 
-def _check_rule(args: argparse.Namespace) -> None:
-    if args.step == "equal-multiplier" and args.beta is not None:
-        raise ValueError("--beta is the equal-perturbation step; with --step equal-multiplier "
-                         "give --alpha")
-    if args.step == "equal-perturbation" and args.alpha is not None:
-        raise ValueError("--alpha is the equal-multiplier step; with --step "
-                         "equal-perturbation give --beta")
+def _attack_params(args: argparse.Namespace) -> dict:
+    """The chosen attack's full parameters (defaults filled in), checked before any work."""
+    given = {name: getattr(args, name) for name in OPTIONS if name != "attack"}
+    return attacks.resolve(args.attack, given, args.data is None)
 
 
 def _setup(args: argparse.Namespace):
@@ -208,26 +232,24 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from safetensors.torch import save
     from tqdm.auto import tqdm
 
-    _check_rule(args)
+    params = _attack_params(args)
     out = OutputFolder(args.out, ["adversarial.safetensors", "metrics.csv", "summary.json",
                                   "png/"], args.overwrite)
     out.claim()
     device, model, chosen = _setup(args)
-    alpha, beta = inputs.step_sizes(args.data is None, args.alpha, args.beta)
-    attack = Attack(model, loss=args.loss, step=args.step, alpha=alpha, beta=beta,
-                    iterations=args.iterations, kappa=args.kappa, kappa_mode=args.kappa_mode,
-                    eps=args.eps, stop=args.stop, amp=args.amp, record=False)
+    attack = attacks.build(args.attack, model, params, amp=args.amp)
     adversarial, rows = [], []
     started = time.perf_counter()
     n = len(chosen.labels)
-    for s in tqdm(range(0, n, args.batch_size), desc=f"{args.loss} {args.step}", unit="batch",
+    for s in tqdm(range(0, n, args.batch_size), desc=args.attack, unit="batch",
                   disable=args.quiet):
         sl = slice(s, s + args.batch_size)
         result = attack(chosen.images[sl].to(device), chosen.targets[sl].to(device),
                         source=chosen.labels[sl].to(device))
         adversarial.append(result.adversarial.cpu())
         rows += [{"index": int(chosen.index[i]), "path": chosen.paths[i],
-                  "label": int(chosen.labels[i]), "target": int(chosen.targets[i]), **record}
+                  "label": int(chosen.labels[i]), "target": int(chosen.targets[i]),
+                  "attack": args.attack, **record}
                  for i, record in enumerate(result.records(), start=s)]
     elapsed = time.perf_counter() - started
     adv = torch.cat(adversarial)
@@ -242,8 +264,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
             write_durably(path, lambda tmp, image=image: save_png(image, tmp))
     flipped = sum(r["flipped"] for r in rows)
     write_json(out.file("summary.json"),
-               {"config": {**_arguments(args), "alpha": alpha, "beta": beta,
-                           "device": str(device), "advfast": __version__},
+               {"config": {**_arguments(args), "params": params, "device": str(device),
+                           "advfast": __version__},
                 "n": n, "flipped": flipped / n, "seconds": elapsed, "images_per_s": n / elapsed})
     out.record()
     print(f"{flipped}/{n} flipped to their target in {elapsed:.1f} s; wrote "
@@ -259,12 +281,13 @@ def _write_csv(path: str, rows: list[dict]) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    _check_rule(args)
+    params = _attack_params(args)
     if args.overwrite:
         raise ValueError("generate never overwrites: use --resume to continue a run, or "
                          "another --out")
-    config = GenerateConfig(**{k: v for k, v in _arguments(args).items()
-                               if k not in ("overwrite",)})
+    given = _arguments(args)
+    config = GenerateConfig(params=params, **{k: v for k, v in given.items()
+                                              if k in GenerateConfig.__dataclass_fields__})
     return run_generate(config)
 
 
@@ -274,11 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"advfast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    t1 = sub.add_parser("table1", help="the paper's Table I and Figs. 1-5: four losses under "
+    t1 = sub.add_parser("table1", help="the paper's Table I and Figs. 1-4: four losses under "
                                        "both step rules")
     add_model_options(t1)
     add_input_options(t1, n_default=1000)
-    add_step_options(t1, both=True)
+    g = t1.add_argument_group("the paper's scheme (Eq. 11), both step rules")
+    add(g, "alpha", help="equal multiplier step (None: 5e-4, digits 2e-3)")
+    add(g, "beta", help="equal perturbation L1 per step (None: 5, digits 0.1)")
+    add(g, "kappa", default=20.0, help="M-logit margin (Eq. 16)")
+    add(g, "iterations", default=250, help="iterations per attack")
     add_run_options(t1)
     add_out_option(t1, default=os.path.join("runs", "table1"))
     t1.add_argument("--no-figures", action="store_true", help="write the table only")
@@ -288,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "per-sample metrics")
     add_model_options(at)
     add_input_options(at, n_default=None)
-    add_attack_options(at, stop_default="flip")
+    add_attack_options(at)
     add_run_options(at)
     add_out_option(at, default=None)
     at.add_argument("--png", action="store_true", help="also write 8-bit PNGs")
@@ -298,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "durable shards, --resume, torchrun")
     add_model_options(gen)
     add_input_options(gen, n_default=None)
-    add_attack_options(gen, stop_default="flip")
+    add_attack_options(gen)
     add_run_options(gen)
     add_out_option(gen, default=None)
     g = gen.add_argument_group("dataset")

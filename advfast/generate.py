@@ -18,17 +18,18 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from . import __version__, inputs, models, ops, shards
-from .attack import STEPS, STOPS, Attack, Finished
+from . import __version__, attacks, inputs, models, ops, shards
+from .attack import Finished
 from .outputs import write_json
 from .runtime import resolve_device
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
+CONFIDENCE = 0.9  # the D3 threshold of Definition IV.1, for --stop confidence
 FORMATS = ("safetensors", "png")
 # Arguments that do not change what a run produces: a resume may differ in them.
 NOT_IDENTITY = ("out", "resume", "quiet", "device", "workers", "batch_size", "compact_every",
@@ -50,15 +51,8 @@ class GenerateConfig:
     n: int | None = None
     targets: str = "random"
     seed: int = 0
-    loss: str = "ce"
-    step: str = "equal-perturbation"
-    alpha: float | None = None
-    beta: float | None = None
-    kappa: float = 20.0
-    kappa_mode: str = "clamp"
-    eps: float | None = None
-    iterations: int = 250
-    stop: str = "flip"
+    attack: str = "eq11"
+    params: dict = field(default_factory=dict)  # the attack's, see advfast.attacks.resolve
     batch_size: int = 64
     compact_every: int = 4
     shard_size: int = 1024
@@ -72,46 +66,34 @@ class GenerateConfig:
     quiet: bool = False
 
     def validate(self) -> None:
-        """ValueError for an impossible combination, before anything is written."""
+        """ValueError for an impossible combination, before anything is written; fills in the
+        attack's defaults."""
         for name in ("batch_size", "compact_every", "shard_size", "image_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.n is not None and self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}")
-        if self.iterations < 0 or self.workers < 0:
-            raise ValueError("iterations and workers must not be negative")
-        for name in ("alpha", "beta", "eps", "kappa"):
-            value = getattr(self, name)
-            if value is not None and not math.isfinite(value):
+        if self.workers < 0:
+            raise ValueError("workers must not be negative")
+        for name, value in self.params.items():
+            if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value}")
-        if self.step == "equal-multiplier" and self.beta is not None:
-            raise ValueError("beta is the equal-perturbation step; with equal-multiplier give "
-                             "alpha")
-        if self.step == "equal-perturbation" and self.alpha is not None:
-            raise ValueError("alpha is the equal-multiplier step; with equal-perturbation give "
-                             "beta")
         if self.data is None and self.model != "digits":
             raise ValueError(f"model {self.model} needs an image folder (data); only the "
                              "digits model has built-in inputs")
-        choices = {"loss": ops.LOSSES, "step": STEPS, "stop": STOPS, "dtype": tuple(DTYPES),
-                   "format": FORMATS, "targets": inputs.TARGET_RULES, "split": inputs.DIGITS_SPLITS,
-                   "kappa_mode": ops.KAPPA_MODES}
+        choices = {"dtype": tuple(DTYPES), "format": FORMATS, "targets": inputs.TARGET_RULES,
+                   "split": inputs.DIGITS_SPLITS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of "
                                  f"{', '.join(allowed)}")
-
-    @property
-    def step_param(self) -> float:
-        """The step rule's parameter: alpha (equal multiplier) or beta (equal perturbation)."""
-        alpha, beta = inputs.step_sizes(self.data is None, self.alpha, self.beta)
-        return alpha if self.step == "equal-multiplier" else beta
+        self.params.update(attacks.resolve(self.attack, self.params, self.data is None))
 
     def identity(self) -> dict:
         """What a resumed run must repeat exactly (weights by content)."""
-        ident = {k: v for k, v in asdict(self).items() if k not in NOT_IDENTITY}
+        ident = {k: v for k, v in asdict(self).items() if k not in NOT_IDENTITY + ("params",)}
+        ident.update(self.params)  # by option name, so a mismatch names the option
         ident["weights"] = models.fingerprint(self.weights)
-        ident["step_param"] = self.step_param
         return ident
 
 
@@ -341,21 +323,21 @@ def _attack(model, source: inputs.Source, work: list[dict], config: GenerateConf
             ranks: Ranks) -> int:
     from tqdm.auto import tqdm
 
-    alpha, beta = inputs.step_sizes(config.data is None, config.alpha, config.beta)
-    attack = Attack(model, loss=config.loss, step=config.step, alpha=alpha, beta=beta,
-                    iterations=config.iterations, kappa=config.kappa,
-                    kappa_mode=config.kappa_mode, eps=config.eps, stop=config.stop,
-                    amp=config.amp, record=False, compact_every=config.compact_every,
-                    time_phases=False)
+    attack = attacks.build(config.attack, model, config.params, amp=config.amp,
+                           compact_every=config.compact_every, time_phases=False)
     png = config.format == "png"
+    stop = config.params.get("stop")
 
     def holds(images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             probs = torch.softmax(model(quantized(images)).float(), dim=1)
         hit = probs.argmax(1) == target
-        if config.stop == "confidence":
-            hit &= probs.max(1).values >= attack.threshold
+        if stop == "confidence":
+            hit &= probs.max(1).values >= CONFIDENCE
         return hit
+
+    # Stop rules wait for the 8-bit image to hold; searches keep their best float image.
+    accept = holds if png and stop is not None else None
 
     writer = shards.ShardWriter(config.out, ranks.rank, config.shard_size, DTYPES[config.dtype],
                                 png)
@@ -365,7 +347,7 @@ def _attack(model, source: inputs.Source, work: list[dict], config: GenerateConf
     feeder = Feeder(source, work, config, ranks.rank, pin=ranks.device.type == "cuda")
     made = flipped = 0
     try:
-        for finished in attack.stream(feeder, config.batch_size, accept=holds if png else None):
+        for finished in attack.stream(feeder, config.batch_size, accept=accept):
             ok = holds(finished.adversarial, finished.key.new_tensor(
                 [by_index[int(k)]["target"] for k in finished.key])) if png else None
             rows = _manifest_rows(finished, by_index, config, ok)
@@ -386,8 +368,7 @@ def _manifest_rows(done: Finished, by_index: dict, config: GenerateConfig,
     for j, (key, record) in enumerate(zip(done.key.tolist(), done.records())):
         src = by_index[key]
         row = {"index": key, "path": src["path"], "label": src["label"], "target": src["target"],
-               "loss": config.loss, "step": config.step, "step_param": config.step_param,
-               "iterations": config.iterations, **record}
+               "attack": config.attack, **config.params, **record}
         if png_holds is not None:
             row["png"] = os.path.join("png", f"{key:08d}.png")
             row["png_holds"] = bool(png_holds[j])

@@ -275,3 +275,42 @@ def test_bad_arguments(attack, params):
     with pytest.raises(ValueError):
         attack(Smooth(), **params)
 
+
+
+# --- the command line ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("attack,extra", [
+    ("ifgs", ["--eps", "0.3", "--alpha", "0.02", "--iterations", "40"]),
+    ("cw-l2", ["--c", "1", "--lr", "0.05", "--iterations", "100", "--binary-search-steps", "3"]),
+    ("lbfgs", ["--iterations", "30", "--binary-search-steps", "4"]),
+])
+def test_attack_and_generate_commands_take_every_attack(tmp_path, attack, extra):
+    import csv
+    import json
+
+    from advfast import cli
+
+    out = tmp_path / "a"
+    assert cli.main(["attack", "--attack", attack, *extra, "--n", "6", "--quiet", "--out",
+                     str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert len(rows) == 6 and all(r["attack"] == attack for r in rows)
+    assert sum(r["flipped"] == "True" for r in rows) >= 3
+    assert ("constant" in rows[0]) == (attack != "ifgs")
+    gen = tmp_path / "g"
+    assert cli.main(["generate", "--attack", attack, *extra, "--n", "6", "--quiet",
+                     "--shard-size", "4", "--out", str(gen)]) == 0
+    manifest = [json.loads(line) for line in open(gen / "manifest.jsonl")]
+    assert len(manifest) == 6 and all(m["attack"] == attack for m in manifest)
+    config = json.loads((gen / "config.json").read_text())
+    assert config["arguments"]["params"]["iterations"] == int(extra[extra.index("--iterations")
+                                                                     + 1])
+
+
+def test_options_of_another_attack_are_refused(tmp_path, capsys):
+    from advfast import cli
+
+    assert cli.main(["attack", "--attack", "lbfgs", "--lr", "0.1", "--out",
+                     str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "--lr does not apply to --attack lbfgs" in err and not (tmp_path / "x").exists()

@@ -71,7 +71,8 @@ def test_generate_writes_shards_manifest_and_dataset(tmp_path):
     shard_files = sorted(glob.glob(str(out / "shards" / "*.safetensors")))
     assert len(shard_files) == 9  # 60 samples in shards of 7
     config = json.loads((out / "config.json").read_text())
-    assert config["arguments"]["loss"] == "ce" and config["arguments"]["n"] == 60
+    assert config["arguments"]["params"]["loss"] == "ce" and config["arguments"]["n"] == 60
+    assert config["arguments"]["attack"] == "eq11"
 
     import pandas
     import pyarrow.parquet as pq
