@@ -11,6 +11,7 @@ results and their timing.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,9 +21,9 @@ from torch import nn
 
 from . import ops
 from .control import STOPS, StopRule
-from .engine import (AMPS, FAILURES, TRAJECTORY, Control, Engine, Head, Optimizer, Rows,
-                     Stream, autocast, frozen, model_device, run_fixed, start_rows,
-                     trajectory_buffer)
+from .engine import (AMPS, COMPILE_MODES, FAILURES, TRAJECTORY, Control, Engine, Head,
+                     Optimizer, Rows, Stream, autocast, buckets, compiled_forward_head, frozen,
+                     model_device, run_fixed, start_rows, trajectory_buffer)
 from .optim import PaperStep
 from .timing import PhaseTimer, Timing
 
@@ -122,6 +123,11 @@ class EngineAttack:
         compact_every: with stop rules or searches, drop finished samples every this many
             iterations (the only host synchronisation in the loop).
         time_phases: time forward / head / backward / update separately (CUDA events).
+        compile: None (eager), or a torch.compile mode for the model's forward with the loss
+            head ("default", "max-autotune", "reduce-overhead": CUDA graphs on GPUs;
+            "aot_eager": traced, not code-generated, for debugging).  Shapes are static: a
+            fixed batch compiles once; a stream pads its batch to ``engine.buckets(capacity)``
+            (capacity and the powers of two below it), at most one compilation each.
     """
 
     horizon: int = 0
@@ -130,10 +136,13 @@ class EngineAttack:
 
     def __init__(self, model: nn.Module, *, record: bool = False, amp: str | None = None,
                  channels_last: bool = False, compact_every: int = 8,
-                 time_phases: bool = True) -> None:
+                 time_phases: bool = True, compile: str | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         choice("amp", amp, tuple(AMPS))
+        choice("compile", compile, COMPILE_MODES)
+        self.compile = compile
+        self._compiled: dict[torch.device, object] = {}  # one compiled forward per device
         if not (isinstance(compact_every, int) and compact_every >= 1):
             raise ValueError(f"compact_every must be a positive integer, got {compact_every!r}")
         self.model, self.record, self.amp = model, record, amp
@@ -144,12 +153,21 @@ class EngineAttack:
         raise NotImplementedError
 
     def _engine(self, device: torch.device, deferred: bool, batch: int | None = None) -> Engine:
-        """The engine for a call on ``batch`` samples, or for a stream (batch None)."""
+        """The engine for a call on ``batch`` samples, or for a stream (batch None).  A
+        trajectory has one more column than samples: where ghost rows write (compiled
+        streams)."""
         head, optimizer, control = self.parts(deferred)
-        trajectory = (trajectory_buffer(self.horizon, batch, device)
+        trajectory = (trajectory_buffer(self.horizon, batch + 1, device)
                       if self.record and batch is not None else None)
+        if self.compile is not None and device not in self._compiled:
+            self._compiled[device] = compiled_forward_head(self.model, head, device, self.amp,
+                                                           self.compile)
         return Engine(self.model, head, optimizer, control,
-                      PhaseTimer(device, per_phase=self.time_phases), self.amp, trajectory)
+                      PhaseTimer(device, per_phase=self.time_phases), self.amp, trajectory,
+                      self._compiled.get(device))
+
+    def _pad_to(self, capacity: int) -> list[int] | None:
+        return buckets(capacity) if self.compile else None
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -179,7 +197,8 @@ class EngineAttack:
                 groups = [engine.begin(rows)]
                 iterations = run_fixed(engine, rows, self.horizon)
             else:
-                stream = Stream(engine, _once(rows), len(x0), self.compact_every, self.horizon)
+                stream = Stream(engine, _once(rows), len(x0), self.compact_every, self.horizon,
+                                pad_to=self._pad_to(len(x0)), ghost_key=len(x0))
                 groups, iterations = list(stream), stream.iterations
             timing = engine.timer.finish(iterations, len(x0))
             finished = [self._finished(engine, g) for g in groups]
@@ -240,7 +259,7 @@ class EngineAttack:
             constant=gather([g.constant for g in groups]) if self.searches else None,
             source=source, target=target, timing=timing,
             trajectory=(None if trajectory is None
-                        else dict(zip(TRAJECTORY, trajectory.unbind(2)))))
+                        else dict(zip(TRAJECTORY, trajectory[:, :-1].unbind(2)))))
 
 
 class AttackStream:
@@ -277,7 +296,7 @@ class AttackStream:
             accept = (self.accept, engine.control.waiting)
         with frozen(attack.model, attack.channels_last):
             stream = Stream(engine, rows_from_feed, self.capacity, attack.compact_every,
-                            attack.horizon, accept)
+                            attack.horizon, accept, pad_to=attack._pad_to(self.capacity))
             engine.timer.start()
             for rows in stream:
                 yield attack._finished(engine, rows)
@@ -307,7 +326,7 @@ class Attack(EngineAttack):
         threshold: the D1/D2/D3 confidence threshold (Definition IV.1, 0.9).
         record: keep the per-iteration trajectory (default True here).
         random_start: start from a uniform draw in the eps ball (with eps: PGD).
-        amp, channels_last, compact_every, time_phases: see :class:`EngineAttack`.
+        amp, channels_last, compact_every, time_phases, compile: see :class:`EngineAttack`.
 
     With stop="never" every sample runs all iterations and the loop never synchronises with the
     host; with a stop rule, finished samples are masked at once and leave the batch every
@@ -319,9 +338,10 @@ class Attack(EngineAttack):
                  kappa: float = 20.0, kappa_mode: str = "clamp", eps: float | None = None,
                  stop: str = "never", threshold: float = 0.9, record: bool = True,
                  amp: str | None = None, channels_last: bool = False, compact_every: int = 8,
-                 time_phases: bool = True, random_start: bool = False) -> None:
+                 time_phases: bool = True, random_start: bool = False,
+                 compile: str | None = None) -> None:
         super().__init__(model, record=record, amp=amp, channels_last=channels_last,
-                         compact_every=compact_every, time_phases=time_phases)
+                         compact_every=compact_every, time_phases=time_phases, compile=compile)
         choice("loss", loss, ops.LOSSES)
         choice("kappa_mode", kappa_mode, ops.KAPPA_MODES)
         choice("step", step, STEPS)
@@ -344,6 +364,13 @@ class Attack(EngineAttack):
         self.threshold, self.random_start = float(threshold), random_start
         self.horizon, self.fixed = iterations, stop == "never" or iterations == 0
         self.parts(deferred=False)  # validates the combination (random_start needs eps)
+
+    def shortened(self, iterations: int) -> Attack:
+        """The same attack with fewer iterations, sharing this one's compiled graphs (for a
+        warm-up that also compiles)."""
+        short = copy.copy(self)
+        short.iterations = short.horizon = iterations
+        return short
 
     def parts(self, deferred: bool) -> tuple[Head, Optimizer, Control]:
         rule = ({"alpha": self.alpha} if self.step == "equal-multiplier"

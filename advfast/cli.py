@@ -18,6 +18,7 @@ import torch
 
 from . import __version__, attacks, figures, inputs, models, ops, table1
 from .attack import STEPS, STOPS
+from .engine import COMPILE_MODES
 from .generate import DTYPES, FORMATS, GenerateConfig
 from .generate import run as run_generate
 from .outputs import OutputFolder, write_durably, write_json
@@ -153,6 +154,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("running")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--amp", choices=["bf16", "fp16"], help="autocast forward and backward")
+    g.add_argument("--compile", choices=[m for m in COMPILE_MODES if m],
+                   help="torch.compile the model's forward with the loss head (None: eager; "
+                        "reduce-overhead: CUDA graphs on GPUs)")
     g.add_argument("--batch-size", type=int_at_least(1), default=64, help="device batch")
     g.add_argument("--workers", type=int_at_least(0), default=0, help="image loading processes")
     g.add_argument("--threads", type=int_at_least(1),
@@ -214,7 +218,7 @@ def cmd_table1(args: argparse.Namespace) -> int:
               f"kernels={ops.backend()}, {torch.get_num_threads()} threads", file=sys.stderr)
     cells = table1.run(model, chosen, iterations=args.iterations, alpha=alpha, beta=beta,
                        batch_size=args.batch_size, device=device, amp=args.amp,
-                       kappa=args.kappa, quiet=args.quiet)
+                       kappa=args.kappa, quiet=args.quiet, compile=args.compile)
     print(table1.format_table(cells, alpha, beta))
     config = {**_arguments(args), "alpha": alpha, "beta": beta, "device": str(device),
               "n_images": len(chosen.labels), "backend": ops.backend(),
@@ -237,7 +241,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
                                   "png/"], args.overwrite)
     out.claim()
     device, model, chosen = _setup(args)
-    attack = attacks.build(args.attack, model, params, amp=args.amp)
+    attack = attacks.build(args.attack, model, params, amp=args.amp, compile=args.compile)
     adversarial, rows = [], []
     started = time.perf_counter()
     n = len(chosen.labels)

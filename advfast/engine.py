@@ -120,6 +120,7 @@ def start_rows(key: torch.Tensor, x0: torch.Tensor, target: torch.Tensor,
         "failure": zeros.clone(),
         "done": torch.zeros(b, dtype=torch.bool, device=device),    # finished: leaves the batch
         "paused": torch.zeros(b, dtype=torch.bool, device=device),  # inner run over: waits
+        "ghost": torch.zeros(b, dtype=torch.bool, device=device),   # padding (compiled streams)
     })
 
 
@@ -166,14 +167,48 @@ class Control(Protocol):
         """For a search: the constant of each returned image [B] float32."""
 
 
+COMPILE_MODES = (None, "default", "max-autotune", "reduce-overhead", "aot_eager")
+# torch.compile keeps this many graphs per function (one per batch size and attack setting).
+RECOMPILE_LIMIT = 64
+
+ForwardHead = Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                       "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"]
+
+
+def compiled_forward_head(model: nn.Module, head: Head, device: torch.device, amp: str | None,
+                          mode: str) -> ForwardHead:
+    """The model's forward and the loss head as one torch.compile'd function (x, target,
+    source) -> (logits, seed, head stats); autograd then runs its compiled backward.  Shapes
+    are static (``dynamic=False``): each batch size compiles once.  ``mode`` is a
+    torch.compile mode, or "aot_eager" (traced, no code generated: for debugging).  Raises
+    torch._dynamo's limit on graphs per function to RECOMPILE_LIMIT."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+    cast = autocast(device, amp)
+
+    def forward_head(x: torch.Tensor, target: torch.Tensor, source: torch.Tensor):
+        with cast:
+            logits = model(x)
+        seed, stats = ops.loss_head(logits.detach(), target, source, head.loss, head.kappa,
+                                    head.kappa_mode, head.threshold, validate_indices=False)
+        return logits, seed, stats
+
+    options = {"backend": "aot_eager"} if mode == "aot_eager" else {"mode": mode}
+    return torch.compile(forward_head, dynamic=False, **options)
+
+
 class Engine:
-    """One attack iteration on a frozen model, with its optimiser, control and head."""
+    """One attack iteration on a frozen model, with its optimiser, control and head; with
+    ``compiled`` (see :func:`compiled_forward_head`), the forward and head run compiled."""
 
     def __init__(self, model: nn.Module, head: Head, optimizer: Optimizer, control: Control,
                  timer: PhaseTimer, amp: str | None = None,
-                 trajectory: torch.Tensor | None = None) -> None:
+                 trajectory: torch.Tensor | None = None,
+                 compiled: ForwardHead | None = None) -> None:
         self.model, self.head, self.optimizer, self.control = model, head, optimizer, control
-        self.timer, self.trajectory = timer, trajectory
+        self.timer, self.trajectory, self.compiled = timer, trajectory, compiled
         self.autocast = autocast(timer.device, amp)
 
     def begin(self, rows: Rows) -> Rows:
@@ -183,15 +218,20 @@ class Engine:
 
     def observe(self, rows: Rows, n: int, phase: str) -> tuple[torch.Tensor, torch.Tensor,
                                                                  torch.Tensor]:
-        """Forward and loss head on the current images; returns (logits, seed, head stats)."""
-        with self.timer.phase(n, phase):
-            with self.autocast:
+        """Forward and loss head on the current images; returns (logits, seed, head stats).
+        (Compiled, the two are one graph and their time counts as the forward's.)"""
+        if self.compiled is not None:
+            with self.timer.phase(n, phase):
+                logits, seed, head = self.compiled(rows.x, rows.target, rows.source)
+        else:
+            with self.timer.phase(n, phase), self.autocast:
                 logits = self.model(rows.x)
         with self.timer.phase(n, "head" if phase == "forward" else phase):
-            h = self.head
-            seed, head = ops.loss_head(logits.detach(), rows.target, rows.source, h.loss,
-                                       h.kappa, h.kappa_mode, h.threshold,
-                                       validate_indices=False)
+            if self.compiled is None:
+                h = self.head
+                seed, head = ops.loss_head(logits.detach(), rows.target, rows.source, h.loss,
+                                           h.kappa, h.kappa_mode, h.threshold,
+                                           validate_indices=False)
             _observe(rows, head)
             if self.trajectory is not None:
                 self.trajectory[..., :-1].index_put_((rows.age, rows.key), head[:, HEAD_COLUMNS])
@@ -254,24 +294,38 @@ Feed = Callable[[int], "Rows | None"]
 Accept = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def buckets(capacity: int) -> list[int]:
+    """The batch sizes a compiled stream pads to: capacity and the powers of two below it."""
+    sizes = {capacity}
+    size = 1
+    while size < capacity:
+        sizes.add(size)
+        size *= 2
+    return sorted(sizes)
+
+
 class Stream:
     """Continuous batching: iterates over groups of finished rows; ``iterations`` and
     ``samples`` count what ran (set once the stream is exhausted).
 
     Finished rows leave every ``compact_every`` iterations, and also as soon as every row is
-    surely finished: a row takes at most ``horizon`` iterations after it joins."""
+    surely finished: a row takes at most ``horizon`` iterations after it joins.  With
+    ``pad_to`` (batch sizes, for a compiled engine) the batch is topped up to the smallest
+    size that holds it with ghost rows: finished copies that take no step and are never
+    reported, keyed ``ghost_key``."""
 
     def __init__(self, engine: Engine, feed: Feed, capacity: int, compact_every: int,
-                 horizon: int, accept: tuple[Accept, Callable[[Rows], torch.Tensor]] | None = None
-                 ) -> None:
+                 horizon: int, accept: tuple[Accept, Callable[[Rows], torch.Tensor]] | None = None,
+                 pad_to: list[int] | None = None, ghost_key: int = -1) -> None:
         self.engine, self.feed, self.capacity = engine, feed, capacity
         self.compact_every, self.horizon, self.accept = compact_every, horizon, accept
+        self.pad_to, self.ghost_key = pad_to, ghost_key
         self.iterations = self.samples = 0
         self._deadline = 0
 
     def __iter__(self) -> Iterator[Rows]:
         n = 0
-        rows = self._refill(None, n)
+        rows = self._pad(self._refill(None, n))
         while rows is not None and len(rows):
             self.engine.iterate(rows, n)
             n += 1
@@ -280,13 +334,29 @@ class Stream:
             self.engine.control.boundary(rows, self.engine.optimizer)
             if self.accept is not None:
                 self._ask_accept(rows)
-            count = int(rows.done.sum())  # the host synchronisation, every K iterations
-            if count:
-                order = torch.argsort(rows.done.to(torch.uint8), stable=True)
-                yield rows.take(order[len(rows) - count:])
-                rows = rows.take(order[:len(rows) - count])
-            rows = self._refill(rows, n)
+            # 0: going on, 1: finished, 2: ghost; one host synchronisation every K iterations
+            status = rows.done.long() + rows.ghost.long()
+            live, finished, _ = torch.bincount(status, minlength=3).tolist()
+            order = torch.argsort(status, stable=True)
+            if finished:
+                yield rows.take(order[live:live + finished])
+            if finished or len(rows) > live:
+                rows = rows.take(order[:live])
+            rows = self._pad(self._refill(rows, n))
         self.iterations = n
+
+    def _pad(self, rows: Rows | None) -> Rows | None:
+        if self.pad_to is None or rows is None or len(rows) == 0:
+            return rows
+        size = next(s for s in self.pad_to if s >= len(rows))
+        if size == len(rows):
+            return rows
+        ghosts = rows.take(torch.zeros(size - len(rows), dtype=torch.long,
+                                       device=rows.key.device))
+        ghosts.ghost = torch.ones_like(ghosts.ghost)
+        ghosts.done = torch.ones_like(ghosts.done)
+        ghosts.key = torch.full_like(ghosts.key, self.ghost_key)
+        return Rows.cat(rows, ghosts)
 
     def _refill(self, rows: Rows | None, n: int) -> Rows | None:
         room = self.capacity - (0 if rows is None else len(rows))

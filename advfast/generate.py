@@ -33,7 +33,7 @@ CONFIDENCE = 0.9  # the D3 threshold of Definition IV.1, for --stop confidence
 FORMATS = ("safetensors", "png")
 # Arguments that do not change what a run produces: a resume may differ in them.
 NOT_IDENTITY = ("out", "resume", "quiet", "device", "workers", "batch_size", "compact_every",
-                "threads")
+                "threads", "compile")
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class GenerateConfig:
     dtype: str = "float32"
     format: str = "safetensors"
     amp: str | None = None
+    compile: str | None = None
     device: str = "auto"
     workers: int = 0
     threads: int | None = None
@@ -324,7 +325,8 @@ def _attack(model, source: inputs.Source, work: list[dict], config: GenerateConf
     from tqdm.auto import tqdm
 
     attack = attacks.build(config.attack, model, config.params, amp=config.amp,
-                           compact_every=config.compact_every, time_phases=False)
+                           compact_every=config.compact_every, time_phases=False,
+                           compile=config.compile)
     png = config.format == "png"
     stop = config.params.get("stop")
 

@@ -68,30 +68,37 @@ def _plus_minus(mean: float, std: float, spec: str, std_spec: str) -> str:
     return f"{mean:{spec}}" if math.isnan(std) else f"{mean:{spec}} ± {std:{std_spec}}"
 
 
-def warm_up(model: torch.nn.Module, inputs: AttackInputs, batch_size: int,
-            device: torch.device, amp: str | None) -> None:
-    """One short untimed run of every loss on the first batch, so that no cell's time
-    includes start-up (first calls, memory allocation, lazy initialisation)."""
-    x = inputs.images[:batch_size].to(device)
-    t, y = inputs.targets[:batch_size].to(device), inputs.labels[:batch_size].to(device)
-    for loss in ops.LOSSES:
-        Attack(model, loss=loss, iterations=WARMUP_ITERATIONS, amp=amp, record=True)(x, t, y)
+def warm_up(attacks: list[Attack], inputs: AttackInputs, batch_size: int,
+            device: torch.device) -> None:
+    """One short untimed run of every attack on the first and the last batch, so that no
+    cell's time includes start-up (first calls, memory allocation, lazy initialisation, and
+    with ``compile`` the compilation of both batch sizes)."""
+    n = len(inputs.labels)
+    for start in sorted({0, (n - 1) // batch_size * batch_size}):
+        x = inputs.images[start:start + batch_size].to(device)
+        t = inputs.targets[start:start + batch_size].to(device)
+        y = inputs.labels[start:start + batch_size].to(device)
+        for attack in attacks:
+            attack.shortened(WARMUP_ITERATIONS)(x, t, y)
 
 
 def run(model: torch.nn.Module, inputs: AttackInputs, *, iterations: int, alpha: float,
         beta: float, batch_size: int, device: torch.device, amp: str | None = None,
-        kappa: float = 20.0, quiet: bool = False) -> list[Cell]:
+        kappa: float = 20.0, quiet: bool = False, compile: str | None = None) -> list[Cell]:
     """Runs the 8 configurations after a warm-up; returns one Cell per (step rule, loss)."""
     n = len(inputs.labels)
     starts = list(range(0, n, batch_size))
     cells = []
-    warm_up(model, inputs, batch_size, device, amp)
+    attacks = {(step, loss): Attack(model, loss=loss, step=step, alpha=alpha, beta=beta,
+                                    iterations=iterations, kappa=kappa, amp=amp, record=True,
+                                    compile=compile)
+               for step in STEPS for loss in ops.LOSSES}
+    warm_up(list(attacks.values()), inputs, batch_size, device)
     bar = tqdm(total=len(STEPS) * len(ops.LOSSES) * len(starts), desc="Table I", unit="batch",
                disable=quiet)
     for step in STEPS:
         for loss in ops.LOSSES:
-            attack = Attack(model, loss=loss, step=step, alpha=alpha, beta=beta,
-                            iterations=iterations, kappa=kappa, amp=amp, record=True)
+            attack = attacks[(step, loss)]
             parts = []
             cell = Cell(step, loss, torch.empty(0), {}, {})
             for s in starts:
