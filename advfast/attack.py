@@ -183,8 +183,8 @@ class EngineAttack:
             source = check_labels(source, "source", len(x0)).to(device)
         with frozen(self.model, self.channels_last):
             x0 = self._layout(x0)
-            with torch.no_grad(), self._autocast(device):
-                logits = self.model(x0)
+            with torch.no_grad(), self._autocast(device):  # a given source needs one probe row
+                logits = self.model(x0 if source is None else x0[:1])
             source = logits.argmax(dim=1) if source is None else source
             ops._check_indices(target, logits.shape[1], "target")
             ops._check_indices(source, logits.shape[1], "source")

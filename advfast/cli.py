@@ -144,10 +144,10 @@ def add_input_options(parser: argparse.ArgumentParser, n_default: int | None) ->
     g.add_argument("--seed", type=int, default=0, help="seed of the random targets")
 
 
-def add_attack_options(parser: argparse.ArgumentParser) -> None:
+def add_attack_options(parser: argparse.ArgumentParser, **overrides: dict) -> None:
     g = parser.add_argument_group("attack")
     for name in OPTIONS:
-        add(g, name)
+        add(g, name, **overrides.get(name, {}))
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -177,7 +177,8 @@ def add_out_option(parser: argparse.ArgumentParser, default: str | None) -> None
 def _attack_params(args: argparse.Namespace) -> dict:
     """The chosen attack's full parameters (defaults filled in), checked before any work."""
     given = {name: getattr(args, name) for name in OPTIONS if name != "attack"}
-    return attacks.resolve(args.attack, given, args.data is None)
+    digits = getattr(args, "data", None) is None and args.model == "digits"
+    return attacks.resolve(args.attack, given, digits)
 
 
 def _setup(args: argparse.Namespace):
@@ -295,6 +296,62 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return run_generate(config)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from . import bench
+
+    if args.nsys:
+        report = os.path.abspath(args.nsys_report)
+        command = bench.nsys_command(sys.argv[1:] if args.argv is None else args.argv, report)
+        print("running under Nsight Systems:", " ".join(command), file=sys.stderr)
+        done = subprocess.run(command)
+        if done.returncode == 0:
+            print(f"Nsight Systems report: {report}.nsys-rep (NVTX ranges iter N/forward, "
+                  "iter N/head, iter N/backward, iter N/update)")
+        return done.returncode
+    params = _attack_params(args)
+    params.pop("iterations", None)
+    device = resolve_device(args.device)
+    config = bench.BenchConfig(
+        model=args.model, weights=args.weights, num_classes=args.num_classes,
+        input_size=args.input_size, batch_sizes=tuple(args.batch_size), amp=args.amp,
+        channels_last=args.channels_last, compile=tuple(args.compile), attack=args.attack,
+        params=params, iterations=args.iterations, repeats=args.repeats,
+        peers=tuple(args.peers), device=device)
+    progress = (lambda text: None) if args.quiet else (
+        lambda text: print(f"\r{text[:100]:<100}", end="", file=sys.stderr, flush=True))
+    report = bench.run(config, progress)
+    if not args.quiet:
+        print(file=sys.stderr)
+    print(bench.format_results(report))
+    if args.json:
+        write_json(args.json, report)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def input_size(text: str) -> tuple[int, int, int]:
+    try:
+        size = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        size = ()
+    if len(size) != 3 or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"expected C,H,W such as 3,224,224, got {text!r}")
+    return size
+
+
+def peer_list(text: str) -> list[str]:
+    from .bench import PEERS
+
+    names = [n for n in text.split(",") if n] if text not in ("", "none") else []
+    unknown = [n for n in names if n not in PEERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown peer {unknown[0]!r}; choose from "
+                                         f"{','.join(PEERS)} or none")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="advfast", description="Fast, instrumented targeted adversarial "
                     "attacks (Ozbulak et al.'s perturbation analysis).")
@@ -341,11 +398,41 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--format", choices=FORMATS, default="safetensors",
                    help="png: also 8-bit PNGs, attacking until the 8-bit image holds")
     gen.set_defaults(func=cmd_generate)
+
+    be = sub.add_parser("bench", help="per-iteration time of an attack against the floor "
+                                      "(bare forward + backward) and installed peers")
+    add_model_options(be)
+    add_attack_options(be, iterations={"default": 20, "help": "iterations per timed run"})
+    g = be.add_argument_group("benchmark")
+    g.add_argument("--input-size", type=input_size,
+                   help="C,H,W of the random inputs (None: 1,8,8 for digits, else 3,224,224)")
+    g.add_argument("--batch-size", type=int_at_least(1), nargs="+", default=[64],
+                   help="one table row group per batch size")
+    g.add_argument("--channels-last", action="store_true", help="model and inputs NHWC")
+    g.add_argument("--compile", nargs="+", default=["none"],
+                   choices=["none", *[m for m in COMPILE_MODES if m]],
+                   help="eager (none) and/or torch.compile modes to measure")
+    g.add_argument("--amp", choices=["bf16", "fp16"], help="autocast forward and backward")
+    g.add_argument("--repeats", type=int_at_least(1), default=5,
+                   help="round-robin repeats; cells are medians")
+    g.add_argument("--peers", type=peer_list, default=["torchattacks", "foolbox", "art"],
+                   help="comma-separated peers to time where installed, or none")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--threads", type=int_at_least(1), help="CPU threads")
+    g.add_argument("--json", help="also write everything measured here")
+    g.add_argument("--nsys", action="store_true",
+                   help="run under Nsight Systems (nsys profile -t cuda,nvtx)")
+    g.add_argument("--nsys-report", default="advfast-bench",
+                   help="report name for --nsys (.nsys-rep is added)")
+    g.add_argument("--quiet", action="store_true", help="no progress line")
+    be.set_defaults(func=cmd_bench, argv=None)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        args.argv = argv
     try:
         set_threads(args.threads)
         return args.func(args)

@@ -6,6 +6,7 @@ ranges named ``iter N/phase`` so ``nsys profile`` shows them.  On the CPU, perf_
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import time
@@ -41,11 +42,16 @@ class Timing:
         return asdict(self)
 
 
+@functools.lru_cache(maxsize=1)
+def _cpu_name() -> str:
+    # platform.processor() runs `uname -p` in a subprocess: once is enough
+    return platform.processor() or platform.machine()
+
+
 def hardware_info(device: torch.device) -> dict[str, object]:
     """What ran the attack: GPU name, driver, memory and power from NVML; or the CPU."""
     if device.type != "cuda":
-        return {"cpu": platform.processor() or platform.machine(),
-                "threads": torch.get_num_threads(), "cores": os.cpu_count()}
+        return {"cpu": _cpu_name(), "threads": torch.get_num_threads(), "cores": os.cpu_count()}
     index = device.index if device.index is not None else torch.cuda.current_device()
     info: dict[str, object] = {"gpu": torch.cuda.get_device_name(index)}
     try:
