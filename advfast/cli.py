@@ -67,6 +67,8 @@ def number(positive: bool = False, nonnegative: bool = False):
     return parse
 
 
+FIG5_INPUTS = 4  # rows of Fig. 5 (attack --png shows twice as many)
+
 # ---- options, each defined once ----------------------------------------------------------
 
 ATTACK_HELP = ("eq11: the paper's scheme (Eq. 11; --loss, --step, --alpha/--beta, --kappa, "
@@ -228,6 +230,9 @@ def cmd_table1(args: argparse.Namespace) -> int:
     table1.write(cells, out, config)
     if not args.no_figures:
         figures.draw_all(cells, out)
+        k = min(FIG5_INPUTS, len(chosen.labels))
+        figures.figure5(model, chosen.images[:k].to(device), chosen.targets[:k].to(device),
+                        chosen.labels[:k].to(device), beta, args.iterations, out)
     out.record()
     print(f"wrote {', '.join(out.written)} in {args.out}")
     return 0
@@ -239,7 +244,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     params = _attack_params(args)
     out = OutputFolder(args.out, ["adversarial.safetensors", "metrics.csv", "summary.json",
-                                  "png/"], args.overwrite)
+                                  "png/", "saliency.png"], args.overwrite)
     out.claim()
     device, model, chosen = _setup(args)
     attack = attacks.build(args.attack, model, params, amp=args.amp, compile=args.compile)
@@ -267,6 +272,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
             path = out.file(os.path.join("png", f"{index:06d}.png"))
             os.makedirs(os.path.dirname(path), exist_ok=True)
             write_durably(path, lambda tmp, image=image: save_png(image, tmp))
+        k = min(FIG5_INPUTS * 2, n)
+        delta = {args.attack: adv[:k] - chosen.images[:k]}
+        write_durably(out.file("saliency.png"),
+                      lambda tmp: figures.saliency_panel(chosen.images[:k], delta, tmp))
     flipped = sum(r["flipped"] for r in rows)
     write_json(out.file("summary.json"),
                {"config": {**_arguments(args), "params": params, "device": str(device),
@@ -328,6 +337,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, report)
         print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_toy(args: argparse.Namespace) -> int:
+    from . import toy
+
+    out = OutputFolder(args.out, toy.FILES, args.overwrite)
+    out.claim()
+    check = toy.run(out, steps=args.grid, seed=args.seed)
+    out.record()
+    print(f"Theorem IV.2 on the 2-D toy ({check['points']['D1']} grid points in D1, "
+          f"{check['points']['D3']} in D3):")
+    print(f"  D3: CE gradient / logit gradient, median {check['D3_median_ce_over_logit_gradient']:.2e} "
+          f"({check['D3_orders_of_magnitude']:.1f} orders of magnitude smaller); the float32 "
+          f"sign has vanished at {check['D3_share_sign_vanished']:.0%} of D3")
+    print(f"  D1: |grad CE - (grad g_r - grad g_c)| / |grad g_r - grad g_c|, median "
+          f"{check['D1_median_relative_error_of_eq8']:.2e}, within 1 - max softmax: "
+          f"{check['D1_error_within_bound']}")
+    print(f"wrote {', '.join(out.written)} in {args.out}")
     return 0
 
 
@@ -426,6 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report name for --nsys (.nsys-rep is added)")
     g.add_argument("--quiet", action="store_true", help="no progress line")
     be.set_defaults(func=cmd_bench, argv=None)
+
+    toy = sub.add_parser("toy", help="the 2-D experiment (Fig. 6) and a check of Theorem IV.2")
+    toy.add_argument("--grid", type=int_at_least(11), default=201, help="grid points per axis")
+    toy.add_argument("--seed", type=int, default=0, help="data and training seed")
+    add_out_option(toy, default=os.path.join("runs", "toy"))
+    toy.set_defaults(func=cmd_toy)
     return parser
 
 
@@ -434,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         args.argv = argv
     try:
-        set_threads(args.threads)
+        set_threads(getattr(args, "threads", None))
         return args.func(args)
     except KeyboardInterrupt:
         print(f"advfast {args.command}: interrupted", file=sys.stderr)

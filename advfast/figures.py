@@ -3,7 +3,8 @@
 Fig. 1: source/target probability (mean, 95% CI) with the D1/D2/D3 subspaces as bands.
 Figs. 2 and 3: (a) softmax and (b) logits of the source and target class per loss, (c) box
 plots of L2 and Linf at the first flip; Fig. 2 for the equal multiplier, Fig. 3 for equal
-perturbation.  Fig. 4: the gradient magnitude sum|P_n| under the equal multiplier.
+perturbation.  Fig. 4: the gradient magnitude sum|P_n| under the equal multiplier.  Fig. 5: the
+perturbation of each loss at the first flip, as saliency maps beside the genuine image.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 from .outputs import OutputFolder, write_durably
 from .table1 import Cell
 
-FILES = ("fig1.png", "fig2.png", "fig3.png", "fig4.png")
+FILES = ("fig1.png", "fig2.png", "fig3.png", "fig4.png", "fig5.png")
+LOSSES = ("ce", "ce-sign", "logit", "m-logit")
 
 COLORS = {"ce": "tab:blue", "ce-sign": "tab:orange", "logit": "tab:green", "m-logit": "tab:red"}
 BANDS = {1: ("tab:blue", "D1"), 2: ("tab:green", "D2"), 3: ("tab:red", "D3")}
@@ -118,3 +120,53 @@ def draw_all(cells: list[Cell], out: OutputFolder) -> None:
     write_durably(out.file("fig2.png"), lambda tmp: figure_rule(multiplier, 2, tmp))
     write_durably(out.file("fig3.png"), lambda tmp: figure_rule(perturbation, 3, tmp))
     write_durably(out.file("fig4.png"), lambda tmp: figure4(multiplier, tmp))
+
+
+def saliency_panel(images: torch.Tensor, perturbations: dict[str, torch.Tensor],
+                   path: str) -> None:
+    """Fig. 5's layout: one row per input, its genuine image, then the per-pixel magnitude of
+    each perturbation (sum over channels of |delta|), on one colour scale per row.
+
+    images: [k, C, H, W] in [0, 1]; perturbations: {name: [k, C, H, W]}.
+    """
+    plt = _pyplot()
+    names = list(perturbations)
+    rows = len(images)
+    fig, axes = plt.subplots(rows, 1 + len(names), figsize=(2.2 * (1 + len(names)), 2.2 * rows),
+                             squeeze=False)
+    for i in range(rows):
+        image = images[i].float()
+        if image.shape[0] == 1:
+            axes[i, 0].imshow(image[0], cmap="gray", vmin=0, vmax=1)
+        else:
+            axes[i, 0].imshow(image.permute(1, 2, 0).clamp(0, 1))
+        magnitude = {n: perturbations[n][i].float().abs().sum(0) for n in names}
+        top = max(float(m.max()) for m in magnitude.values()) or 1.0
+        for j, n in enumerate(names, start=1):
+            axes[i, j].imshow(magnitude[n], cmap="inferno", vmin=0, vmax=top)
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_title("genuine")
+    for j, n in enumerate(names, start=1):
+        axes[0, j].set_title(n)
+    fig.suptitle("Perturbation at the first flip (sum over channels of |delta|; one scale per "
+                 "row)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def figure5(model: torch.nn.Module, images: torch.Tensor, target: torch.Tensor,
+            source: torch.Tensor, beta: float, iterations: int, out: OutputFolder) -> None:
+    """Fig. 5: for the given inputs, the genuine image and each loss's perturbation at its
+    first flip under equal perturbation (the paper's fair comparison); fig5.png."""
+    from .attack import Attack
+
+    perturbations = {}
+    for loss in LOSSES:
+        attack = Attack(model, loss=loss, step="equal-perturbation", beta=beta,
+                        iterations=iterations, stop="flip", record=False)
+        perturbations[loss] = (attack(images, target, source).adversarial - images).cpu()
+    write_durably(out.file("fig5.png"),
+                  lambda tmp: saliency_panel(images.cpu(), perturbations, tmp))

@@ -27,7 +27,7 @@ def test_table1_end_to_end(tmp_path, capsys):
     assert {(r["step"], r["loss"]) for r in rows} == {(r["step"], r["loss"]) for r in results}
     samples = list(csv.DictReader(open(out / "samples.csv")))
     assert len(samples) == 8 * 12
-    for i in range(1, 5):
+    for i in range(1, 6):
         png = out / f"fig{i}.png"
         assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
@@ -74,6 +74,7 @@ def test_attack_command_on_a_folder(tmp_path):
     assert [int(m["index"]) for m in metrics] == saved["index"].tolist()
     assert all(int(m["target"]) != int(m["label"]) for m in metrics)
     assert len(os.listdir(out / "png")) == 7
+    assert (out / "saliency.png").read_bytes()[:4] == b"\x89PNG"  # Fig. 5's panel
     assert json.loads((out / "summary.json").read_text())["n"] == 7
 
 
