@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 
@@ -68,6 +70,8 @@ def number(positive: bool = False, nonnegative: bool = False):
 
 
 FIG5_INPUTS = 4  # rows of Fig. 5 (attack --png shows twice as many)
+# The paper's-scheme options that detect passes to the generation of its examples.
+EQ11_OPTIONS = ("step", "alpha", "beta", "kappa", "kappa_mode", "eps", "iterations", "stop")
 
 # ---- options, each defined once ----------------------------------------------------------
 
@@ -359,6 +363,83 @@ def cmd_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_detect(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from . import detect
+
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a folder")
+    present = os.path.isdir(out) and os.listdir(out)
+    config_path = os.path.join(out, "detect.json")
+    if present and not args.resume:
+        raise ValueError(f"output folder {out} is not empty; pass --resume to continue the run "
+                         "in it, or choose another --out")
+    if present and not os.path.isfile(config_path):
+        raise ValueError(f"{out} is not an advfast detect output (no detect.json); it is left "
+                         "alone, so choose another --out")
+    digits = args.data is None and args.model == "digits"
+    detectors = tuple(args.detectors or (detect.LADDER if digits else detect.PAPER_DETECTORS))
+    sources = dict(args.sources or {})
+    losses = args.losses or ([] if sources else list(ops.LOSSES))
+    for loss in losses:
+        sources[loss] = os.path.join(out, "adversarial", loss)
+    config = detect.DetectConfig(
+        out=out, sources=sources, detectors=detectors, weights=args.detector_weights,
+        lrs=tuple(args.lr), epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+        device=str(resolve_device(args.device)), quiet=args.quiet)
+    identity = {k: v for k, v in asdict(config).items() if k not in ("quiet", "device")}
+    if present:
+        with open(config_path) as f:
+            saved = json.load(f)
+        for key, value in json.loads(json.dumps(identity)).items():
+            if saved.get(key) != value:
+                raise ValueError(f"--resume with a different {key}: the run in {out} used "
+                                 f"{saved.get(key)!r}, this one {value!r}")
+    else:
+        os.makedirs(out, exist_ok=True)
+        write_json(config_path, identity)
+    for loss in losses:  # the paper's four losses on the fly, on the same inputs and targets
+        params = attacks.resolve("eq11", {**{n: getattr(args, n) for n in EQ11_OPTIONS},
+                                          "loss": loss}, digits)
+        folder = sources[loss]
+        generated = GenerateConfig(
+            out=folder, model=args.model, weights=args.weights, num_classes=args.num_classes,
+            data=args.data, labels_csv=args.labels_csv, image_size=args.image_size,
+            split=args.split, n=args.n, targets=args.targets, seed=args.seed, params=params,
+            batch_size=args.batch_size, device=args.device, quiet=args.quiet,
+            resume=os.path.isdir(folder))
+        if not args.quiet:
+            print(f"adversarial examples, {loss}: {folder}", file=sys.stderr)
+        run_generate(generated)
+    bar = None if args.quiet else (lambda total: tqdm(total=total, unit="epoch",
+                                                      desc="detectors"))
+    results = detect.run(config, bar)
+    print(detect.format_tables(results))
+    folder = OutputFolder(out, detect.FILES, overwrite=True)
+    detect.write(results, folder)
+    print(f"wrote {', '.join(folder.written)} in {out}")
+    return 0
+
+
+def named_folder(text: str) -> tuple[str, str]:
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR (an advfast generate output), got "
+                                         f"{text!r}")
+    return name, folder
+
+
+def loss_list(text: str) -> list[str]:
+    names = [n for n in text.split(",") if n]
+    bad = [n for n in names if n not in ops.LOSSES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected losses from {','.join(ops.LOSSES)}, got "
+                                         f"{text!r}")
+    return names
+
+
 def input_size(text: str) -> tuple[int, int, int]:
     try:
         size = tuple(int(v) for v in text.split(","))
@@ -454,6 +535,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report name for --nsys (.nsys-rep is added)")
     g.add_argument("--quiet", action="store_true", help="no progress line")
     be.set_defaults(func=cmd_bench, argv=None)
+
+    de = sub.add_parser("detect", help="adversarial retraining as a detector: the paper's "
+                                       "Tables II and III")
+    add_model_options(de)
+    add_input_options(de, n_default=None)
+    de.set_defaults(split="all")
+    g = de.add_argument_group("adversarial examples: --from existing folders, or --losses "
+                              "generated on the fly (the paper's scheme)")
+    g.add_argument("--from", dest="sources", type=named_folder, nargs="+",
+                   help="NAME=DIR for each advfast generate output (same inputs)")
+    g.add_argument("--losses", type=loss_list,
+                   help="generate these (comma-separated) into OUT/adversarial/ (None: all four "
+                        "losses unless --from)")
+    for name in EQ11_OPTIONS:
+        add(g, name)
+    g = de.add_argument_group("detectors")
+    g.add_argument("--detectors", nargs="+",
+                   help="cnn-s, cnn-m, cnn-l (the digits ladder) or torchvision names such as "
+                        "alexnet resnet18 vgg16 resnet34 resnet152 (None: the ladder for the "
+                        "digits, else the paper's five)")
+    g.add_argument("--detector-weights", help="torchvision weights name or file for the "
+                                               "detectors (None: trained from scratch)")
+    g.add_argument("--lr", type=number(positive=True), nargs="+", default=[1e-5, 1e-4, 1e-3],
+                   help="Adam learning rates tried; the best on validation is kept")
+    g.add_argument("--epochs", type=int_at_least(1), default=20, help="epochs per detector")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--batch-size", type=int_at_least(1), default=64, help="batch size")
+    g.add_argument("--threads", type=int_at_least(1), help="CPU threads")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out")
+    g.add_argument("--out", default=os.path.join("runs", "detect"), help="output folder")
+    de.set_defaults(func=cmd_detect)
 
     toy = sub.add_parser("toy", help="the 2-D experiment (Fig. 6) and a check of Theorem IV.2")
     toy.add_argument("--grid", type=int_at_least(11), default=201, help="grid points per axis")

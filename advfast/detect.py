@@ -1,0 +1,360 @@
+"""``advfast detect``: adversarial retraining as a detector (Section V-C, Tables II and III).
+
+Binary classifiers learn to tell adversarial examples (label 1) from the genuine images they
+came from (label 0):
+
+* Table II: one detector per (attack, architecture), trained on one attack's examples;
+* Table III: one detector per architecture, trained on all attacks' examples pooled, with the
+  genuine images weighted so that genuine and adversarial count equally.
+
+Inputs are ``advfast generate`` output folders, one per attack (or generated on the fly for the
+paper's four losses), and the genuine images of the same inputs.  **No leakage**: the
+train / validation / test split is made by input index (a fixed hash of the seed and the
+index), so an adversarial example and its genuine image are always on the same side.
+
+Training follows the paper: Adam with a learning rate from {1e-5, 1e-4, 1e-3} (each is trained;
+the best on the validation split is kept), weight decay 1e-4, the best epoch on the validation
+split.  Runs are seeded and deterministic, checkpointed after every epoch, and a killed run
+continues with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import data, inputs, models
+from .outputs import write_durably, write_json
+
+LADDER = ("cnn-s", "cnn-m", "cnn-l")
+PAPER_DETECTORS = ("alexnet", "resnet18", "vgg16", "resnet34", "resnet152")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """Everything ``advfast detect`` needs; see ``advfast detect --help``."""
+
+    out: str
+    sources: dict[str, str] = field(default_factory=dict)  # attack name -> generate folder
+    detectors: tuple[str, ...] = ()
+    weights: str | None = None
+    lrs: tuple[float, ...] = (1e-5, 1e-4, 1e-3)
+    epochs: int = 20
+    batch_size: int = 64
+    weight_decay: float = 1e-4
+    fractions: tuple[float, float] = (0.6, 0.2)  # train, validation; the rest is test
+    seed: int = 0
+    device: str = "cpu"
+    quiet: bool = False
+
+
+def detector(name: str, channels: int, weights: str | None = None) -> nn.Module:
+    """A 2-class detector: one of the digits ladder (small CNNs of increasing capacity) or a
+    torchvision architecture with its last layer replaced by a 2-class head (inputs in [0, 1],
+    ImageNet normalisation inside)."""
+    if name in LADDER:
+        widths = {"cnn-s": (8,), "cnn-m": (16, 32), "cnn-l": (32, 64, 128)}[name]
+        layers, previous = [], channels
+        for width in widths:
+            layers += [nn.Conv2d(previous, width, 3, padding=1), nn.ReLU()]
+            previous = width
+        hidden = 4 * previous
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                             nn.Linear(16 * previous, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+    net = models.load(name, weights=weights).model
+    head_owner, attr = (net, "fc") if hasattr(net, "fc") else (net.classifier,
+                                                             str(len(net.classifier) - 1))
+    old = getattr(head_owner, attr)
+    setattr(head_owner, attr, nn.Linear(old.in_features, 2))
+    if channels != 3:
+        raise ValueError(f"torchvision detectors take 3-channel images; these have {channels} "
+                         "(use the ladder: cnn-s, cnn-m, cnn-l)")
+    return models.Normalized(net, models.IMAGENET_MEAN, models.IMAGENET_STD)
+
+
+def split_of(index: int, seed: int, fractions: tuple[float, float]) -> str:
+    """train / val / test for input ``index``: a fixed hash, the same for every image of it."""
+    u = data.mix64(seed + 7919, index) / 2**64
+    return "train" if u < fractions[0] else "val" if u < sum(fractions) else "test"
+
+
+@dataclass
+class Examples:
+    """Images [n, C, H, W], labels [n] (1: adversarial), their input indices, the attack of
+    each ("genuine" for genuine images) and a loss weight per image."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+    attack: list[str]
+    weight: torch.Tensor
+
+    def select(self, mask: torch.Tensor) -> Examples:
+        keep = mask.nonzero()[:, 0]
+        return Examples(self.images[keep], self.labels[keep], self.index[keep],
+                        [self.attack[i] for i in keep.tolist()], self.weight[keep])
+
+
+def load_sources(sources: dict[str, str]) -> tuple[dict[str, dict[int, torch.Tensor]],
+                                                    dict[int, torch.Tensor]]:
+    """The flipped adversarial examples of every attack {attack: {index: image}} and the
+    genuine images {index: image} of the same inputs (read from the source their generate run
+    used, which must be the same for all)."""
+    adversarial, origin = {}, None
+    for name, folder in sources.items():
+        dataset = data.AdversarialDataset(folder)
+        with open(os.path.join(folder, "config.json")) as f:
+            arguments = json.load(f)["arguments"]
+        where = {k: arguments.get(k) for k in ("model", "data", "labels_csv", "image_size",
+                                               "split")}
+        if origin is None:
+            origin = where
+        elif where != origin:
+            raise ValueError(f"{folder} was made from other inputs ({where}) than "
+                             f"{next(iter(sources.values()))} ({origin}); detectors need "
+                             "adversarial examples of the same genuine images")
+        adversarial[name] = {row["index"]: dataset[i]["adversarial"]
+                             for i, row in enumerate(dataset.rows) if row["flipped"]}
+    source = inputs.open_source(origin["data"], split=origin["split"] or "test",
+                                labels_csv=origin["labels_csv"],
+                                image_size=origin["image_size"] or 224,
+                                channels=1 if origin["model"] == "digits" else 3)
+    wanted = sorted({i for per in adversarial.values() for i in per})
+    genuine = {}
+    for batch in inputs.load(source, [source.position(i) for i in wanted], 256):
+        for sample in batch:
+            if sample.image is not None:
+                genuine[sample.index] = sample.image
+    return adversarial, genuine
+
+
+def examples(adversarial: dict[str, dict[int, torch.Tensor]], genuine: dict[int, torch.Tensor],
+             attacks: list[str]) -> Examples:
+    """Genuine and adversarial images of the inputs every listed attack turned; the genuine
+    ones weighted by the number of attacks, so that both classes weigh the same."""
+    indices = sorted(set.intersection(*(set(adversarial[a]) for a in attacks)) & set(genuine))
+    images, labels, index, attack, weight = [], [], [], [], []
+    for i in indices:
+        images.append(genuine[i])
+        labels.append(0), index.append(i), attack.append("genuine")
+        weight.append(float(len(attacks)))
+        for a in attacks:
+            images.append(adversarial[a][i])
+            labels.append(1), index.append(i), attack.append(a)
+            weight.append(1.0)
+    if not images:
+        raise ValueError(f"no input has a successful adversarial example of {', '.join(attacks)}")
+    return Examples(torch.stack(images).float(), torch.tensor(labels), torch.tensor(index),
+                    attack, torch.tensor(weight))
+
+
+def split_sets(pool: Examples, seed: int, fractions: tuple[float, float]) -> dict[str, Examples]:
+    """The pool cut into train / val / test by input index (:func:`split_of`)."""
+    split = [split_of(int(i), seed, fractions) for i in pool.index]
+    return {s: pool.select(torch.tensor([p == s for p in split])) for s in SPLITS}
+
+
+def train_detector(name: str, lr: float, sets: dict[str, Examples], config: DetectConfig,
+                   checkpoint: str, progress) -> tuple[nn.Module, float, list[dict]]:
+    """Adam (lr, weight decay) on the weighted cross-entropy, one checkpoint per epoch; returns
+    the weights of the epoch best on the validation split, its accuracy, the history and the
+    epoch it resumed at (0: a fresh start).  Continues from ``checkpoint`` when it exists."""
+    device = torch.device(config.device)
+    train, val = sets["train"], sets["val"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = detector(name, train.images.shape[1], config.weights).to(device)
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay)
+    state = {"epoch": 0, "best_val": -1.0, "best": None, "history": [], "resumed_at": 0}
+    if os.path.exists(checkpoint):
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimizer"])
+        state["resumed_at"] = state["epoch"]
+    for epoch in range(state["epoch"], config.epochs):
+        # every epoch's randomness (order, dropout) from its own seed: a resumed run repeats it
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed * 1000 + epoch)
+            train_epoch(model, optimiser, train, config.batch_size, device)
+        accuracy = evaluate(model, val, config.batch_size, device)["balanced"]
+        state["history"].append({"epoch": epoch + 1, "val_balanced_accuracy": accuracy})
+        if accuracy > state["best_val"]:
+            state["best_val"] = accuracy
+            state["best"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state.update(epoch=epoch + 1, model=model.state_dict(), optimizer=optimiser.state_dict())
+        write_durably(checkpoint, lambda tmp: torch.save(state, tmp))
+        progress()
+    model.load_state_dict(state["best"])
+    return model, state["best_val"], state["history"], state["resumed_at"]
+
+
+def train_epoch(model: nn.Module, optimiser: torch.optim.Optimizer, train: Examples,
+                batch_size: int, device: torch.device) -> None:
+    """One pass over the training set in a random order, on the weighted cross-entropy."""
+    order = torch.randperm(len(train.labels))
+    model.train()
+    for start in range(0, len(order), batch_size):
+        pick = order[start:start + batch_size]
+        logits = model(train.images[pick].to(device))
+        losses = nn.functional.cross_entropy(logits, train.labels[pick].to(device),
+                                             reduction="none")
+        w = train.weight[pick].to(device)
+        loss = (losses * w).sum() / w.sum()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+
+
+def evaluate(model: nn.Module, examples: Examples, batch_size: int,
+             device: torch.device) -> dict[str, float]:
+    """Accuracy on genuine images, on each attack's examples, on all adversarial examples, and
+    balanced (the mean of genuine and adversarial accuracy)."""
+    model.eval()
+    preds = []
+    with torch.no_grad():
+        for start in range(0, len(examples.labels), batch_size):
+            preds.append(model(examples.images[start:start + batch_size].to(device))
+                         .argmax(1).cpu())
+    correct = torch.cat(preds) == examples.labels
+    out = {}
+    for name in sorted(set(examples.attack)):
+        mask = torch.tensor([a == name for a in examples.attack])
+        out[name] = float(correct[mask].float().mean())
+    adversarial = examples.labels == 1
+    out["adversarial"] = float(correct[adversarial].float().mean())
+    out["balanced"] = (out["genuine"] + out["adversarial"]) / 2
+    return out
+
+
+def run(config: DetectConfig, progress_bar=None) -> dict:
+    """Tables II and III: trains every (attack or pool, detector, lr) and evaluates the one
+    best on validation on the test split.  Runs already finished (a file in runs/) are read
+    back; an unfinished one continues from its checkpoint."""
+    adversarial, genuine = load_sources(config.sources)
+    attacks = list(config.sources)
+    detectors = config.detectors
+    os.makedirs(os.path.join(config.out, "checkpoints"), exist_ok=True)
+    os.makedirs(os.path.join(config.out, "runs"), exist_ok=True)
+    jobs = [("table2", [a]) for a in attacks] + [("table3", attacks)]
+    total = len(jobs) * len(detectors) * len(config.lrs) * config.epochs
+    bar = progress_bar(total) if progress_bar else None
+    results = {"table2": [], "table3": []}
+    for table, group in jobs:
+        sets = split_sets(examples(adversarial, genuine, group), config.seed, config.fractions)
+        for name in detectors:
+            best = None
+            for lr in config.lrs:
+                run_name = f"{table}-{'+'.join(group)}-{name}-lr{lr:g}"
+                done = os.path.join(config.out, "runs", run_name + ".json")
+                if os.path.exists(done):
+                    with open(done) as f:
+                        result = json.load(f)
+                    if bar:
+                        bar.update(config.epochs)
+                else:
+                    model, val, history, resumed_at = train_detector(
+                        name, lr, sets, config,
+                        os.path.join(config.out, "checkpoints", run_name + ".pt"),
+                        (lambda: bar.update(1)) if bar else (lambda: None))
+                    result = {"lr": lr, "val_balanced_accuracy": val, "history": history,
+                              "resumed_at_epoch": resumed_at,
+                              "test": evaluate(model, sets["test"], config.batch_size,
+                                               torch.device(config.device))}
+                    write_json(done, result)
+                if best is None or result["val_balanced_accuracy"] > best["val_balanced_accuracy"]:
+                    best = result
+            counts = {s: int((sets[s].labels == 0).sum()) for s in SPLITS}
+            results[table].append({"attacks": group, "detector": name, "lr": best["lr"],
+                                   "val_balanced_accuracy": best["val_balanced_accuracy"],
+                                   "inputs_per_split": counts, **best["test"]})
+    if bar:
+        bar.close()
+    return results
+
+
+FILES = ("table2.json", "table2.csv", "table3.json", "table3.csv", "detect.png")
+
+
+def write(results: dict, out) -> None:
+    """table2.{json,csv}, table3.{json,csv} and detect.png into ``out``."""
+    import csv
+
+    for table in ("table2", "table3"):
+        rows = [{**{k: v for k, v in r.items() if k != "inputs_per_split"},
+                 "attacks": "+".join(r["attacks"])} for r in results[table]]
+        write_json(out.file(f"{table}.json"), {"rows": results[table]})
+
+        def dump(tmp: str, rows=rows) -> None:
+            with open(tmp, "w", newline="") as f:
+                fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in (
+                    "attacks", "detector", "lr"), k))
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows)
+
+        write_durably(out.file(f"{table}.csv"), dump)
+    write_durably(out.file("detect.png"), lambda tmp: figure(results, tmp))
+
+
+def format_tables(results: dict) -> str:
+    """Tables II and III printed as the paper prints them (accuracy in %)."""
+    detectors = list(dict.fromkeys(r["detector"] for r in results["table2"]))
+    attacks = list(dict.fromkeys(r["attacks"][0] for r in results["table2"]))
+    pct = lambda v: f"{100 * v:.0f}%"  # noqa: E731
+    width = 22
+    lines = ["TABLE II: genuine / adversarial (overall) accuracy, one attack per detector",
+             f"{'Attack':10}" + "".join(f"{d:>{width}}" for d in detectors)]
+    for a in attacks:
+        cells = []
+        for d in detectors:
+            r = next(r for r in results["table2"] if r["attacks"] == [a] and r["detector"] == d)
+            cells.append(f"{pct(r['genuine'])} {pct(r['adversarial'])} ({pct(r['balanced'])})")
+        lines.append(f"{a:10}" + "".join(f"{c:>{width}}" for c in cells))
+    lines += ["", "TABLE III: accuracy when the four attacks are pooled",
+              f"{'':22}" + "".join(f"{d:>10}" for d in detectors)]
+    pooled = {r["detector"]: r for r in results["table3"]}
+    for key, label in [*[(a, a) for a in attacks], ("adversarial", "Adversarial Examples"),
+                       ("genuine", "Genuine Images"), ("balanced", "Overall Accuracy")]:
+        lines.append(f"{label:22}" + "".join(f"{pct(pooled[d][key]):>10}" for d in detectors))
+    lines.append("Overall: the mean of genuine and adversarial accuracy (classes weigh the "
+                 "same); test split by input index.")
+    return "\n".join(lines)
+
+
+def figure(results: dict, path: str) -> None:
+    """Accuracy per attack and detector (Table II) and the pooled breakdown (Table III)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    detectors = list(dict.fromkeys(r["detector"] for r in results["table2"]))
+    attacks = list(dict.fromkeys(r["attacks"][0] for r in results["table2"]))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    width = 0.8 / len(detectors)
+    for k, d in enumerate(detectors):
+        values = [next(r["balanced"] for r in results["table2"]
+                       if r["attacks"] == [a] and r["detector"] == d) for a in attacks]
+        axes[0].bar([i + k * width for i in range(len(attacks))], values, width, label=d)
+        pooled = next(r for r in results["table3"] if r["detector"] == d)
+        keys = [*attacks, "adversarial", "genuine", "balanced"]
+        axes[1].bar([i + k * width for i in range(len(keys))], [pooled[x] for x in keys], width,
+                    label=d)
+    axes[0].set_xticks([i + 0.4 - width / 2 for i in range(len(attacks))], attacks)
+    axes[0].set(ylim=(0, 1), ylabel="overall accuracy", title="Table II: one attack per detector")
+    keys = [*attacks, "all adv.", "genuine", "overall"]
+    axes[1].set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], keys)
+    axes[1].set(ylim=(0, 1), title="Table III: four attacks pooled")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+__all__ = ["DetectConfig", "run", "write", "format_tables", "detector", "split_of", "LADDER",
+           "PAPER_DETECTORS"]

@@ -1,0 +1,126 @@
+"""advfast detect: splits by input index, deterministic training, Tables II/III, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from advfast import cli, detect
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Adversarial examples of two losses on the same 90 digits."""
+    root = tmp_path_factory.mktemp("adv")
+    out = {}
+    for loss in ("ce", "ce-sign"):
+        out[loss] = str(root / loss)
+        assert cli.main(["generate", "--loss", loss, "--split", "all", "--n", "90",
+                         "--iterations", "120", "--quiet", "--out", out[loss]]) == 0
+    return out
+
+
+def test_splits_are_disjoint_by_input_index(folders):
+    adversarial, genuine = detect.load_sources(folders)
+    pool = detect.examples(adversarial, genuine, list(folders))
+    sets = detect.split_sets(pool, seed=0, fractions=(0.6, 0.2))
+    seen = {name: set(s.index.tolist()) for name, s in sets.items()}
+    assert not (seen["train"] & seen["val"]) and not (seen["train"] & seen["test"])
+    assert not (seen["val"] & seen["test"])
+    assert sum(len(s.labels) for s in sets.values()) == len(pool.labels)
+    for name, s in sets.items():  # every image of an input on its side: genuine + both attacks
+        for i in seen[name]:
+            assert (s.index == i).sum() == 3
+    # the genuine image is the clean input, the adversarial one differs from it
+    first = sets["train"]
+    assert first.labels[:3].tolist() == [0, 1, 1] and first.attack[:3] == ["genuine", "ce",
+                                                                             "ce-sign"]
+    assert not torch.equal(first.images[0], first.images[1])
+    # balanced: the genuine image weighs as much as the two adversarial ones
+    assert first.weight[:3].tolist() == [2.0, 1.0, 1.0]
+
+
+def test_training_is_deterministic(folders, tmp_path):
+    adversarial, genuine = detect.load_sources(folders)
+    sets = detect.split_sets(detect.examples(adversarial, genuine, ["ce"]), 0, (0.6, 0.2))
+    config = detect.DetectConfig(out=str(tmp_path), epochs=3, batch_size=32)
+    results = []
+    for k in range(2):
+        model, val, history, _ = detect.train_detector("cnn-s", 1e-3, sets, config,
+                                                       str(tmp_path / f"run{k}.pt"), lambda: None)
+        results.append((val, history, [p.detach().clone() for p in model.parameters()]))
+    assert results[0][:2] == results[1][:2]
+    assert all(torch.equal(a, b) for a, b in zip(results[0][2], results[1][2]))
+
+
+FAST = ["--epochs", "4", "--lr", "1e-3", "--detectors", "cnn-s", "cnn-m", "--quiet"]
+
+
+def test_detect_writes_tables_two_and_three(folders, tmp_path, capsys):
+    out = tmp_path / "det"
+    sources = [f"{k}={v}" for k, v in folders.items()]
+    assert cli.main(["detect", "--from", *sources, "--out", str(out), *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "TABLE II" in printed and "TABLE III" in printed and "Overall Accuracy" in printed
+    t2 = json.loads((out / "table2.json").read_text())["rows"]
+    assert {(tuple(r["attacks"]), r["detector"]) for r in t2} == {
+        ((a,), d) for a in folders for d in ("cnn-s", "cnn-m")}
+    t3 = json.loads((out / "table3.json").read_text())["rows"]
+    assert [r["detector"] for r in t3] == ["cnn-s", "cnn-m"]
+    for r in t2 + t3:
+        assert 0 <= r["genuine"] <= 1 and 0 <= r["adversarial"] <= 1 and r["lr"] == 1e-3
+    assert set(t3[0]) >= {"ce", "ce-sign", "adversarial", "genuine", "balanced"}
+    assert (out / "table2.csv").exists() and (out / "detect.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_killed_detect_resumes_from_its_checkpoint(folders, tmp_path):
+    sources = [f"{k}={v}" for k, v in folders.items()]
+    args = ["detect", "--from", *sources, "--epochs", "40", "--lr", "1e-3", "--detectors",
+            "cnn-m", "--quiet"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "advfast", *args, "--out", str(killed)])
+    checkpoints = killed / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        done = list((killed / "runs").glob("*.json")) if (killed / "runs").exists() else []
+        if checkpoints.exists() and any(checkpoints.iterdir()) and not done:
+            state = None
+            try:
+                state = torch.load(next(checkpoints.iterdir()), weights_only=False)
+            except Exception:  # caught mid-rename: look again
+                pass
+            if state and 5 <= state["epoch"] < 40:
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted = next(checkpoints.iterdir())
+    started = torch.load(interrupted, weights_only=False)["epoch"]
+    assert 0 < started < 40, "the run was not caught in the middle of training"
+    resumed = subprocess.run([sys.executable, "-m", "advfast", *args, "--out", str(killed),
+                              "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    run = json.loads((killed / "runs" / (interrupted.stem + ".json")).read_text())
+    assert run["resumed_at_epoch"] == started  # it continued, it did not start over
+    fresh = tmp_path / "fresh"
+    assert cli.main([*args, "--out", str(fresh)]) == 0
+    for table in ("table2.json", "table3.json"):
+        assert json.loads((killed / table).read_text()) == json.loads((fresh / table).read_text())
+
+
+def test_refusals(folders, tmp_path, capsys):
+    out = tmp_path / "det"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert cli.main(["detect", "--from", f"ce={folders['ce']}", "--out", str(out),
+                     *FAST]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert cli.main(["detect", "--from", f"ce={folders['ce']}", "--out", str(out), "--resume",
+                     *FAST]) == 2
+    assert "not an advfast detect output" in capsys.readouterr().err
+    assert os.path.exists(out / "notes.txt")
