@@ -191,8 +191,8 @@ def compiled_forward_head(model: nn.Module, head: Head, device: torch.device, am
     def forward_head(x: torch.Tensor, target: torch.Tensor, source: torch.Tensor):
         with cast:
             logits = model(x)
-        seed, stats = ops.loss_head(logits.detach(), target, source, head.loss, head.kappa,
-                                    head.kappa_mode, head.threshold, validate_indices=False)
+        seed, stats = ops.loss_head_unchecked(logits.detach(), target, source, head.loss,
+                                              head.kappa, head.kappa_mode, head.threshold)
         return logits, seed, stats
 
     options = {"backend": "aot_eager"} if mode == "aot_eager" else {"mode": mode}
@@ -229,9 +229,8 @@ class Engine:
         with self.timer.phase(n, "head" if phase == "forward" else phase):
             if self.compiled is None:
                 h = self.head
-                seed, head = ops.loss_head(logits.detach(), rows.target, rows.source, h.loss,
-                                           h.kappa, h.kappa_mode, h.threshold,
-                                           validate_indices=False)
+                seed, head = ops.loss_head_unchecked(logits.detach(), rows.target, rows.source,
+                                                     h.loss, h.kappa, h.kappa_mode, h.threshold)
             _observe(rows, head)
             if self.trajectory is not None:
                 self.trajectory[..., :-1].index_put_((rows.age, rows.key), head[:, HEAD_COLUMNS])

@@ -156,6 +156,14 @@ def loss_head(logits: torch.Tensor, target: torch.Tensor, source: torch.Tensor, 
     if validate_indices and not torch.compiler.is_compiling():
         _check_indices(target, classes, "target")
         _check_indices(source, classes, "source")
+    return loss_head_unchecked(logits, target, source, loss, kappa, kappa_mode, threshold)
+
+
+def loss_head_unchecked(logits: torch.Tensor, target: torch.Tensor, source: torch.Tensor,
+                        loss: str, kappa: float, kappa_mode: str,
+                        threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`loss_head` without the Python-side checks, for the engine's hot loop, whose
+    operands are checked once when an attack starts (the C++ checks still run)."""
     if _COMPILED:
         return torch.ops.advfast.loss_head(logits, target, source, loss, kappa, kappa_mode,
                                            threshold)
@@ -223,10 +231,18 @@ def perturb_step_(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, *, sign
                              f"{active.dtype} {tuple(active.shape)}")
         if active.device != x.device:
             raise ValueError(f"active is on {active.device} but x on {x.device}")
+    return perturb_step_unchecked(x, grad, x0, bool(sign), alpha, beta, lo, hi, eps, active)
+
+
+def perturb_step_unchecked(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, sign: bool,
+                           alpha: float | None, beta: float | None, lo: float, hi: float,
+                           eps: float | None, active: torch.Tensor | None) -> torch.Tensor:
+    """:func:`perturb_step_` without the Python-side checks (see
+    :func:`loss_head_unchecked`)."""
     if _COMPILED:
-        return torch.ops.advfast.perturb_step_(x, grad, x0, active, bool(sign), alpha, beta, lo,
-                                               hi, eps)
-    return reference.perturb_step_(x, grad, x0, sign=bool(sign), alpha=alpha, beta=beta, lo=lo,
+        return torch.ops.advfast.perturb_step_(x, grad, x0, active, sign, alpha, beta, lo, hi,
+                                               eps)
+    return reference.perturb_step_(x, grad, x0, sign=sign, alpha=alpha, beta=beta, lo=lo,
                                    hi=hi, eps=eps, active=active)
 
 

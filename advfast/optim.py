@@ -50,9 +50,8 @@ class PaperStep:
 
     def step(self, rows: Rows, grad: torch.Tensor, head: torch.Tensor,
              active: torch.Tensor | None) -> torch.Tensor:
-        return ops.perturb_step_(rows.x, grad, rows.x0, sign=self.sign, alpha=self.alpha,
-                                 beta=self.beta, lo=self.lo, hi=self.hi, eps=self.eps,
-                                 active=active)
+        return ops.perturb_step_unchecked(rows.x, grad, rows.x0, self.sign, self.alpha,
+                                          self.beta, self.lo, self.hi, self.eps, active)
 
     def restart(self, rows: Rows, mask: torch.Tensor) -> None:
         with torch.no_grad():
