@@ -23,7 +23,7 @@ from .attack import STEPS, STOPS
 from .engine import COMPILE_MODES
 from .generate import DTYPES, FORMATS, GenerateConfig
 from .generate import run as run_generate
-from .outputs import OutputFolder, write_durably, write_json
+from .outputs import OutputFolder, check_resumable, write_durably, write_json
 from .runtime import resolve_device, set_threads
 from .shards import save_png, write_bytes
 
@@ -171,11 +171,22 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def add_out_option(parser: argparse.ArgumentParser, default: str | None) -> None:
+def add_out_option(parser: argparse.ArgumentParser, default: str | None,
+                   overwrite: bool = True) -> None:
     g = parser.add_argument_group("output")
     g.add_argument("--out", default=default, required=default is None, help="output folder")
-    g.add_argument("--overwrite", action="store_true",
-                   help="reuse a non-empty --out, replacing the files advfast wrote there")
+    if overwrite:
+        g.add_argument("--overwrite", action="store_true",
+                       help="reuse a non-empty --out, replacing the files advfast wrote there")
+
+
+def add_attack_command_options(parser: argparse.ArgumentParser, overwrite: bool) -> None:
+    """The options of the commands that run one attack over inputs (attack, generate)."""
+    add_model_options(parser)
+    add_input_options(parser, n_default=None)
+    add_attack_options(parser)
+    add_run_options(parser)
+    add_out_option(parser, default=None, overwrite=overwrite)
 
 
 # ---- commands ----------------------------------------------------------------------------
@@ -300,9 +311,6 @@ def _write_csv(path: str, rows: list[dict]) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     params = _attack_params(args)
-    if args.overwrite:
-        raise ValueError("generate never overwrites: use --resume to continue a run, or "
-                         "another --out")
     given = _arguments(args)
     config = GenerateConfig(params=params, **{k: v for k, v in given.items()
                                               if k in GenerateConfig.__dataclass_fields__})
@@ -369,16 +377,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from . import detect
 
     out = args.out
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is a file, not a folder")
-    present = os.path.isdir(out) and os.listdir(out)
+    present = check_resumable(out, args.resume, "detect.json", "detect")
     config_path = os.path.join(out, "detect.json")
-    if present and not args.resume:
-        raise ValueError(f"output folder {out} is not empty; pass --resume to continue the run "
-                         "in it, or choose another --out")
-    if present and not os.path.isfile(config_path):
-        raise ValueError(f"{out} is not an advfast detect output (no detect.json); it is left "
-                         "alone, so choose another --out")
     digits = args.data is None and args.model == "digits"
     detectors = tuple(args.detectors or (detect.LADDER if digits else detect.PAPER_DETECTORS))
     sources = dict(args.sources or {})
@@ -481,23 +481,16 @@ def build_parser() -> argparse.ArgumentParser:
     t1.add_argument("--no-figures", action="store_true", help="write the table only")
     t1.set_defaults(func=cmd_table1)
 
-    at = sub.add_parser("attack", help="one configuration; saves adversarial images and "
-                                       "per-sample metrics")
-    add_model_options(at)
-    add_input_options(at, n_default=None)
-    add_attack_options(at)
-    add_run_options(at)
-    add_out_option(at, default=None)
-    at.add_argument("--png", action="store_true", help="also write 8-bit PNGs")
+    at = sub.add_parser("attack", help="one attack; saves adversarial images and per-sample "
+                                       "metrics")
+    add_attack_command_options(at, overwrite=True)
+    at.add_argument("--png", action="store_true", help="also write 8-bit PNGs and Fig. 5's "
+                                                       "panel")
     at.set_defaults(func=cmd_attack)
 
     gen = sub.add_parser("generate", help="a large adversarial dataset: continuous batching, "
                                           "durable shards, --resume, torchrun")
-    add_model_options(gen)
-    add_input_options(gen, n_default=None)
-    add_attack_options(gen)
-    add_run_options(gen)
-    add_out_option(gen, default=None)
+    add_attack_command_options(gen, overwrite=False)
     g = gen.add_argument_group("dataset")
     g.add_argument("--resume", action="store_true", help="continue the run in --out")
     g.add_argument("--compact-every", type=int_at_least(1), default=4,

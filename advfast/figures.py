@@ -30,13 +30,14 @@ def _pyplot():
     return plt
 
 
-def _mean_ci(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean over samples (dim 1) and the 95% normal confidence half-width, ignoring NaN."""
+def _mean_ci(values: torch.Tensor):
+    """Mean over samples (dim 1) and the 95% normal confidence half-width, ignoring NaN, as
+    numpy arrays (what matplotlib takes)."""
     finite = ~torch.isnan(values)
     count = finite.sum(1).clamp_min(1)
     mean = torch.where(finite, values, 0).sum(1) / count
     var = torch.where(finite, (values - mean[:, None]) ** 2, 0).sum(1) / (count - 1).clamp_min(1)
-    return mean, 1.96 * var.sqrt() / count.sqrt()
+    return mean.numpy(), (1.96 * var.sqrt() / count.sqrt()).numpy()
 
 
 def _subspace_bands(ax, subspace: torch.Tensor) -> None:
@@ -57,7 +58,7 @@ def figure1(cell: Cell, path: str) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     _subspace_bands(ax, cell.trajectory["subspace"])
-    steps = torch.arange(len(cell.trajectory["source_prob"]))
+    steps = torch.arange(len(cell.trajectory["source_prob"])).numpy()
     for name, color, label in (("source_prob", "tab:gray", "initial class"),
                                ("target_prob", "tab:red", "target class")):
         mean, ci = _mean_ci(cell.trajectory[name])
@@ -76,7 +77,7 @@ def figure_rule(cells: list[Cell], number: int, path: str) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for cell in cells:
-        steps = torch.arange(len(cell.trajectory["source_prob"]))
+        steps = torch.arange(len(cell.trajectory["source_prob"])).numpy()
         for ax, kind in ((axes[0], "prob"), (axes[1], "logit")):
             for which, style in (("source", "--"), ("target", "-")):
                 mean, _ = _mean_ci(cell.trajectory[f"{which}_{kind}"])
@@ -100,7 +101,7 @@ def figure4(cells: list[Cell], path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for cell in cells:
         mean, _ = _mean_ci(cell.trajectory["p_l1"][:-1])
-        ax.plot(torch.arange(len(mean)), mean, color=COLORS[cell.loss], label=cell.loss)
+        ax.plot(range(len(mean)), mean, color=COLORS[cell.loss], label=cell.loss)
     ax.set(yscale="log", xlabel="iteration", ylabel="sum |P_n| (mean)",
            title=f"Fig. 4: gradient magnitude, {cells[0].step}")
     ax.legend(fontsize=8)
@@ -137,13 +138,13 @@ def saliency_panel(images: torch.Tensor, perturbations: dict[str, torch.Tensor],
     for i in range(rows):
         image = images[i].float()
         if image.shape[0] == 1:
-            axes[i, 0].imshow(image[0], cmap="gray", vmin=0, vmax=1)
+            axes[i, 0].imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=1)
         else:
-            axes[i, 0].imshow(image.permute(1, 2, 0).clamp(0, 1))
+            axes[i, 0].imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
         magnitude = {n: perturbations[n][i].float().abs().sum(0) for n in names}
         top = max(float(m.max()) for m in magnitude.values()) or 1.0
         for j, n in enumerate(names, start=1):
-            axes[i, j].imshow(magnitude[n], cmap="inferno", vmin=0, vmax=top)
+            axes[i, j].imshow(magnitude[n].numpy(), cmap="inferno", vmin=0, vmax=top)
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from . import __version__, attacks, inputs, models, ops, shards
 from .attack import Finished
-from .outputs import write_json
+from .outputs import check_resumable, write_json
 from .runtime import resolve_device
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -175,16 +175,8 @@ def _open_folder(config: GenerateConfig, lock: shards.FolderLock) -> None:
     """Refuses a busy, foreign or mismatched folder; writes config.json first for a new run;
     on a resume, repairs what a killed run left and drops damaged shards."""
     out = config.out
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is a file, not a folder")
-    present = [n for n in os.listdir(out) if n != ".lock"] if os.path.isdir(out) else []
+    present = check_resumable(out, config.resume, "config.json", "generate")
     config_path = os.path.join(out, "config.json")
-    if present and not config.resume:
-        raise ValueError(f"output folder {out} is not empty; pass --resume to continue the run "
-                         "in it, or choose another --out")
-    if present and not os.path.isfile(config_path):
-        raise ValueError(f"{out} is not an advfast generate output (no config.json); it is left "
-                         "alone, so choose another --out")
     os.makedirs(out, exist_ok=True)
     lock.acquire(first=True)
     if not present:

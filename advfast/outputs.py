@@ -171,3 +171,19 @@ class OutputFolder:
     def record(self) -> None:
         """Lists the files written, so a later ``--overwrite`` may replace them."""
         write_json(os.path.join(self.path, RECORD), {"files": sorted(set(self.written))})
+
+
+def check_resumable(out: str, resume: bool, marker: str, command: str) -> bool:
+    """For commands that continue a killed run (generate, detect): refuses a file, a non-empty
+    folder without ``resume``, and a folder without ``marker`` (not this command's output:
+    it is left alone).  Returns whether the folder holds a run to continue."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a folder")
+    present = [n for n in os.listdir(out) if n != ".lock"] if os.path.isdir(out) else []
+    if present and not resume:
+        raise ValueError(f"output folder {out} is not empty; pass --resume to continue the run "
+                         "in it, or choose another --out")
+    if present and not os.path.isfile(os.path.join(out, marker)):
+        raise ValueError(f"{out} is not an advfast {command} output (no {marker}); it is left "
+                         "alone, so choose another --out")
+    return bool(present)

@@ -221,4 +221,38 @@ inline void check_adam_tanh_args(const at::Tensor& w, const at::Tensor& m, const
   }
 }
 
+// adam_tanh_step_'s operands as the kernels walk them (see StepOperands): copies only when the
+// layouts differ, and then write_back puts the updated state into the caller's tensors.
+struct AdamOperands {
+  at::Tensor w, m, v, x, grad, x0, c, step, active;
+
+  const bool* active_ptr() const {
+    return active.defined() ? active.const_data_ptr<bool>() : nullptr;
+  }
+
+  void write_back(at::Tensor& w_out, at::Tensor& m_out, at::Tensor& v_out,
+                  at::Tensor& x_out) const {
+    for (auto [out, used] : {std::pair{&w_out, &w}, std::pair{&m_out, &m},
+                             std::pair{&v_out, &v}, std::pair{&x_out, &x}}) {
+      if (!used->is_same(*out)) out->copy_(*used);
+    }
+  }
+};
+
+inline AdamOperands adam_operands(const at::Tensor& w, const at::Tensor& m, const at::Tensor& v,
+                                  const at::Tensor& x, const at::Tensor& grad,
+                                  const at::Tensor& x0, const at::Tensor& c,
+                                  const at::Tensor& step,
+                                  const std::optional<at::Tensor>& active) {
+  const bool shared = shares_flat_sample_layout({&w, &m, &v, &x, &grad, &x0});
+  return AdamOperands{flat(w, shared), flat(m, shared), flat(v, shared), flat(x, shared),
+                      flat(grad, shared), flat(x0, shared), c.contiguous(), step.contiguous(),
+                      active.has_value() ? active->contiguous() : at::Tensor()};
+}
+
+inline AdamConfig adam_config(double beta1, double beta2, double eps) {
+  return AdamConfig{static_cast<float>(beta1), static_cast<float>(beta2),
+                    static_cast<float>(eps)};
+}
+
 }  // namespace advfast

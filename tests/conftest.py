@@ -28,3 +28,17 @@ def _private_cache(tmp_path_factory):
         os.environ.pop("ADVFAST_CACHE", None)
     else:
         os.environ["ADVFAST_CACHE"] = old
+
+
+def list_feed(images, target, source):
+    """A feed for Attack.stream over the given samples, keyed by their position."""
+    queue = list(range(len(images)))
+
+    def feed(k):
+        take, queue[:] = queue[:k], queue[k:]
+        if not take:
+            return None
+        idx = torch.tensor(take)
+        return images[idx], target[idx], source[idx], idx
+
+    return feed

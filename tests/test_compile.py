@@ -8,6 +8,7 @@ from torch._dynamo.utils import counters
 import advfast
 from advfast import ops
 from advfast.engine import buckets
+from conftest import list_feed
 from test_attack import RULES, _batch, small_model
 
 
@@ -44,19 +45,6 @@ def test_inductor_equals_eager():
     torch.testing.assert_close(compiled.adversarial, eager.adversarial, atol=1e-4, rtol=0)
 
 
-def _feed(images, target, source):
-    queue = list(range(len(images)))
-
-    def feed(k):
-        take, queue[:] = queue[:k], queue[k:]
-        if not take:
-            return None
-        idx = torch.tensor(take)
-        return images[idx], target[idx], source[idx], idx
-
-    return feed
-
-
 def test_a_compiled_stream_compiles_each_bucket_once():
     model = small_model(gain=5.0)
     x0, target, source = _batch(model, n=21)
@@ -64,11 +52,11 @@ def test_a_compiled_stream_compiles_each_bucket_once():
                             compact_every=3, compile="aot_eager")
     torch._dynamo.reset()
     before = graphs()
-    first = {int(k): int(f) for done in attack.stream(_feed(x0, target, source), capacity=8)
+    first = {int(k): int(f) for done in attack.stream(list_feed(x0, target, source), capacity=8)
              for k, f in zip(done.key, done.first_flip)}
     compiled_now = graphs() - before
     assert 1 <= compiled_now <= len(buckets(8)) == 4
-    again = {int(k): int(f) for done in attack.stream(_feed(x0, target, source), capacity=8)
+    again = {int(k): int(f) for done in attack.stream(list_feed(x0, target, source), capacity=8)
              for k, f in zip(done.key, done.first_flip)}
     assert graphs() - before == compiled_now, "recompiled after warm-up"
     assert first == again and sorted(first) == list(range(21))

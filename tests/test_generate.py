@@ -14,6 +14,7 @@ import torch
 
 import advfast
 from advfast import cli, data, models
+from conftest import list_feed
 from test_attack import small_model
 
 FAST = ["--n", "60", "--iterations", "40", "--beta", "0.5", "--batch-size", "16", "--shard-size", "7",
@@ -37,17 +38,8 @@ def test_stream_equals_each_sample_alone():
     target = (source + 1 + torch.randint(0, 9, (11,), generator=gen)) % 10
     attack = advfast.Attack(model, loss="ce", step="equal-perturbation", beta=1.0,
                             iterations=30, stop="flip", compact_every=3)
-    queue = list(range(11))
-
-    def feed(k):
-        take, queue[:] = queue[:k], queue[k:]
-        if not take:
-            return None
-        idx = torch.tensor(take)
-        return images[idx], target[idx], source[idx], idx
-
     results = {}
-    stream = attack.stream(feed, capacity=4)
+    stream = attack.stream(list_feed(images, target, source), capacity=4)
     for done in stream:
         for j, key in enumerate(done.key.tolist()):
             results[key] = (int(done.first_flip[j]), done.adversarial[j])

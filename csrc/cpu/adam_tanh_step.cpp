@@ -25,25 +25,16 @@ at::Tensor adam_tanh_step_cpu(at::Tensor w, at::Tensor m, at::Tensor v, at::Tens
   const int64_t B = w.size(0);
   at::Tensor stats = at::zeros({B, kStepStats}, w.options());
   if (w.numel() == 0) return stats;
-  const bool shared = shares_flat_sample_layout({&w, &m, &v, &x, &grad, &x0});
-  at::Tensor fw = flat(w, shared), fm = flat(m, shared), fv = flat(v, shared),
-             fx = flat(x, shared);
-  const at::Tensor fg = flat(grad, shared), fx0 = flat(x0, shared), fc = c.contiguous(),
-                   ft = step.contiguous();
-  const at::Tensor act = active.has_value() ? active->contiguous() : at::Tensor();
-  const AdamConfig cfg{static_cast<float>(beta1), static_cast<float>(beta2),
-                       static_cast<float>(eps)};
+  AdamOperands op = adam_operands(w, m, v, x, grad, x0, c, step, active);
   ADVFAST_DISPATCH_FLOATS(grad.scalar_type(), "adam_tanh_step_cpu", [&] {
     ADVFAST_BEST(adam_tanh_step_kernel<scalar_t>)(
-        fw.data_ptr<float>(), fm.data_ptr<float>(), fv.data_ptr<float>(), fx.data_ptr<float>(),
-        fg.const_data_ptr<scalar_t>(), fx0.const_data_ptr<float>(), fc.const_data_ptr<float>(),
-        ft.const_data_ptr<int64_t>(), act.defined() ? act.const_data_ptr<bool>() : nullptr, B,
-        w.numel() / B, lr, cfg, stats.data_ptr<float>());
+        op.w.data_ptr<float>(), op.m.data_ptr<float>(), op.v.data_ptr<float>(),
+        op.x.data_ptr<float>(), op.grad.const_data_ptr<scalar_t>(),
+        op.x0.const_data_ptr<float>(), op.c.const_data_ptr<float>(),
+        op.step.const_data_ptr<int64_t>(), op.active_ptr(), B, w.numel() / B, lr,
+        adam_config(beta1, beta2, eps), stats.data_ptr<float>());
   });
-  for (auto [out, used] : {std::pair{&w, &fw}, std::pair{&m, &fm}, std::pair{&v, &fv},
-                           std::pair{&x, &fx}}) {
-    if (!used->is_same(*out)) out->copy_(*used);
-  }
+  op.write_back(w, m, v, x);
   return stats;
 }
 

@@ -38,18 +38,11 @@ void adam_tanh_step_kernel(float* w, float* m, float* v, float* x, const g_t* g,
                            int64_t N, double lr, AdamConfig cfg, float* stats) {
   const int64_t chunks = (N + kChunk - 1) / kChunk;
   std::vector<Partial> partial(B * chunks);
-  at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t task = t0; task < t1; ++task) {
-      int64_t b, begin, n;
-      chunk_range(task, chunks, N, &b, &begin, &n);
-      if (active != nullptr && !active[b]) {
-        partial[task] = delta_chunk(x + begin, x0 + begin, n);
-        continue;
-      }
-      const AdamScalars sc = adam_scalars(lr, cfg.beta1, cfg.beta2, t[b]);
-      partial[task] = adam_chunk(w + begin, m + begin, v + begin, x + begin, g + begin,
-                                 x0 + begin, n, c[b], cfg, sc);
-    }
+  update_chunks(B, N, chunks, active, x, x0, partial.data(), [&](int64_t b, int64_t begin,
+                                                                 int64_t n) {
+    const AdamScalars sc = adam_scalars(lr, cfg.beta1, cfg.beta2, t[b]);
+    return adam_chunk(w + begin, m + begin, v + begin, x + begin, g + begin, x0 + begin, n, c[b],
+                      cfg, sc);
   });
   combine_chunks(partial.data(), B, chunks, stats);
 }

@@ -79,22 +79,14 @@ void perturb_step_kernel(float* x, const g_t* g, const float* x0, const bool* ac
       for (int64_t k = 0; k < chunks; ++k) p_l1[b] += partial[b * chunks + k].v[0];
     }
   }
-  at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t task = t0; task < t1; ++task) {
-      int64_t b, begin, n;
-      chunk_range(task, chunks, N, &b, &begin, &n);
-      if (active != nullptr && !active[b]) {
-        partial[task] = delta_chunk(x + begin, x0 + begin, n);
-        continue;
-      }
-      const StepScale st = step_scale(equal_perturbation, alpha, beta, p_l1[b]);
-      partial[task] =
-          equal_perturbation
-              ? update_chunk_dispatch<SIGN, false>(x + begin, g + begin, x0 + begin, n, st,
-                                                   p_l1[b], lo, hi, use_eps, eps)
-              : update_chunk_dispatch<SIGN, true>(x + begin, g + begin, x0 + begin, n, st,
-                                                  p_l1[b], lo, hi, use_eps, eps);
-    }
+  update_chunks(B, N, chunks, active, x, x0, partial.data(), [&](int64_t b, int64_t begin,
+                                                                 int64_t n) {
+    const StepScale st = step_scale(equal_perturbation, alpha, beta, p_l1[b]);
+    return equal_perturbation
+               ? update_chunk_dispatch<SIGN, false>(x + begin, g + begin, x0 + begin, n, st,
+                                                    p_l1[b], lo, hi, use_eps, eps)
+               : update_chunk_dispatch<SIGN, true>(x + begin, g + begin, x0 + begin, n, st,
+                                                   p_l1[b], lo, hi, use_eps, eps);
   });
   combine_chunks(partial.data(), B, chunks, stats);
   if (equal_perturbation) {

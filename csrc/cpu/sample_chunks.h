@@ -56,6 +56,21 @@ Partial delta_chunk(const float* __restrict__ x, const float* __restrict__ x0, i
   return acc.total();
 }
 
+// Runs update(b, begin, n) on the chunks of active samples and delta_chunk on the others, in
+// parallel, into partial[task].
+template <typename Update>
+void update_chunks(int64_t B, int64_t N, int64_t chunks, const bool* active, const float* x,
+                   const float* x0, Partial* partial, const Update& update) {
+  at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      int64_t b, begin, n;
+      chunk_range(task, chunks, N, &b, &begin, &n);
+      partial[task] = (active != nullptr && !active[b]) ? delta_chunk(x + begin, x0 + begin, n)
+                                                        : update(b, begin, n);
+    }
+  });
+}
+
 // stats[b] = [sum of p, sum |d|, sqrt(sum d^2), max |d|] of sample b's chunks (in order).
 inline void combine_chunks(const Partial* partial, int64_t B, int64_t chunks, float* stats) {
   for (int64_t b = 0; b < B; ++b) {

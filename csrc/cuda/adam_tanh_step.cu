@@ -27,10 +27,11 @@ __global__ void adam_tanh_kernel(float* __restrict__ w, float* __restrict__ m,
   if (threadIdx.x == 0 && stepping) scalars = adam_scalars(lr, cfg.beta1, cfg.beta2, t[r.sample]);
   __syncthreads();
   const float cs = c[r.sample];
-  float p_acc = 0.f, l1 = 0.f, l2 = 0.f, linf = 0.f;
+  ThreadSums sums;
   for (int64_t i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {
     float xi = x[i];
     const float x0i = x0[i];
+    float gw_abs = 0.f;
     if (stepping) {
       const float gw = cw_grad_w(xi, x0i, static_cast<float>(g[i]), cs, tanhf(w[i]));
       float mi = m[i], vi = v[i];
@@ -41,14 +42,11 @@ __global__ void adam_tanh_kernel(float* __restrict__ w, float* __restrict__ m,
       v[i] = vi;
       w[i] = wi;
       x[i] = xi;
-      p_acc += fabsf(gw);
+      gw_abs = fabsf(gw);
     }
-    const float d = xi - x0i;
-    l1 += fabsf(d);
-    l2 += d * d;
-    linf = max_of(linf, fabsf(d));
+    sums.add(gw_abs, xi - x0i);
   }
-  write_chunk_partial(p_acc, l1, l2, linf, smem, partial);
+  write_chunk_partial(sums, smem, partial);
 }
 
 at::Tensor adam_tanh_step_cuda(at::Tensor w, at::Tensor m, at::Tensor v, at::Tensor x,
@@ -60,33 +58,25 @@ at::Tensor adam_tanh_step_cuda(at::Tensor w, at::Tensor m, at::Tensor v, at::Ten
   const int64_t B = w.size(0);
   at::Tensor stats = at::zeros({B, kStepStats}, w.options());
   if (w.numel() == 0) return stats;
-  const bool shared = shares_flat_sample_layout({&w, &m, &v, &x, &grad, &x0});
-  at::Tensor fw = flat(w, shared), fm = flat(m, shared), fv = flat(v, shared),
-             fx = flat(x, shared);
-  const at::Tensor fg = flat(grad, shared), fx0 = flat(x0, shared), fc = c.contiguous(),
-                   ft = step.contiguous();
-  const at::Tensor act = active.has_value() ? active->contiguous() : at::Tensor();
+  AdamOperands op = adam_operands(w, m, v, x, grad, x0, c, step, active);
   const int64_t N = w.numel() / B;
   const int64_t chunks = (N + kChunk - 1) / kChunk;
   const int64_t blocks = B * chunks;
   TORCH_CHECK(blocks < (int64_t{1} << 31), "advfast.adam_tanh_step_: input too large");
   at::Tensor partial = at::empty({blocks, kStepStats}, w.options());
-  const AdamConfig cfg{static_cast<float>(beta1), static_cast<float>(beta2),
-                       static_cast<float>(eps)};
+  const AdamConfig cfg = adam_config(beta1, beta2, eps);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   ADVFAST_DISPATCH_FLOATS(grad.scalar_type(), "adam_tanh_step_cuda", [&] {
     adam_tanh_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
-        fw.data_ptr<float>(), fm.data_ptr<float>(), fv.data_ptr<float>(), fx.data_ptr<float>(),
-        fg.const_data_ptr<scalar_t>(), fx0.const_data_ptr<float>(), fc.const_data_ptr<float>(),
-        ft.const_data_ptr<int64_t>(), act.defined() ? act.const_data_ptr<bool>() : nullptr, N,
-        chunks, lr, cfg, partial.data_ptr<float>());
+        op.w.data_ptr<float>(), op.m.data_ptr<float>(), op.v.data_ptr<float>(),
+        op.x.data_ptr<float>(), op.grad.const_data_ptr<scalar_t>(),
+        op.x0.const_data_ptr<float>(), op.c.const_data_ptr<float>(),
+        op.step.const_data_ptr<int64_t>(), op.active_ptr(), N, chunks, lr, cfg,
+        partial.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   launch_combine_chunks(partial, B, chunks, stats, stream);
-  for (auto [out, used] : {std::pair{&w, &fw}, std::pair{&m, &fm}, std::pair{&v, &fv},
-                           std::pair{&x, &fx}}) {
-    if (!used->is_same(*out)) out->copy_(*used);
-  }
+  op.write_back(w, m, v, x);
   return stats;
 }
 

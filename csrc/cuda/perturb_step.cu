@@ -57,24 +57,22 @@ __global__ void update_kernel(float* __restrict__ x, const g_t* __restrict__ g,
   __syncthreads();
   const float p_l1 = sample_p_l1;
   const StepScale st = step_scale(equal_perturbation, alpha, beta, p_l1);
-  float p_acc = 0.f, l1 = 0.f, l2 = 0.f, linf = 0.f;
+  ThreadSums sums;
   for (int64_t i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {
     float v = x[i];
     const float v0 = x0[i];
+    float p_abs = 0.f;
     if (stepping) {
       const float p = perturbation<SIGN>(g[i]);
       v = updated_value(v, step_of(st, p, p_l1), v0, lo, hi, use_eps, eps);
       x[i] = v;
-      p_acc += fabsf(p);
+      p_abs = fabsf(p);
     }
-    const float d = v - v0;
-    l1 += fabsf(d);
-    l2 += d * d;
-    linf = max_of(linf, fabsf(d));
+    sums.add(p_abs, v - v0);
   }
   // Equal perturbation: the chunk's sum|P| is already in place (abs_sum_kernel); keep it.
-  if (equal_perturbation) p_acc = threadIdx.x == 0 ? partial[blockIdx.x * kStepStats] : 0.f;
-  write_chunk_partial(p_acc, l1, l2, linf, smem, partial);
+  if (equal_perturbation) sums.p = threadIdx.x == 0 ? partial[blockIdx.x * kStepStats] : 0.f;
+  write_chunk_partial(sums, smem, partial);
 }
 
 at::Tensor perturb_step_cuda(at::Tensor x, const at::Tensor& grad, const at::Tensor& x0,

@@ -61,14 +61,25 @@ __device__ T block_reduce(T v, Op op, T* smem) {
   return smem[0];
 }
 
+// One thread's running sums over its elements of a chunk: sum p, and the norms of d = x - x0.
+struct ThreadSums {
+  float p = 0.f, l1 = 0.f, l2 = 0.f, linf = 0.f;
+
+  __device__ __forceinline__ void add(float p_abs, float d) {
+    p += p_abs;
+    l1 += fabsf(d);
+    l2 += d * d;
+    linf = max_of(linf, fabsf(d));
+  }
+};
+
 // Reduces the block's per-thread sums and writes them as this chunk's row of partial
 // [tasks, 4]: sum p, sum |d|, sum d^2, max |d|.
-__device__ __forceinline__ void write_chunk_partial(float p, float l1, float l2, float linf,
-                                                    float* smem, float* partial) {
-  l1 = block_reduce(l1, Sum{}, smem);
-  l2 = block_reduce(l2, Sum{}, smem);
-  linf = block_reduce(linf, Max{}, smem);
-  p = block_reduce(p, Sum{}, smem);
+__device__ __forceinline__ void write_chunk_partial(ThreadSums t, float* smem, float* partial) {
+  const float l1 = block_reduce(t.l1, Sum{}, smem);
+  const float l2 = block_reduce(t.l2, Sum{}, smem);
+  const float linf = block_reduce(t.linf, Max{}, smem);
+  const float p = block_reduce(t.p, Sum{}, smem);
   if (threadIdx.x == 0) {
     float* out = partial + blockIdx.x * kStepStats;
     out[0] = p;
