@@ -36,19 +36,23 @@ def _median_ms(fn, min_run_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
-def bench_step(shape, variant: dict, device: str, min_run_time: float) -> dict:
+def bench_step(shape, variant: dict, device: str, min_run_time: float,
+               compile_chain: bool = True) -> dict:
     x0 = torch.rand(shape, device=device)
     grad = torch.randn(shape, device=device) * 1e-3
     x = x0.clone()
-    torch._dynamo.reset()
-    compiled_chain = torch.compile(reference.perturb_step_, fullgraph=True)
     rows = {
         "copy": lambda: x.copy_(grad),
         "advfast": lambda: ops.perturb_step_(x, grad, x0, **variant),
         "eager": lambda: reference.perturb_step_(x, grad, x0, **variant),
-        "compile": lambda: compiled_chain(x, grad, x0, **variant),
     }
-    return {name: _median_ms(fn, min_run_time) for name, fn in rows.items()}
+    if compile_chain:
+        torch._dynamo.reset()
+        compiled_chain = torch.compile(reference.perturb_step_, fullgraph=True)
+        rows["compile"] = lambda: compiled_chain(x, grad, x0, **variant)
+    out = {name: _median_ms(fn, min_run_time) for name, fn in rows.items()}
+    out.setdefault("compile", float("nan"))
+    return out
 
 
 def bench_head(batch: int, device: str, min_run_time: float) -> dict:
@@ -72,6 +76,8 @@ def main() -> None:
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--tiny", action="store_true", help="one tiny shape (smoke test)")
+    parser.add_argument("--skip-compile", action="store_true",
+                        help="leave out the torch.compile column (it compiles once per row)")
     args = parser.parse_args()
     shapes = TINY_SHAPES if args.tiny else SHAPES
     device_name = (torch.cuda.get_device_name() if args.device == "cuda"
@@ -86,7 +92,7 @@ def main() -> None:
     steps, heads = [], []
     for shape in shapes:
         for name, variant in VARIANTS.items():
-            t = bench_step(shape, variant, args.device, args.min_run_time)
+            t = bench_step(shape, variant, args.device, args.min_run_time, not args.skip_compile)
             print(f"| {'x'.join(map(str, shape))} | {name} | {t['copy']:.3f} | {t['advfast']:.3f} | "
                   f"{t['eager']:.3f} | {t['compile']:.3f} | {t['advfast'] / t['copy']:.2f}x | "
                   f"{t['eager'] / t['copy']:.1f}x | {t['compile'] / t['copy']:.1f}x |", flush=True)

@@ -6,8 +6,9 @@
 # pin and have no package registry), nvcc and pytest, it
 #   1. builds advfast in place for the visible GPU's architecture only (fast),
 #   2. runs every CUDA test (opcheck on CUDA and the CPU-vs-CUDA comparisons among them),
-#   3. runs the kernel, attack and generation benchmarks on CUDA (ResNet-50 at 3x224x224, bf16,
-#      channels_last, batches 64 and 256; the digits default; bench_ops.py's shapes),
+#   3. runs the benchmarks on CUDA: advfast bench (ResNet-50 at 3x224x224, bf16, channels_last,
+#      batches 64 and 256, eager and CUDA graphs; the digits default), the kernels
+#      (bench_ops.py's shapes), the three attacks against their peers, dataset generation,
 #   4. captures an Nsight Systems profile if nsys is on the PATH,
 # and writes every log and a summary.json into OUT.  Budget: under 8 minutes on an H100.
 #
@@ -48,31 +49,37 @@ if [ "$mode" = "cuda" ]; then
   fi
   arch="$("$py" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")"
   export TORCH_CUDA_ARCH_LIST="$arch" ADVFAST_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}"
-  dev=cuda; tiny=(); attack_args=(--model resnet50 --shape 3,224,224 --batch 64 256 --amp bf16
-                                  --channels-last --iterations 10 --repeats 3)
-  test_args=(-m cuda)
+  dev=cuda; tiny=(); test_args=(-m cuda)
+  bench_args=(--model resnet50 --input-size 3,224,224 --batch-size 64 256 --amp bf16
+              --channels-last --compile none reduce-overhead --iterations 10 --repeats 3)
+  digits_args=(--batch-size 256 1024 --compile none reduce-overhead --iterations 20 --repeats 3)
 else
-  dev=cpu; tiny=(--tiny); attack_args=(--model resnet18 --shape 3,32,32 --batch 2
-                                       --iterations 2 --repeats 1)
-  test_args=(-k "opcheck or cpu_and_cuda")
+  dev=cpu; tiny=(--tiny); test_args=(-k "opcheck or cpu_and_cuda")
+  bench_args=(--model resnet18 --input-size 3,32,32 --batch-size 2 --iterations 2 --repeats 1)
+  digits_args=(--batch-size 8 --iterations 2 --repeats 1)
 fi
 
 step environment 60 bash -c "nvidia-smi || true; $py -c 'import torch, sys; print(sys.version); \
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available()); \
 print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"cpu\")'; \
 command -v nvcc && nvcc --version; command -v nsys || echo 'nsys: not on PATH'"
-step build 300 "$py" setup.py build_ext --inplace
+step build 180 "$py" setup.py build_ext --inplace
 step backend 60 "$py" -c "import advfast.ops as o, sys; b = o.backend(); print(b); \
 sys.exit(b != ('cpu+cuda' if '$mode' == 'cuda' else b))"
-step tests 300 "$py" -m pytest -q -p no:cacheprovider "${test_args[@]}" tests
-step bench_ops 240 "$py" bench/bench_ops.py --device "$dev" --min-run-time 0.2 "${tiny[@]}" \
-  --json "$out/bench_ops.json"
-step bench_attack 300 "$py" bench/bench_attack.py --device "$dev" "${attack_args[@]}" \
-  --json "$out/bench_attack.json"
-step bench_generate 240 "$py" bench/bench_generate.py --device "$dev" "${tiny[@]}" \
+step tests 150 "$py" -m pytest -q -p no:cacheprovider "${test_args[@]}" tests
+# Most wanted first: a step that runs out of time does not stop the ones after it.
+step bench_resnet50 240 "$py" -m advfast bench --device "$dev" "${bench_args[@]}" --quiet \
+  --peers torchattacks --json "$out/bench_resnet50.json"
+step bench_ops 90 "$py" bench/bench_ops.py --device "$dev" --min-run-time 0.2 --skip-compile \
+  "${tiny[@]}" --json "$out/bench_ops.json"
+step bench_digits 90 "$py" -m advfast bench --device "$dev" "${digits_args[@]}" --quiet \
+  --peers torchattacks --json "$out/bench_digits.json"
+step bench_attacks 90 "$py" bench/bench_attacks.py --device "$dev" --tiny \
+  --json "$out/bench_attacks.json"
+step bench_generate 60 "$py" bench/bench_generate.py --device "$dev" "${tiny[@]}" \
   --json "$out/bench_generate.json"
 if command -v nsys > /dev/null; then
-  step nsys 180 nsys profile -t cuda,nvtx -o "$out/attack" --force-overwrite true \
+  step nsys 60 nsys profile -t cuda,nvtx -o "$out/attack" --force-overwrite true \
     "$py" -m advfast attack --device "$dev" --n 64 --iterations 20 --stop never --quiet \
     --out "$out/nsys-attack"
 fi
@@ -81,7 +88,7 @@ fi
 import json, os, sys
 out = sys.argv[1]
 summary = {"steps": [json.loads(line) for line in open(os.path.join(out, "steps.jsonl"))]}
-for name in ("bench_ops", "bench_attack", "bench_generate"):
+for name in ("bench_ops", "bench_resnet50", "bench_digits", "bench_attacks", "bench_generate"):
     path = os.path.join(out, name + ".json")
     if os.path.exists(path):
         summary[name] = json.load(open(path))
