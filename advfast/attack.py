@@ -229,10 +229,12 @@ class EngineAttack:
     def _autocast(self, device: torch.device):
         return autocast(device, self.amp)
 
-    def _finished(self, engine: Engine, rows: Rows) -> Finished:
+    def _finished(self, engine: Engine, rows: Rows, measure: bool = False) -> Finished:
+        """The finished rows' results; ``measure`` (or a search) measures the returned images
+        afresh (a deferred stop may have stepped past the image it last observed)."""
         images = engine.control.report(rows)
         norms, target_prob = rows.norms, rows.target_prob
-        if self.searches:
+        if self.searches or measure:
             norms, target_prob = engine.measure(images, rows)
         return Finished(adversarial=images, first_flip=rows.first_flip,
                         at_flip=dict(zip(NORMS, rows.flip_norms.unbind(1))),
@@ -299,7 +301,7 @@ class AttackStream:
                             attack.horizon, accept, pad_to=attack._pad_to(self.capacity))
             engine.timer.start()
             for rows in stream:
-                yield attack._finished(engine, rows)
+                yield attack._finished(engine, rows, measure=self.accept is not None)
             self.timing = engine.timer.finish(stream.iterations, stream.samples)
 
 

@@ -61,6 +61,7 @@ class Measured:
     samples: list[float] = field(default_factory=list)
     phases: dict[str, list[float]] = field(default_factory=dict)
     loop: list[float] = field(default_factory=list)  # advfast: ms per iteration inside the loop
+    iterations: list[int] = field(default_factory=list)  # advfast: iterations its loop ran
 
     @property
     def median(self) -> float:
@@ -126,6 +127,7 @@ def ours(attack, x, target, source, record: bool, measured: Measured) -> Callabl
         attack.record = record
         timing = attack(x, target, source).timing
         measured.loop.append(timing.per_iteration_ms)
+        measured.iterations.append(timing.steps)
         for phase, ms in (timing.phases_ms or {}).items():
             measured.phases.setdefault(phase, []).append(ms)
 
@@ -134,8 +136,9 @@ def ours(attack, x, target, source, record: bool, measured: Measured) -> Callabl
 
 def peer(name: str, model, x, target, config: BenchConfig) -> Callable[[], None] | str:
     """The peer's equivalent of the attack, or why there is none."""
+    module = {"art": "art.attacks.evasion"}.get(name, name)  # ("art" is also another package)
     try:
-        __import__(name)
+        __import__(module)
     except ImportError:
         return f"{name} not installed"
     p = _timing_params(config)
@@ -228,10 +231,14 @@ def run(config: BenchConfig, progress: Callable[[str], None] = lambda s: None) -
         for name, (m, fn) in runs.items():  # warm-up, compilation included, untimed
             progress(f"batch {batch}: warming up {name}")
             fn()
+            m.loop.clear(), m.phases.clear(), m.iterations.clear()
         for r in range(config.repeats):
             for name, (m, fn) in runs.items():
                 progress(f"batch {batch}: repeat {r + 1}/{config.repeats}, {name}")
-                m.samples.append(1e3 * _clock(device, fn) / config.iterations)
+                seconds = _clock(device, fn)
+                # a search may run to its next compaction point: divide by what really ran
+                ran = m.iterations[-1] if m.iterations else config.iterations
+                m.samples.append(1e3 * seconds / max(ran, 1))
         results.append({"batch": batch, "input": list(size), "notes": notes,
                         "configs": {n: _summary(m, runs["floor"][0].median, batch)
                                     for n, (m, _) in runs.items()}})

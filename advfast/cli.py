@@ -331,6 +331,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"Nsight Systems report: {report}.nsys-rep (NVTX ranges iter N/forward, "
                   "iter N/head, iter N/backward, iter N/update)")
         return done.returncode
+    fixed = [o for o in ("stop", "binary_search_steps", "abort_early") if getattr(args, o) is not None]
+    if fixed:
+        raise ValueError(f"bench runs every sample for all iterations with one constant; "
+                         f"{', '.join('--' + o.replace('_', '-') for o in fixed)} would change "
+                         "nothing, so leave it out")
     params = _attack_params(args)
     params.pop("iterations", None)
     device = resolve_device(args.device)
@@ -381,6 +386,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     config_path = os.path.join(out, "detect.json")
     digits = args.data is None and args.model == "digits"
     detectors = tuple(args.detectors or (detect.LADDER if digits else detect.PAPER_DETECTORS))
+    for name in detectors:  # before hours of generation, not after
+        detect.check_detector(name, 1 if args.model == "digits" else 3)
     sources = dict(args.sources or {})
     losses = args.losses or ([] if sources else list(ops.LOSSES))
     for loss in losses:
@@ -391,8 +398,14 @@ def cmd_detect(args: argparse.Namespace) -> int:
         device=str(resolve_device(args.device)), quiet=args.quiet)
     identity = {k: v for k, v in asdict(config).items() if k not in ("quiet", "device")}
     if present:
-        with open(config_path) as f:
-            saved = json.load(f)
+        try:
+            with open(config_path) as f:
+                saved = json.load(f)
+            if not isinstance(saved, dict):
+                raise TypeError("not an object")
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{config_path} is damaged ({err}); the run in {out} cannot be "
+                             "resumed") from err
         for key, value in json.loads(json.dumps(identity)).items():
             if saved.get(key) != value:
                 raise ValueError(f"--resume with a different {key}: the run in {out} used "

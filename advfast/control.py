@@ -109,7 +109,7 @@ class CWSearch(ConstantSearch):
     Every iteration, a sample whose margin g_t - max_{i != t} g_i exceeds kappa is a success
     and its image becomes its best if closer in L2.  Its inner run ends after ``steps``
     iterations, or, with ``abort_early``, when at a check (every steps // 10 iterations) its
-    loss ||X' - X0||^2 + c max(-margin, -kappa) is above 0.9999 times the loss at the previous
+    loss ||X' - X0||^2 + c max(kappa - margin, 0) is above 0.9999 times the loss at the previous
     check (that image is then not taken as a candidate, as in the original).  Then c moves:
     after a run with a success, upper = min(upper, c); without, lower = max(lower, c); c is
     (lower + upper) / 2 once an upper bound exists, else c * 10.  With 10 or more search steps,
@@ -132,7 +132,8 @@ class CWSearch(ConstantSearch):
     def after_head(self, rows: Rows, head: torch.Tensor) -> None:
         live = ~(rows.done | rows.paused)
         margin = head[:, COLUMN["margin"]]
-        loss = rows.norms[:, 1].square() + rows.constant * torch.clamp(-margin, min=-self.kappa)
+        # the original's loss: ||X' - X||^2 + c max(kappa - margin, 0)
+        loss = rows.norms[:, 1].square() + rows.constant * torch.clamp(self.kappa - margin, min=0)
         check = live & (rows.inner_age % self.check_every == 0) & self.abort_early
         stalled = check & (loss > rows.previous_loss * 0.9999)
         rows.previous_loss = torch.where(check, loss, rows.previous_loss)

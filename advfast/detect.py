@@ -53,6 +53,20 @@ class DetectConfig:
     quiet: bool = False
 
 
+def check_detector(name: str, channels: int) -> None:
+    """ValueError for a detector that does not exist or cannot read these images."""
+    if name in LADDER:
+        return
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"unknown detector {name!r}; choose from {', '.join(LADDER)} or a "
+                         "torchvision classifier such as " + ", ".join(PAPER_DETECTORS))
+    if channels != 3:
+        raise ValueError(f"torchvision detectors take 3-channel images; these have {channels} "
+                         "(use the ladder: cnn-s, cnn-m, cnn-l)")
+
+
 def detector(name: str, channels: int, weights: str | None = None) -> nn.Module:
     """A 2-class detector: one of the digits ladder (small CNNs of increasing capacity) or a
     torchvision architecture with its last layer replaced by a 2-class head (inputs in [0, 1],
@@ -66,14 +80,12 @@ def detector(name: str, channels: int, weights: str | None = None) -> nn.Module:
         hidden = 4 * previous
         return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten(),
                              nn.Linear(16 * previous, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+    check_detector(name, channels)
     net = models.load(name, weights=weights).model
     head_owner, attr = (net, "fc") if hasattr(net, "fc") else (net.classifier,
                                                              str(len(net.classifier) - 1))
     old = getattr(head_owner, attr)
     setattr(head_owner, attr, nn.Linear(old.in_features, 2))
-    if channels != 3:
-        raise ValueError(f"torchvision detectors take 3-channel images; these have {channels} "
-                         "(use the ladder: cnn-s, cnn-m, cnn-l)")
     return models.Normalized(net, models.IMAGENET_MEAN, models.IMAGENET_STD)
 
 
@@ -108,8 +120,14 @@ def load_sources(sources: dict[str, str]) -> tuple[dict[str, dict[int, torch.Ten
     adversarial, origin = {}, None
     for name, folder in sources.items():
         dataset = data.AdversarialDataset(folder)
-        with open(os.path.join(folder, "config.json")) as f:
-            arguments = json.load(f)["arguments"]
+        try:
+            with open(os.path.join(folder, "config.json")) as f:
+                arguments = json.load(f)["arguments"]
+            if not isinstance(arguments, dict):
+                raise TypeError("arguments")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{folder}/config.json is not advfast generate's "
+                             f"({type(err).__name__}: {err})") from err
         where = {k: arguments.get(k) for k in ("model", "data", "labels_csv", "image_size",
                                                "split")}
         if origin is None:
@@ -154,9 +172,15 @@ def examples(adversarial: dict[str, dict[int, torch.Tensor]], genuine: dict[int,
 
 
 def split_sets(pool: Examples, seed: int, fractions: tuple[float, float]) -> dict[str, Examples]:
-    """The pool cut into train / val / test by input index (:func:`split_of`)."""
+    """The pool cut into train / val / test by input index (:func:`split_of`); ValueError when
+    a split is empty (too few inputs)."""
     split = [split_of(int(i), seed, fractions) for i in pool.index]
-    return {s: pool.select(torch.tensor([p == s for p in split])) for s in SPLITS}
+    sets = {s: pool.select(torch.tensor([p == s for p in split])) for s in SPLITS}
+    empty = [s for s, e in sets.items() if len(e.labels) == 0]
+    if empty:
+        raise ValueError(f"the {' and '.join(empty)} split has no input ({len(set(pool.index.tolist()))} "
+                         "inputs in all); attack more inputs (--n)")
+    return sets
 
 
 def train_detector(name: str, lr: float, sets: dict[str, Examples], config: DetectConfig,

@@ -210,6 +210,8 @@ class Engine:
         self.model, self.head, self.optimizer, self.control = model, head, optimizer, control
         self.timer, self.trajectory, self.compiled = timer, trajectory, compiled
         self.autocast = autocast(timer.device, amp)
+        # on the device once: indexing with a Python list would copy it there (and wait) each time
+        self.head_columns = torch.tensor(HEAD_COLUMNS, device=timer.device)
 
     def begin(self, rows: Rows) -> Rows:
         self.optimizer.begin(rows)
@@ -233,7 +235,8 @@ class Engine:
                                                      h.loss, h.kappa, h.kappa_mode, h.threshold)
             _observe(rows, head)
             if self.trajectory is not None:
-                self.trajectory[..., :-1].index_put_((rows.age, rows.key), head[:, HEAD_COLUMNS])
+                self.trajectory[..., :-1].index_put_((rows.age, rows.key),
+                                                     head.index_select(1, self.head_columns))
         return logits, seed, head
 
     def measure(self, images: torch.Tensor, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,6 +324,7 @@ class Stream:
         self.pad_to, self.ghost_key = pad_to, ghost_key
         self.iterations = self.samples = 0
         self._deadline = 0
+        self._fed_all = False  # the feed has said it has no more
 
     def __iter__(self) -> Iterator[Rows]:
         n = 0
@@ -336,12 +340,12 @@ class Stream:
             # 0: going on, 1: finished, 2: ghost; one host synchronisation every K iterations
             status = rows.done.long() + rows.ghost.long()
             live, finished, _ = torch.bincount(status, minlength=3).tolist()
+            if not finished and (self._fed_all or live == self.capacity):
+                continue  # nothing leaves and nothing can join: keep the rows as they are
             order = torch.argsort(status, stable=True)
             if finished:
                 yield rows.take(order[live:live + finished])
-            if finished or len(rows) > live:
-                rows = rows.take(order[:live])
-            rows = self._pad(self._refill(rows, n))
+            rows = self._pad(self._refill(rows.take(order[:live]), n))
         self.iterations = n
 
     def _pad(self, rows: Rows | None) -> Rows | None:
@@ -359,8 +363,9 @@ class Stream:
 
     def _refill(self, rows: Rows | None, n: int) -> Rows | None:
         room = self.capacity - (0 if rows is None else len(rows))
-        new = self.feed(room) if room > 0 else None
+        new = self.feed(room) if room > 0 and not self._fed_all else None
         if new is None or len(new) == 0:
+            self._fed_all = self._fed_all or room > 0
             return rows
         self.samples += len(new)
         self._deadline = max(self._deadline, n + self.horizon + 1)

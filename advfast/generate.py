@@ -343,7 +343,7 @@ def _attack(model, source: inputs.Source, work: list[dict], config: GenerateConf
     try:
         for finished in attack.stream(feeder, config.batch_size, accept=accept):
             ok = holds(finished.adversarial, finished.key.new_tensor(
-                [by_index[int(k)]["target"] for k in finished.key])) if png else None
+                [by_index[k]["target"] for k in finished.key.tolist()])) if png else None
             rows = _manifest_rows(finished, by_index, config, ok)
             writer.put(finished.adversarial.cpu(), rows)
             made += len(rows)

@@ -308,6 +308,16 @@ def adam_tanh_step_(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, x: torch.
     for i, (name, tensor) in enumerate(written):
         for other_name, other in (*written[i + 1:], ("grad", grad), ("x0", x0)):
             _check_no_overlap(tensor, other, other_name, written=name)
+    return adam_tanh_step_unchecked(w, m, v, x, grad, x0, c, step, lr, beta1, beta2, eps, active)
+
+
+def adam_tanh_step_unchecked(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+                             x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor,
+                             c: torch.Tensor, step: torch.Tensor, lr: float, beta1: float,
+                             beta2: float, eps: float,
+                             active: torch.Tensor | None) -> torch.Tensor:
+    """:func:`adam_tanh_step_` without the Python-side checks (see
+    :func:`loss_head_unchecked`)."""
     if _COMPILED:
         return torch.ops.advfast.adam_tanh_step_(w, m, v, x, grad, x0, c, step, active, lr,
                                                  beta1, beta2, eps)

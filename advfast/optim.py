@@ -99,9 +99,9 @@ class AdamTanh:
     def step(self, rows: Rows, grad: torch.Tensor, head: torch.Tensor,
              active: torch.Tensor | None) -> torch.Tensor:
         rows.cw_t = rows.cw_t + (1 if active is None else active.long())
-        return ops.adam_tanh_step_(rows.cw_w, rows.cw_m, rows.cw_v, rows.x, grad, rows.x0,
-                                   rows.constant, rows.cw_t, lr=self.lr, beta1=self.beta1,
-                                   beta2=self.beta2, eps=self.eps, active=active)
+        return ops.adam_tanh_step_unchecked(rows.cw_w, rows.cw_m, rows.cw_v, rows.x, grad,
+                                            rows.x0, rows.constant, rows.cw_t, self.lr,
+                                            self.beta1, self.beta2, self.eps, active)
 
     def restart(self, rows: Rows, mask: torch.Tensor) -> None:
         w, x = self.start(rows.x0)
@@ -150,7 +150,6 @@ class ProjectedLBFGS:
         rows.lb_d = torch.zeros(b, n, device=device)
         rows.lb_S = torch.zeros(b, self.history, n, device=device)
         rows.lb_Y = torch.zeros(b, self.history, n, device=device)
-        rows.lb_rho = torch.zeros(b, self.history, device=device)
         rows.lb_fc, rows.lb_alpha = zeros.clone(), zeros.clone()
         counts = torch.zeros(b, dtype=torch.int64, device=device)
         rows.lb_count, rows.lb_iters, rows.lb_backtracks = counts, counts.clone(), counts.clone()
@@ -217,8 +216,6 @@ class ProjectedLBFGS:
         keep = push[:, None]
         rows.lb_S[index, slot] = torch.where(keep, s, rows.lb_S[index, slot])
         rows.lb_Y[index, slot] = torch.where(keep, y, rows.lb_Y[index, slot])
-        rows.lb_rho[index, slot] = torch.where(push, 1.0 / sy.where(push, 1.0),
-                                               rows.lb_rho[index, slot])
         rows.lb_count = rows.lb_count + push.long()
 
     def _direction(self, rows: Rows, free: torch.Tensor) -> torch.Tensor:
@@ -231,16 +228,18 @@ class ProjectedLBFGS:
         pairs, alphas = [], []
         for j in range(self.history):
             slot = (rows.lb_count - 1 - j) % self.history
-            valid = (j < kept).float()
             s, y = rows.lb_S[index, slot] * free, rows.lb_Y[index, slot] * free
-            rho = rows.lb_rho[index, slot] * valid
+            # the pair's curvature on the free variables; a pair without positive curvature
+            # there is left out, so that H stays positive definite
+            sy = (s * y).sum(1)
+            rho = torch.where((j < kept) & (sy > 0), 1.0 / sy.where(sy > 0, 1.0), 0.0)
             a = rho * (s * q).sum(1)
             q = q - a[:, None] * y
             pairs.append((s, y, rho))
             alphas.append(a)
-        s_new, y_new, _ = pairs[0]
+        s_new, y_new, rho_new = pairs[0]
         yy = (y_new * y_new).sum(1)
-        gamma = torch.where((kept > 0) & (yy > 0), (s_new * y_new).sum(1) / yy.clamp_min(1e-30),
+        gamma = torch.where((rho_new > 0) & (yy > 0), (s_new * y_new).sum(1) / yy.clamp_min(1e-30),
                             torch.ones_like(yy))
         r = gamma[:, None] * q
         for (s, y, rho), a in zip(reversed(pairs), reversed(alphas)):

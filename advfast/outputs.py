@@ -100,15 +100,18 @@ class OutputFolder:
     file, recorded at the end.
 
     ``produces`` names every file (relative path; a name ending in "/" stands for every file
-    in that folder) the command may write.  :meth:`claim`
-    refuses a non-empty folder without ``overwrite``; with it, refuses to replace a file that
-    advfast did not write, and removes the files of the previous run that this one will not
-    write again (old figures beside a new table).  Raises ValueError with a one-line message.
+    in that folder) the command may write.  :meth:`claim` (before any work) refuses a non-empty
+    folder without ``overwrite``, and with it a file that advfast did not write; nothing is
+    removed then.  Each new file replaces its old self atomically when written, and only
+    :meth:`record`, once the run has succeeded, removes the previous run's files that this one
+    did not write again (old figures beside a new table).  Raises ValueError with a one-line
+    message.
     """
 
     def __init__(self, path: str, produces: Iterable[str], overwrite: bool = False) -> None:
         self.path, self.produces, self.overwrite = path, list(produces), overwrite
         self.written: list[str] = []
+        self.previous: set[str] = set()
 
     def claim(self) -> None:
         if os.path.exists(self.path) and not os.path.isdir(self.path):
@@ -117,18 +120,12 @@ class OutputFolder:
         if present and not self.overwrite:
             raise ValueError(f"output folder {self.path} is not empty; pass --overwrite to "
                              "replace advfast's files in it, or choose another --out")
-        ours = set(self._recorded())
+        self.previous = set(self._recorded())
         for name in self._present():
-            if self._produced(name) and name not in ours:
+            if self._produced(name) and name not in self.previous:
                 raise ValueError(f"{os.path.join(self.path, name)} was not written by "
                                  "advfast; it is left alone, so choose another --out")
         os.makedirs(self.path, exist_ok=True)
-        for name in ours:  # the previous run's files: replaced or, if not made again, removed
-            full = os.path.join(self.path, name)
-            if os.path.isfile(full):
-                os.remove(full)
-        if os.path.exists(os.path.join(self.path, RECORD)):
-            os.remove(os.path.join(self.path, RECORD))
         probe = os.path.join(self.path, ".advfast-write-test" + TMP_SUFFIX)
         with open(probe, "w") as f:
             f.write("ok")
@@ -169,7 +166,12 @@ class OutputFolder:
         return os.path.join(self.path, name)
 
     def record(self) -> None:
-        """Lists the files written, so a later ``--overwrite`` may replace them."""
+        """After a successful run: removes the previous run's files that this one did not write
+        again, and lists the files written, so a later ``--overwrite`` may replace them."""
+        for name in self.previous - set(self.written):
+            full = os.path.join(self.path, name)
+            if os.path.isfile(full):
+                os.remove(full)
         write_json(os.path.join(self.path, RECORD), {"files": sorted(set(self.written))})
 
 

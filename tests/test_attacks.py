@@ -108,7 +108,7 @@ def plain_cw(model, x0, target, c, kappa, steps, lr, search_steps, abort_early):
             logits = model(x)[0]
             margin = logits[target] - torch.cat([logits[:target], logits[target + 1:]]).max()
             l2 = ((x - x0) ** 2).sum()
-            loss = l2 + c * torch.clamp(-margin, min=-kappa)
+            loss = l2 + c * torch.clamp(kappa - margin, min=0)
             if abort_early and k % max(steps // 10, 1) == 0:
                 if loss.item() > previous * 0.9999:
                     break

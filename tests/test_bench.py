@@ -40,3 +40,8 @@ def test_nsys_missing_is_a_clear_error(capsys):
     assert cli.main(["bench", "--nsys", "--iterations", "1"]) == 2
     err = capsys.readouterr().err
     assert "nsys on the PATH" in err and len(err.strip().splitlines()) == 1
+
+
+def test_options_that_would_change_nothing_are_refused(capsys):
+    assert cli.main(["bench", "--stop", "flip", "--iterations", "1"]) == 2
+    assert "--stop would change nothing" in capsys.readouterr().err

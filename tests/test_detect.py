@@ -113,6 +113,14 @@ def test_killed_detect_resumes_from_its_checkpoint(folders, tmp_path):
         assert json.loads((killed / table).read_text()) == json.loads((fresh / table).read_text())
 
 
+def test_unknown_detector_is_refused_before_any_work(tmp_path, capsys):
+    assert cli.main(["detect", "--detectors", "cnn-xl", "--out", str(tmp_path / "d")]) == 2
+    assert "unknown detector 'cnn-xl'" in capsys.readouterr().err
+    assert cli.main(["detect", "--detectors", "resnet18", "--out", str(tmp_path / "d")]) == 2
+    assert "3-channel" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "adversarial").exists()
+
+
 def test_refusals(folders, tmp_path, capsys):
     out = tmp_path / "det"
     out.mkdir()

@@ -149,6 +149,14 @@ def test_png_format_holds_after_quantisation(tmp_path):
             holds.append(int(model(x / 255).argmax()) == r["target"])
     assert holds == [r["png_holds"] for r in rows]
     assert sum(holds) > 30
+    # the manifest describes the float image that was saved
+    dataset = data.AdversarialDataset(str(out))
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.stack([dataset[i]["adversarial"]
+                                                 for i in range(len(rows))])), 1)
+    saved = probs[torch.arange(len(rows)), torch.tensor([r["target"] for r in rows])]
+    torch.testing.assert_close(saved, torch.tensor([r["target_prob_final"] for r in rows]),
+                               atol=1e-4, rtol=0)
 
 
 def _unfinished(out):

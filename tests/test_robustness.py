@@ -355,6 +355,11 @@ def test_14_a_non_empty_out_needs_overwrite_and_foreign_files_are_kept(tmp_path,
     code, err = run(base, capsys)
     one_line_error(code, err, "not empty", "--overwrite")
     assert time.time() - started < 5  # refused before any work
+    before = (out / "table1.json").read_bytes()
+    code, err = run(base + ["--overwrite", "--weights", tmp_path / "missing.pt"], capsys)
+    one_line_error(code, err)
+    assert (out / "table1.json").read_bytes() == before  # a failed run removes nothing
+    assert (out / "fig1.png").exists()
     assert run(base + ["--overwrite", "--no-figures"], capsys)[0] == 0
     assert not (out / "fig1.png").exists()  # the old figures do not sit beside a new table
     (out / "fig2.png").write_bytes(b"the user's own picture")

@@ -70,9 +70,9 @@ __global__ void update_kernel(float* __restrict__ x, const g_t* __restrict__ g,
     }
     sums.add(p_abs, v - v0);
   }
-  // Equal perturbation: the chunk's sum|P| is already in place (abs_sum_kernel); keep it.
-  if (equal_perturbation) sums.p = threadIdx.x == 0 ? partial[blockIdx.x * kStepStats] : 0.f;
-  write_chunk_partial(sums, smem, partial);
+  // Equal perturbation: the chunk's sum|P| is already in place (abs_sum_kernel) and the other
+  // chunks of the sample read it; it is not written again.
+  write_chunk_partial(sums, smem, partial, equal_perturbation);
 }
 
 at::Tensor perturb_step_cuda(at::Tensor x, const at::Tensor& grad, const at::Tensor& x0,

@@ -74,15 +74,17 @@ struct ThreadSums {
 };
 
 // Reduces the block's per-thread sums and writes them as this chunk's row of partial
-// [tasks, 4]: sum p, sum |d|, sum d^2, max |d|.
-__device__ __forceinline__ void write_chunk_partial(ThreadSums t, float* smem, float* partial) {
+// [tasks, 4]: sum p (unless keep_p: the column already holds it and other blocks read it),
+// sum |d|, sum d^2, max |d|.
+__device__ __forceinline__ void write_chunk_partial(ThreadSums t, float* smem, float* partial,
+                                                    bool keep_p = false) {
   const float l1 = block_reduce(t.l1, Sum{}, smem);
   const float l2 = block_reduce(t.l2, Sum{}, smem);
   const float linf = block_reduce(t.linf, Max{}, smem);
-  const float p = block_reduce(t.p, Sum{}, smem);
+  const float p = keep_p ? 0.f : block_reduce(t.p, Sum{}, smem);
   if (threadIdx.x == 0) {
     float* out = partial + blockIdx.x * kStepStats;
-    out[0] = p;
+    if (!keep_p) out[0] = p;
     out[1] = l1;
     out[2] = l2;
     out[3] = linf;
