@@ -132,3 +132,26 @@ def test_refusals(folders, tmp_path, capsys):
                      *FAST]) == 2
     assert "not an advfast detect output" in capsys.readouterr().err
     assert os.path.exists(out / "notes.txt")
+
+
+def test_detect_on_an_image_folder_with_a_torchvision_detector(tmp_path, capsys):
+    """User data: a labelled folder, a torchvision model to attack and a torchvision detector."""
+    from test_robustness import _folder
+
+    folder, rows = _folder(tmp_path, count=40)
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    weights = tmp_path / "w.safetensors"
+    from safetensors.torch import save_file
+
+    from advfast import models
+
+    save_file({k: v.contiguous() for k, v in models.load("resnet18", num_classes=5)
+               .model.state_dict().items()}, str(weights))
+    out = tmp_path / "det"
+    code = cli.main(["detect", "--model", "resnet18", "--weights", str(weights), "--num-classes",
+                     "5", "--data", str(folder), "--image-size", "16", "--losses", "ce,ce-sign",
+                     "--iterations", "20", "--beta", "20", "--detectors", "resnet18",
+                     "--epochs", "2", "--lr", "1e-3", "--quiet", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    t3 = json.loads((out / "table3.json").read_text())["rows"]
+    assert [r["detector"] for r in t3] == ["resnet18"] and 0 <= t3[0]["balanced"] <= 1
