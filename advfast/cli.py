@@ -480,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"advfast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    t1 = sub.add_parser("table1", help="the paper's Table I and Figs. 1-4: four losses under "
+    t1 = sub.add_parser("table1", help="the paper's Table I and Figs. 1-5: four losses under "
                                        "both step rules")
     add_model_options(t1)
     add_input_options(t1, n_default=1000)

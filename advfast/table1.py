@@ -3,7 +3,7 @@
 For every (step rule, loss) it runs the attack for all iterations on the same inputs and
 targets and reports the iterations to the first flip (mean +- std), the time to compute the
 perturbation for all iterations per image (mean +- std over batches), per-iteration ms and
-images/s, and the L2/Linf perturbation at the first flip.  Trajectories feed Figs. 1-4.
+images/s, and the L2/Linf perturbation at the first flip.  Trajectories feed Figs. 1-4 (Fig. 5 is drawn from its own short runs).
 """
 
 from __future__ import annotations
