@@ -21,8 +21,9 @@ import time
 
 import torch
 
-from advfast import attacks, data, models, ops
-from advfast.timing import hardware_info
+from advfast import attacks, ops
+from advfast.engine.timing import hardware_info
+from advfast.io import models, selection
 
 
 def _sync(device: torch.device) -> None:
@@ -136,11 +137,10 @@ def _installed(name: str) -> bool:
 
 def settings(device: torch.device, tiny: bool):
     digits = models.load("digits", device=device)
-    x, y = data.digits("test")
     n = 16 if tiny else 64
-    x, y, index = data.correctly_classified(digits, x, y, n=n, device=device)
-    t = data.random_targets(y, 10, seed=0, index=index)
-    yield ("digits (1x8x8)", digits, x.to(device), t.to(device),
+    chosen, _ = selection.prepare(digits, selection.DigitsSource("test"), n, seed=0,
+                                  device=device)
+    yield ("digits (1x8x8)", digits, chosen.images.to(device), chosen.targets.to(device),
            {"cw": dict(c=1e-2, steps=10 if tiny else 100, lr=1e-2, search=2 if tiny else 5),
             "cw1": dict(c=1.0, steps=10 if tiny else 100, lr=1e-2, search=1),
             "lbfgs": dict(b=1e-2, steps=10 if tiny else 50, search=2 if tiny else 6),

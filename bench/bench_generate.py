@@ -20,8 +20,9 @@ import time
 import torch
 
 import advfast
-from advfast import data, models, ops
-from advfast.attack import frozen
+from advfast import ops
+from advfast.engine import frozen
+from advfast.io import models, selection
 
 
 def fixed_batches(model, images, target, source, batch, iterations, beta) -> tuple[float, int]:
@@ -77,10 +78,10 @@ def main() -> None:
     n_digits, n_resnet, size = (32, 4, 16) if args.tiny else (1024, 128, 64)
     settings = []
     digits = models.load("digits", device=device)
-    x, y = data.digits("all")
-    x, y, index = data.correctly_classified(digits, x, y, n=n_digits, device=device)
-    settings.append(("digits (1x8x8)", digits, x.to(device), y.to(device),
-                     data.random_targets(y, 10, seed=0, index=index).to(device),
+    chosen, _ = selection.prepare(digits, selection.DigitsSource("all"), n_digits, seed=0,
+                                  device=device)
+    settings.append(("digits (1x8x8)", digits, chosen.images.to(device),
+                     chosen.labels.to(device), chosen.targets.to(device),
                      min(256, n_digits), 250, 0.1))
     torch.manual_seed(0)
     resnet = models.load("resnet18", device=device)

@@ -3,7 +3,7 @@
 For each image shape and each step variant (equal multiplier / equal perturbation, raw
 gradient / its sign) it times, in one process:
   * ``perturb_step_``,
-  * the eager reference chain (advfast.reference.perturb_step_),
+  * the eager reference chain (advfast.ops.reference.perturb_step_),
   * torch.compile of that chain,
   * one ``x.copy_(grad)``: the memory floor (read one tensor, write one),
 and ``loss_head`` against its eager reference on [B, 1000] logits.  Ratios are to the copy
@@ -21,7 +21,8 @@ import platform
 import torch
 from torch.utils import benchmark
 
-from advfast import ops, reference
+from advfast import ops
+from advfast.ops import reference
 
 SHAPES = [(8, 3, 224, 224), (32, 3, 64, 64), (256, 3, 32, 32)]
 TINY_SHAPES = [(2, 3, 16, 16)]  # --tiny: the same steps in seconds (the GPU check's CPU mode)

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from advfast import ops, reference
+from advfast import ops
+from advfast.ops import reference
 from conftest import CUDA, DEVICES
 
 compiled = pytest.mark.skipif(ops.backend() == "reference", reason="compiled library missing")

@@ -8,7 +8,7 @@ from torch import nn
 
 import advfast
 from advfast import ops
-from advfast.attack import TRAJECTORY
+from advfast.engine import TRAJECTORY
 from conftest import CUDA
 
 RULES = {"equal-multiplier": dict(alpha=0.02), "equal-perturbation": dict(beta=1.0)}

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from advfast import cli, data, models
+from advfast.io import datasets
 
 
 def test_table1_end_to_end(tmp_path, capsys):
@@ -46,7 +47,7 @@ def test_attack_command_on_a_folder(tmp_path):
         pixels = (torch.rand(32, 32, 3, generator=gen) * 255).byte()
         Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
         with Image.open(folder / f"{i}.png") as img:
-            x = data.imagenet_eval_transform(32)(img.convert("RGB"))[None]
+            x = datasets.imagenet_eval_transform(32)(img.convert("RGB"))[None]
         with torch.no_grad():  # label every image with the model's own answer: all "correct"
             rows.append(f"{i}.png,{int(model(x).argmax())}")
     (folder / "labels.csv").write_text("\n".join(rows) + "\n")

@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from advfast import cli, detect
+from advfast import cli
+from advfast.experiments import detect
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import torch
 
 import advfast
 from advfast import cli, data, models
+from advfast.io import datasets
 from conftest import list_feed
 from test_attack import small_model
 
@@ -117,7 +118,7 @@ def test_corrupt_image_is_skipped_and_recorded(tmp_path):
         Image.fromarray((torch.rand(16, 16, 3, generator=gen) * 255).byte().numpy()).save(
             folder / f"{i}.png")
         with Image.open(folder / f"{i}.png") as img:
-            x = data.imagenet_eval_transform(16)(img.convert("RGB"))[None]
+            x = datasets.imagenet_eval_transform(16)(img.convert("RGB"))[None]
         with torch.no_grad():
             rows.append(f"{i}.png,{int(model(x).argmax())}")
     (folder / "broken.png").write_bytes(b"\x89PNG but not really")
@@ -229,7 +230,7 @@ def _full_disk(monkeypatch, after_writes=0):
     """Every shard write after the first ``after_writes`` fails half-way with ENOSPC."""
     import errno
 
-    from advfast import shards
+    from advfast.io import shards
 
     real, calls = shards.write_bytes, []
 
@@ -262,6 +263,6 @@ def test_full_disk_stops_cleanly_and_never_hangs(tmp_path, monkeypatch, capsys, 
     err = capsys.readouterr().err
     assert "No space left on device" in err and len(err.strip().splitlines()) == 1
     assert not _unfinished(out)
-    from advfast import shards
+    from advfast.io import shards
 
     assert not shards.shard_problems(str(out), shards.recorded_rows(str(out)))

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from advfast import data, inputs, models
+from advfast import data
+from advfast.io import datasets, models, selection
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +87,7 @@ def _write_images(folder, count, size=(12, 10), seed=0):
 def test_image_folder_layout(tmp_path):
     _write_images(tmp_path / "b_class", 2)
     _write_images(tmp_path / "a_class", 3)
-    ds = data.ImageFiles(str(tmp_path), transform=data.imagenet_eval_transform(8))
+    ds = datasets.ImageFiles(str(tmp_path), transform=datasets.imagenet_eval_transform(8))
     assert len(ds) == 5
     assert [ds[i].label for i in range(5)] == [0, 0, 0, 1, 1]  # classes in sorted order
     assert ds[0].image.shape == (3, 8, 8) and 0 <= ds[0].image.min() <= ds[0].image.max() <= 1
@@ -108,37 +109,37 @@ def test_flat_folder_with_labels_csv_and_corrupt_image(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     rows = ["filename,label"] + [f"{os.path.basename(p)},{i + 4}" for i, p in enumerate(paths)]
     (tmp_path / "labels.csv").write_text("\n".join(rows + ["broken.png,1"]) + "\n")
-    ds = data.ImageFiles(str(tmp_path), transform=data.imagenet_eval_transform(8))
+    ds = datasets.ImageFiles(str(tmp_path), transform=datasets.imagenet_eval_transform(8))
     assert [ds[i].label for i in range(4)] == [4, 5, 6, 1]
     assert ds[3].image is None and "unreadable" in ds[3].reason  # reported, not raised
-    source = inputs.source_for(Constant(), str(tmp_path), image_size=8)
-    chosen = inputs.select(Constant(), source, None, batch_size=2)
+    source = selection.source_for(Constant(), str(tmp_path), image_size=8)
+    chosen = selection.select(Constant(), source, None, batch_size=2)
     assert [r["index"] for r in chosen.work] == [1] and chosen.work[0]["label"] == 5
     assert [r["path"] for r in chosen.skipped] == [str(tmp_path / "broken.png")]
 
 
 def test_missing_folder_and_bad_csv(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        data.ImageFiles(str(tmp_path / "nope"))
+        datasets.ImageFiles(str(tmp_path / "nope"))
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="is a file"):
-        data.ImageFiles(str(tmp_path / "file"))
+        datasets.ImageFiles(str(tmp_path / "file"))
     (tmp_path / "labels.csv").write_text("filename,label\na.png,cat\n")
     with pytest.raises(ValueError, match="filename,label"):
-        data.ImageFiles(str(tmp_path))
+        datasets.ImageFiles(str(tmp_path))
     (tmp_path / "labels.csv").write_text("a.png,1\nb.png,2\na.png,3\n")
     with pytest.raises(ValueError, match="listed twice"):
-        data.ImageFiles(str(tmp_path))
+        datasets.ImageFiles(str(tmp_path))
 
 
 def test_labels_csv_with_bom_and_out_of_range_labels(tmp_path):
     paths = _write_images(tmp_path, 2)
     names = [os.path.basename(p) for p in paths]
     (tmp_path / "labels.csv").write_bytes(f"\ufeff{names[0]},1\n{names[1]},2\n".encode())
-    ds = data.ImageFiles(str(tmp_path), transform=data.imagenet_eval_transform(8))
+    ds = datasets.ImageFiles(str(tmp_path), transform=datasets.imagenet_eval_transform(8))
     assert ds[0].image is not None and ds[0].label == 1  # the BOM is not part of the name
     with pytest.raises(ValueError, match="label 2, outside the model's classes"):
-        data.ImageFiles(str(tmp_path), num_classes=2)
+        datasets.ImageFiles(str(tmp_path), num_classes=2)
 
 
 def test_bad_files_are_skipped_with_their_name(tmp_path):
@@ -149,7 +150,7 @@ def test_bad_files_are_skipped_with_their_name(tmp_path):
     odd = os.fsencode(str(tmp_path / "a")) + b"/caf\xe9.png"
     with open(odd, "wb") as f:
         f.write((tmp_path / "a" / "img0.png").read_bytes())
-    ds = data.ImageFiles(str(tmp_path), transform=data.imagenet_eval_transform(8))
+    ds = datasets.ImageFiles(str(tmp_path), transform=datasets.imagenet_eval_transform(8))
     by_reason = {os.path.basename(ds[i].path): ds[i].reason for i in range(len(ds))}
     assert "DecompressionBomb" in by_reason["bomb.png"]
     assert by_reason["caf\\xe9.png"] == "file name is not valid UTF-8"
@@ -158,40 +159,39 @@ def test_bad_files_are_skipped_with_their_name(tmp_path):
 
 def test_grey_model_reads_colour_files_as_grey(tmp_path):
     _write_images(tmp_path / "cls", 2)
-    source = inputs.source_for(Constant(channels=1), str(tmp_path), image_size=8)
+    source = selection.source_for(Constant(channels=1), str(tmp_path), image_size=8)
     assert source[0].image.shape == (1, 8, 8)
 
 
-def test_correctly_classified_keeps_order_and_n(digits_model):
-    images, labels = data.digits("test")
-    x, y, idx = data.correctly_classified(digits_model, images, labels, n=50, batch_size=16)
-    assert len(idx) == 50 and torch.all(idx[1:] > idx[:-1])
-    assert torch.equal(labels[idx], y) and torch.equal(images[idx], x)
+def test_prepare_keeps_index_order_and_n_and_only_correct_predictions(digits_model):
+    source = selection.DigitsSource("test")
+    chosen, skipped = selection.prepare(digits_model, source, 50, seed=0, batch_size=16)
+    idx = chosen.index
+    assert len(idx) == 50 and torch.all(idx[1:] > idx[:-1]) and not skipped
+    images, labels = data.digits("all")
+    assert torch.equal(labels[idx], chosen.labels) and torch.equal(images[idx], chosen.images)
     with torch.no_grad():
-        assert torch.equal(digits_model(x).argmax(1), y)
+        assert torch.equal(digits_model(chosen.images).argmax(1), chosen.labels)
 
 
-def test_random_targets_are_seeded_keyed_by_index_and_never_the_label():
-    labels = torch.randint(0, 10, (1000,))
-    t1 = data.random_targets(labels, 10, seed=3)
-    assert torch.equal(t1, data.random_targets(labels, 10, seed=3))
-    assert not torch.equal(t1, data.random_targets(labels, 10, seed=4))
-    assert (t1 != labels).all() and t1.min() >= 0 and t1.max() <= 9
-    assert len(t1.unique()) == 10
-    # keyed by index: a subset in another order gets the same targets
-    pick = torch.tensor([900, 3, 517])
-    assert torch.equal(data.random_targets(labels[pick], 10, seed=3, index=pick), t1[pick])
+def test_random_target_is_seeded_keyed_by_index_and_never_the_label():
+    labels = torch.randint(0, 10, (1000,)).tolist()
+    t1 = [selection.random_target(i, y, 10, seed=3) for i, y in enumerate(labels)]
+    assert t1 == [selection.random_target(i, y, 10, seed=3) for i, y in enumerate(labels)]
+    assert t1 != [selection.random_target(i, y, 10, seed=4) for i, y in enumerate(labels)]
+    assert all(t != y and 0 <= t <= 9 for t, y in zip(t1, labels))
+    assert len(set(t1)) == 10
 
 
 def test_digits_source_uses_the_held_out_split_in_index_order(digits_model):
-    source = inputs.DigitsSource("test")
+    source = selection.DigitsSource("test")
     indices = [source.index_of(k) for k in range(len(source))]
     assert len(indices) == 360 and indices == sorted(indices)
-    assert set(indices) == set(data.digits_split_indices("test").tolist())
-    assert not set(indices) & set(data.digits_split_indices("train").tolist())
+    assert set(indices) == set(datasets.digits_split_indices("test").tolist())
+    assert not set(indices) & set(datasets.digits_split_indices("train").tolist())
     images, labels = data.digits("all")
     sample = source[7]
     assert torch.equal(sample.image, images[sample.index]) and sample.label == labels[sample.index]
-    selection = inputs.select(digits_model, source, 20, seed=1)
-    for row in selection.work:
-        assert row["target"] == data.random_target(row["index"], row["label"], 10, 1)
+    chosen = selection.select(digits_model, source, 20, seed=1)
+    for row in chosen.work:
+        assert row["target"] == selection.random_target(row["index"], row["label"], 10, 1)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from advfast import ops, reference
+from advfast import ops
+from advfast.ops import reference
 from conftest import DEVICES
 
 RULES = [dict(alpha=5e-3), dict(beta=2.0)]

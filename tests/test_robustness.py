@@ -16,7 +16,10 @@ import pytest
 import torch
 
 import advfast
-from advfast import cli, data, generate, inputs, models, shards, table1
+from advfast import cli, data, models
+from advfast.experiments import table1
+from advfast.io import datasets, selection, shards
+from advfast.tools import generate
 from test_attack import small_model
 
 FAST = ["--n", "30", "--iterations", "30", "--beta", "0.5", "--batch-size", "8",
@@ -132,7 +135,7 @@ def test_05_config_is_written_first_and_identity_is_checked(tmp_path, capsys, mo
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # the run dies during selection
 
-    monkeypatch.setattr(inputs, "select", killed)
+    monkeypatch.setattr(selection, "select", killed)
     assert run(["generate", "--out", out, *FAST], capsys)[0] == 130
     monkeypatch.undo()
     assert (out / "config.json").exists() and not (out / "selection.json").exists()
@@ -176,7 +179,7 @@ def _folder(tmp_path, count=6, size=16):
         Image.fromarray((torch.rand(size, size, 3, generator=gen) * 255).byte().numpy()).save(
             folder / f"{i}.png")
         with Image.open(folder / f"{i}.png") as img:
-            x = data.imagenet_eval_transform(size)(img.convert("RGB"))[None]
+            x = datasets.imagenet_eval_transform(size)(img.convert("RGB"))[None]
         with torch.no_grad():
             rows.append(f"{i}.png,{int(model(x).argmax())}")
     return folder, rows
@@ -321,7 +324,7 @@ def test_12_table1_timing_excludes_start_up():
     x = torch.rand(8, 1, 8, 8)
     labels = model(x).argmax(1)
     model.started = False
-    chosen = inputs.AttackInputs(x, labels, torch.arange(8), [""] * 8,
+    chosen = selection.AttackInputs(x, labels, torch.arange(8), [""] * 8,
                                  (labels + 1) % 10, 10)
     cells = table1.run(model, chosen, iterations=5, alpha=0.01, beta=0.5, batch_size=8,
                        device=torch.device("cpu"), quiet=True)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from advfast import cli, toy
+from advfast import cli
+from advfast.experiments import toy
 
 
 @pytest.fixture(scope="module")

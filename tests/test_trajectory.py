@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from advfast import ops, reference
+from advfast import ops
+from advfast.ops import reference
 from conftest import DEVICES
 
 STEPS = 50

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from . import ops
-from .attack import STEPS, TRAJECTORY, Attack
-from .inputs import AttackInputs
-from .outputs import OutputFolder, write_durably, write_json
+from advfast import ops
+from advfast.attacks.eq11 import STEPS, Eq11
+from advfast.engine.core import TRAJECTORY
+from advfast.io.files import OutputFolder, write_durably, write_json
+from advfast.io.selection import AttackInputs
 
 FILES = ("table1.json", "table1.csv", "samples.csv")
 # Iterations of the untimed warm-up run (first-call costs: allocator, kernels, caches).
@@ -68,7 +69,7 @@ def _plus_minus(mean: float, std: float, spec: str, std_spec: str) -> str:
     return f"{mean:{spec}}" if math.isnan(std) else f"{mean:{spec}} ± {std:{std_spec}}"
 
 
-def warm_up(attacks: list[Attack], inputs: AttackInputs, batch_size: int,
+def warm_up(attacks: list[Eq11], inputs: AttackInputs, batch_size: int,
             device: torch.device) -> None:
     """One short untimed run of every attack on the first and the last batch, so that no
     cell's time includes start-up (first calls, memory allocation, lazy initialisation, and
@@ -89,9 +90,10 @@ def run(model: torch.nn.Module, inputs: AttackInputs, *, iterations: int, alpha:
     n = len(inputs.labels)
     starts = list(range(0, n, batch_size))
     cells = []
-    attacks = {(step, loss): Attack(model, loss=loss, step=step, alpha=alpha, beta=beta,
-                                    iterations=iterations, kappa=kappa, amp=amp, record=True,
-                                    compile=compile)
+    rule = {"equal-multiplier": {"alpha": alpha}, "equal-perturbation": {"beta": beta}}
+    attacks = {(step, loss): Eq11(model, loss=loss, step=step, **rule[step],
+                                  iterations=iterations, kappa=kappa, amp=amp, record=True,
+                                  compile=compile)
                for step in STEPS for loss in ops.LOSSES}
     warm_up(list(attacks.values()), inputs, batch_size, device)
     bar = tqdm(total=len(STEPS) * len(ops.LOSSES) * len(starts), desc="Table I", unit="batch",

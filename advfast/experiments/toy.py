@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import ops
-from .attack import Attack
+from advfast import ops
+from advfast.attacks.eq11 import Eq11
 
 TARGET = 1  # make_circles labels the inner circle 1
 LOSSES = ops.LOSSES
@@ -151,8 +151,8 @@ def trajectories(model: nn.Module, points: torch.Tensor, labels: torch.Tensor, c
     out = {}
     for loss in LOSSES:
         x, path = x0.clone(), [x0.clone()]
-        attack = Attack(wrapped, loss=loss, step="equal-perturbation", beta=beta, iterations=1,
-                        record=False)
+        attack = Eq11(wrapped, loss=loss, step="equal-perturbation", beta=beta, iterations=1,
+                      record=False)
         for _ in range(iterations):
             x = attack(x, target).adversarial
             path.append(x)
@@ -179,7 +179,7 @@ def figure(grid: Grids, paths: dict[str, np.ndarray], points: torch.Tensor,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .figures import COLORS
+    from advfast.experiments.figures import COLORS
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
     extent = (-1, 1, -1, 1)
@@ -213,9 +213,9 @@ FILES = ("fig6.png", "toy.npz", "toy.json")
 
 def run(out, steps: int = 201, seed: int = 0) -> dict:
     """Trains the toy network, computes the grids, the check and the trajectories, and writes
-    fig6.png, toy.npz and toy.json into ``out`` (an :class:`advfast.outputs.OutputFolder`);
+    fig6.png, toy.npz and toy.json into ``out`` (an :class:`advfast.io.files.OutputFolder`);
     returns the check."""
-    from .outputs import write_durably, write_json
+    from advfast.io.files import write_durably, write_json
 
     points, labels = circles(seed=seed)
     model = train(points, labels, seed=seed)

@@ -1,24 +1,22 @@
-"""The attack engine: one iteration, written once, and the two drivers that repeat it.
+"""The attack engine: one iteration, written once (:class:`Engine`).
 
 An iteration (:meth:`Engine.iterate`) is
 
     forward -> ops.loss_head -> gradient w.r.t. the input only -> optimiser update (-> record)
 
-over :class:`Rows`, the samples on the device.  Three pluggable parts decide the rest:
+over :class:`advfast.engine.rows.Rows`, the samples on the device.  Three pluggable parts
+decide the rest:
 
-* the **optimiser** (:mod:`advfast.optim`) owns the iterate ``x`` and any per-sample state
-  (Adam moments, an L-BFGS history); the engine gathers and scatters that state with every
-  other row field when samples leave or join the batch;
-* the **control** (:mod:`advfast.control`) decides, per sample, when it stops (iteration cap,
-  stop rule) or, for attacks with an outer search over a constant (CW's c, L-BFGS's b), when
-  its inner run ends and it restarts from its clean image with a new constant, keeping its best
-  result;
+* the **optimiser** (:mod:`advfast.engine.optim`) owns the iterate ``x`` and its own typed
+  per-sample record ``rows.optim`` (Adam moments, an L-BFGS history), gathered with every
+  other field when samples leave or join the batch; it reports when its run has converged;
+* the **control** (:mod:`advfast.engine.control`) alone decides, per sample, when it stops
+  (iteration cap, stop rule) or, for attacks with an outer search over a constant (CW's c,
+  L-BFGS's b), when its inner run ends and it restarts from its clean image with a new
+  constant, keeping its best result;
 * the **head** (loss, kappa, kappa_mode, threshold) of :func:`advfast.ops.loss_head`.
 
-Drivers: :func:`run_fixed` (every sample runs the same number of iterations; no host
-synchronisation at all) and :func:`run_stream` (continuous batching: every ``compact_every``
-iterations the finished samples leave with one index gather and new ones take their slots; the
-only host synchronisation).
+The drivers that repeat the iteration are in :mod:`advfast.engine.drivers`.
 """
 
 from __future__ import annotations
@@ -31,8 +29,10 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from . import ops
-from .timing import PhaseTimer
+from advfast import ops
+from advfast.engine.rows import Rows
+from advfast.engine.timing import PhaseTimer
+from advfast.errors import InvalidValue
 
 AMPS = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Per-iteration records: the first seven come from loss_head's stats, p_l1 from the step.
@@ -57,78 +57,11 @@ class Head:
     threshold: float = 0.9
 
 
-class Rows:
-    """The samples on the device, one row each.  Every field is a tensor whose first dimension
-    is the row: ``key`` (the caller's id), ``x`` (the image the model sees: a leaf that
-    requires grad), ``x0``, ``target``, ``source``, the engine's bookkeeping and whatever
-    fields the optimiser and the control add."""
-
-    def __init__(self, fields: dict[str, torch.Tensor]) -> None:
-        object.__setattr__(self, "_fields", fields)
-
-    def __getattr__(self, name: str) -> torch.Tensor:
-        try:
-            return self._fields[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def __setattr__(self, name: str, value: torch.Tensor) -> None:
-        self._fields[name] = value
-
-    def __len__(self) -> int:
-        return len(self._fields["key"])
-
-    def take(self, index: torch.Tensor) -> Rows:
-        """The rows at ``index``, every field gathered with that one index."""
-        fields = {name: value.index_select(0, index) for name, value in self._fields.items()}
-        return Rows(_with_leaf_x(fields, self.x))
-
-    @staticmethod
-    def cat(a: Rows, b: Rows) -> Rows:
-        fields = {name: torch.cat([value, b._fields[name]]) for name, value in a._fields.items()}
-        return Rows(_with_leaf_x(fields, a.x))
-
-
-def _with_leaf_x(fields: dict[str, torch.Tensor], like: torch.Tensor) -> dict[str, torch.Tensor]:
-    """x as a fresh leaf that requires grad; every image-shaped field in the memory format of
-    ``like`` (the fused ops then need no copies)."""
-    channels_last = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) \
-        and not like.is_contiguous()
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    for name, value in fields.items():
-        if value.dim() == like.dim() and value.shape[1:] == like.shape[1:]:
-            fields[name] = value.detach().contiguous(memory_format=layout)
-    fields["x"].requires_grad_(True)
-    return fields
-
-
-def start_rows(key: torch.Tensor, x0: torch.Tensor, target: torch.Tensor,
-               source: torch.Tensor) -> Rows:
-    """New rows at their clean images, with the engine's bookkeeping fields."""
-    b, device = len(key), x0.device
-    nan = torch.full((b,), float("nan"), device=device)
-    zeros = torch.zeros(b, dtype=torch.int64, device=device)
-    return Rows({
-        "key": key, "x": x0.clone().requires_grad_(True), "x0": x0, "target": target,
-        "source": source,
-        "age": zeros,                                    # steps applied
-        "first_flip": torch.full((b,), -1, dtype=torch.int64, device=device),
-        "flip_norms": torch.full((b, 3), float("nan"), device=device),
-        "norms": torch.zeros((b, 3), device=device),     # L1, L2, Linf of x - x0
-        "target_prob": nan, "subspace": nan.clone(),
-        "hit": torch.zeros(b, dtype=torch.bool, device=device),
-        "failure": zeros.clone(),
-        "done": torch.zeros(b, dtype=torch.bool, device=device),    # finished: leaves the batch
-        "paused": torch.zeros(b, dtype=torch.bool, device=device),  # inner run over: waits
-        "ghost": torch.zeros(b, dtype=torch.bool, device=device),   # padding (compiled streams)
-    })
-
-
 class Optimizer(Protocol):
-    """The per-sample update rule (see :mod:`advfast.optim`)."""
+    """The per-sample update rule (see :mod:`advfast.engine.optim`)."""
 
     def begin(self, rows: Rows) -> None:
-        """Sets ``rows.x`` to each new row's starting point and adds the state fields."""
+        """Sets ``rows.x`` to each new row's starting point and ``rows.optim`` to its record."""
 
     def step(self, rows: Rows, grad: torch.Tensor, head: torch.Tensor,
              active: torch.Tensor | None) -> torch.Tensor:
@@ -136,25 +69,29 @@ class Optimizer(Protocol):
         rows where ``active`` is False are left as they are.  Returns [B, 4] float32
         ``ops.STEP_STATS`` of the updated images."""
 
-    def restart(self, rows: Rows, mask: torch.Tensor) -> None:
-        """Puts the rows in ``mask`` back at their starting point with fresh state (and their
-        ``norms`` to those of that point)."""
+    def converged(self, rows: Rows) -> torch.Tensor | None:
+        """[B] bool: the rows whose run the last step ended by the optimiser's own criteria
+        (None: it has none).  The control decides what follows."""
 
-    def candidate(self, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
-        """The images an inner run settled on, and whether each was predicted as the target
-        (for searches that judge a run by where it ends)."""
+    def restart(self, rows: Rows, mask: torch.Tensor) -> None:
+        """Puts the rows in ``mask`` back at their starting point with a fresh record (and
+        their ``norms`` to those of that point)."""
 
 
 class Control(Protocol):
-    """When each sample stops or restarts (see :mod:`advfast.control`).  A row whose inner run
-    ended sets ``rows.paused`` (it takes no step) and waits for the next ``boundary``."""
+    """When each sample stops or restarts (see :mod:`advfast.engine.control`): the one party
+    that sets ``rows.done`` and ``rows.paused``.  A paused row takes no step and waits for the
+    next ``boundary``."""
 
     def begin(self, rows: Rows) -> None:
-        """Adds the control's fields to new rows."""
+        """Sets ``rows.control`` (and ``rows.constant``) of new rows."""
 
     def after_head(self, rows: Rows, head: torch.Tensor) -> None:
         """Marks in ``rows.done`` (or ``rows.paused``) the rows that take no step from the
         images just observed."""
+
+    def after_step(self, rows: Rows, optimizer: Optimizer) -> None:
+        """Takes in what the optimiser reports after its step (its converged rows)."""
 
     def boundary(self, rows: Rows, optimizer: Optimizer) -> None:
         """Every ``compact_every`` iterations, before finished rows leave: restarts paused
@@ -218,7 +155,7 @@ class Engine:
         self.control.begin(rows)
         return rows
 
-    def observe(self, rows: Rows, n: int, phase: str) -> tuple[torch.Tensor, torch.Tensor,
+    def forward_head(self, rows: Rows, n: int, phase: str) -> tuple[torch.Tensor, torch.Tensor,
                                                                  torch.Tensor]:
         """Forward and loss head on the current images; returns (logits, seed, head stats).
         (Compiled, the two are one graph and their time counts as the forward's.)"""
@@ -233,7 +170,7 @@ class Engine:
                 h = self.head
                 seed, head = ops.loss_head_unchecked(logits.detach(), rows.target, rows.source,
                                                      h.loss, h.kappa, h.kappa_mode, h.threshold)
-            _observe(rows, head)
+            record_head(rows, head)
             if self.trajectory is not None:
                 self.trajectory[..., :-1].index_put_((rows.age, rows.key),
                                                      head.index_select(1, self.head_columns))
@@ -253,7 +190,7 @@ class Engine:
     def iterate(self, rows: Rows, n: int, controlled: bool = True) -> None:
         """Iteration n over ``rows``.  With ``controlled`` the control stops and restarts
         rows (and stopped rows take no step); without it every row steps (run_fixed)."""
-        logits, seed, head = self.observe(rows, n, "forward")
+        logits, seed, head = self.forward_head(rows, n, "forward")
         with self.timer.phase(n, "head"):
             if controlled:
                 rows.done = rows.done | (rows.failure > 0)
@@ -263,6 +200,8 @@ class Engine:
             (grad,) = torch.autograd.grad(logits, rows.x, seed.to(logits.dtype))
         with self.timer.phase(n, "update"), torch.no_grad():
             stats = self.optimizer.step(rows, grad, head, active)
+            if controlled:
+                self.control.after_step(rows, self.optimizer)
             rows.norms = stats[:, 1:]
             if self.trajectory is not None:
                 p_l1 = torch.where(active, stats[:, 0], float("nan"))
@@ -270,7 +209,7 @@ class Engine:
             rows.age = rows.age + active.long()
 
 
-def _observe(rows: Rows, head: torch.Tensor) -> None:
+def record_head(rows: Rows, head: torch.Tensor) -> None:
     """Takes in loss_head's stats of the current images X_age: the first flip and the norms
     there, and stops a row whose logits are not finite."""
     rows.hit = head[:, COLUMN["hit"]] > 0.5
@@ -281,104 +220,6 @@ def _observe(rows: Rows, head: torch.Tensor) -> None:
     newly = rows.hit & (rows.first_flip < 0) & ~nonfinite
     rows.first_flip = torch.where(newly, rows.age, rows.first_flip)
     rows.flip_norms = torch.where(newly[:, None], rows.norms, rows.flip_norms)
-
-
-def run_fixed(engine: Engine, rows: Rows, iterations: int) -> int:
-    """Every row takes ``iterations`` steps, then one forward observes the final images.  No
-    host synchronisation.  Returns the number of iterations."""
-    for n in range(iterations):
-        engine.iterate(rows, n, controlled=False)
-    engine.observe(rows, iterations, "check")
-    return iterations
-
-
-Feed = Callable[[int], "Rows | None"]
-Accept = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def buckets(capacity: int) -> list[int]:
-    """The batch sizes a compiled stream pads to: capacity and the powers of two below it."""
-    sizes = {capacity}
-    size = 1
-    while size < capacity:
-        sizes.add(size)
-        size *= 2
-    return sorted(sizes)
-
-
-class Stream:
-    """Continuous batching: iterates over groups of finished rows; ``iterations`` and
-    ``samples`` count what ran (set once the stream is exhausted).
-
-    Finished rows leave every ``compact_every`` iterations, and also as soon as every row is
-    surely finished: a row takes at most ``horizon`` iterations after it joins.  With
-    ``pad_to`` (batch sizes, for a compiled engine) the batch is topped up to the smallest
-    size that holds it with ghost rows: finished copies that take no step and are never
-    reported, keyed ``ghost_key``."""
-
-    def __init__(self, engine: Engine, feed: Feed, capacity: int, compact_every: int,
-                 horizon: int, accept: tuple[Accept, Callable[[Rows], torch.Tensor]] | None = None,
-                 pad_to: list[int] | None = None, ghost_key: int = -1) -> None:
-        self.engine, self.feed, self.capacity = engine, feed, capacity
-        self.compact_every, self.horizon, self.accept = compact_every, horizon, accept
-        self.pad_to, self.ghost_key = pad_to, ghost_key
-        self.iterations = self.samples = 0
-        self._deadline = 0
-        self._fed_all = False  # the feed has said it has no more
-
-    def __iter__(self) -> Iterator[Rows]:
-        n = 0
-        rows = self._pad(self._refill(None, n))
-        while rows is not None and len(rows):
-            self.engine.iterate(rows, n)
-            n += 1
-            if n % self.compact_every and n < self._deadline:
-                continue
-            self.engine.control.boundary(rows, self.engine.optimizer)
-            if self.accept is not None:
-                self._ask_accept(rows)
-            # 0: going on, 1: finished, 2: ghost; one host synchronisation every K iterations
-            status = rows.done.long() + rows.ghost.long()
-            live, finished, _ = torch.bincount(status, minlength=3).tolist()
-            if not finished and (self._fed_all or live == self.capacity):
-                continue  # nothing leaves and nothing can join: keep the rows as they are
-            order = torch.argsort(status, stable=True)
-            if finished:
-                yield rows.take(order[live:live + finished])
-            rows = self._pad(self._refill(rows.take(order[:live]), n))
-        self.iterations = n
-
-    def _pad(self, rows: Rows | None) -> Rows | None:
-        if self.pad_to is None or rows is None or len(rows) == 0:
-            return rows
-        size = next(s for s in self.pad_to if s >= len(rows))
-        if size == len(rows):
-            return rows
-        ghosts = rows.take(torch.zeros(size - len(rows), dtype=torch.long,
-                                       device=rows.key.device))
-        ghosts.ghost = torch.ones_like(ghosts.ghost)
-        ghosts.done = torch.ones_like(ghosts.done)
-        ghosts.key = torch.full_like(ghosts.key, self.ghost_key)
-        return Rows.cat(rows, ghosts)
-
-    def _refill(self, rows: Rows | None, n: int) -> Rows | None:
-        room = self.capacity - (0 if rows is None else len(rows))
-        new = self.feed(room) if room > 0 and not self._fed_all else None
-        if new is None or len(new) == 0:
-            self._fed_all = self._fed_all or room > 0
-            return rows
-        self.samples += len(new)
-        self._deadline = max(self._deadline, n + self.horizon + 1)
-        new = self.engine.begin(new)
-        return new if rows is None else Rows.cat(rows, new)
-
-    def _ask_accept(self, rows: Rows) -> None:
-        """Rows that meet the stop rule finish only once ``accept`` takes their images."""
-        accept, waiting_of = self.accept
-        index = waiting_of(rows).nonzero()[:, 0]
-        if len(index):
-            ok = accept(rows.x.detach().index_select(0, index), rows.target.index_select(0, index))
-            rows.done = rows.done.index_put((index,), ok)
 
 
 @contextmanager
@@ -434,7 +275,7 @@ def trajectory_buffer(iterations: int, batch: int, device: torch.device) -> torc
     shape = (iterations + 1, batch, len(TRAJECTORY))
     size = 4 * shape[0] * shape[1] * shape[2]
     if size > MAX_TRAJECTORY_BYTES:
-        raise ValueError(f"recording the trajectory of {batch} samples over {iterations} "
+        raise InvalidValue(f"recording the trajectory of {batch} samples over {iterations} "
                          f"iterations needs {size / 2**30:.1f} GiB on {device}; record=False, "
                          "fewer iterations or smaller batches")
     return torch.full(shape, float("nan"), device=device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from advfast.errors import InvalidValue
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -15,12 +16,12 @@ def resolve_device(device: str | None) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError as err:
-        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from err
+        raise InvalidValue(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from err
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device} asked for, but no CUDA GPU is visible")
+            raise InvalidValue(f"device {device} asked for, but no CUDA GPU is visible")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device} asked for, but only {torch.cuda.device_count()} "
+            raise InvalidValue(f"device {device} asked for, but only {torch.cuda.device_count()} "
                              "GPUs are visible")
     return resolved
 
@@ -41,6 +42,6 @@ def set_threads(threads: int | None) -> int:
     """Sets torch's intra-op threads (default :func:`default_threads`); returns the number."""
     count = default_threads() if threads is None else threads
     if count < 1:
-        raise ValueError(f"threads must be at least 1, got {count}")
+        raise InvalidValue(f"threads must be at least 1, got {count}")
     torch.set_num_threads(count)
     return count

@@ -1,17 +1,10 @@
-"""Attacks on the engine, and the paper's scheme (Section V, Eqs. 11-16) as :class:`Attack`.
-
-    X_{n+1} = clip_[0,1](X_n + a_n * P_n)                                   (Eq. 11)
-
-P_n comes from the CE gradient (Eq. 12), its sign (IFGS, Eq. 13), the target logit (Eq. 14)
-or the Carlini-Wagner M-logit margin with kappa (Eqs. 15-16); a_n = alpha ("equal multiplier")
-or beta / sum|P_n| per sample ("equal perturbation").  :class:`EngineAttack` holds what every
-attack shares: input checks, the frozen model, the two drivers of :mod:`advfast.engine`, the
-results and their timing.
+"""The base of every attack: :class:`BaseAttack` holds what they share (input checks, the
+frozen model, the two drivers of :mod:`advfast.engine.drivers`, the results and their timing);
+an attack is a subclass that names its head, optimiser and control (:meth:`BaseAttack.parts`).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,18 +12,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import ops
-from .control import STOPS, StopRule
-from .engine import (AMPS, COMPILE_MODES, FAILURES, TRAJECTORY, Control, Engine, Head,
-                     Optimizer, Rows, Stream, autocast, buckets, compiled_forward_head, frozen,
-                     model_device, run_fixed, start_rows, trajectory_buffer)
-from .optim import PaperStep
-from .timing import PhaseTimer, Timing
+from advfast import ops
+from advfast.engine.core import (AMPS, COMPILE_MODES, FAILURES, TRAJECTORY, Control, Engine,
+                                 Head, Optimizer, autocast, compiled_forward_head, frozen,
+                                 model_device, trajectory_buffer)
+from advfast.engine.drivers import Stream, buckets, run_fixed
+from advfast.engine.rows import Rows, start_rows
+from advfast.engine.timing import PhaseTimer, Timing
+from advfast.errors import InvalidType, InvalidValue
 
-STEPS = ("equal-multiplier", "equal-perturbation")
 NORMS = ("l1", "l2", "linf")
-__all__ = ["Attack", "AttackResult", "EngineAttack", "Finished", "PerSample", "STEPS", "STOPS",
-           "TRAJECTORY", "NORMS", "FAILURES"]
+__all__ = ["AttackResult", "AttackStream", "BaseAttack", "Finished", "PerSample", "NORMS",
+           "TRAJECTORY", "FAILURES"]
 
 
 @dataclass
@@ -97,7 +90,7 @@ class AttackResult(PerSample):
 
 @dataclass
 class Finished(PerSample):
-    """Samples that left the device batch together (see :meth:`EngineAttack.stream`): the
+    """Samples that left the device batch together (see :meth:`BaseAttack.stream`): the
     :class:`PerSample` fields plus ``key``, the caller's id of each sample."""
 
     key: torch.Tensor
@@ -109,7 +102,7 @@ Feed = Callable[[int], "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
 Accept = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class EngineAttack:
+class BaseAttack:
     """What every attack on the engine shares.  A subclass says what its head, optimiser and
     control are (:meth:`parts`), how many iterations a sample can take at most
     (:attr:`horizon`) and whether every sample runs exactly that many (:attr:`fixed`).
@@ -138,13 +131,13 @@ class EngineAttack:
                  channels_last: bool = False, compact_every: int = 8,
                  time_phases: bool = True, compile: str | None = None) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise InvalidType(f"model must be a torch.nn.Module, got {type(model).__name__}")
         choice("amp", amp, tuple(AMPS))
         choice("compile", compile, COMPILE_MODES)
         self.compile = compile
         self._compiled: dict[torch.device, object] = {}  # one compiled forward per device
         if not (isinstance(compact_every, int) and compact_every >= 1):
-            raise ValueError(f"compact_every must be a positive integer, got {compact_every!r}")
+            raise InvalidValue(f"compact_every must be a positive integer, got {compact_every!r}")
         self.model, self.record, self.amp = model, record, amp
         self.channels_last, self.compact_every = channels_last, compact_every
         self.time_phases = time_phases
@@ -152,11 +145,12 @@ class EngineAttack:
     def parts(self, deferred: bool) -> tuple[Head, Optimizer, Control]:
         raise NotImplementedError
 
-    def _engine(self, device: torch.device, deferred: bool, batch: int | None = None) -> Engine:
-        """The engine for a call on ``batch`` samples, or for a stream (batch None).  A
-        trajectory has one more column than samples: where ghost rows write (compiled
-        streams)."""
-        head, optimizer, control = self.parts(deferred)
+    def _engine(self, device: torch.device, parts: tuple[Head, Optimizer, Control],
+                batch: int | None = None) -> Engine:
+        """The engine with ``parts`` for a call on ``batch`` samples, or for a stream (batch
+        None).  A trajectory has one more column than samples: where ghost rows write
+        (compiled streams)."""
+        head, optimizer, control = parts
         trajectory = (trajectory_buffer(self.horizon, batch + 1, device)
                       if self.record and batch is not None else None)
         if self.compile is not None and device not in self._compiled:
@@ -176,6 +170,12 @@ class EngineAttack:
                  source: torch.Tensor | None = None) -> AttackResult:
         """Attacks a batch: images [B, C, H, W] in [0, 1], target [B] int64, source [B] int64
         (default: the model's prediction on the clean images)."""
+        return self._run(images, target, source, self.parts(deferred=False))
+
+    def _run(self, images: torch.Tensor, target: torch.Tensor, source: torch.Tensor | None,
+             parts: tuple[Head, Optimizer, Control]) -> AttackResult:
+        """One call with the given head, optimiser and control (new for every call, so an
+        attack object keeps no state between calls)."""
         device = model_device(self.model)
         x0 = check_images(images).to(device, torch.float32)
         target = check_labels(target, "target", len(x0)).to(device)
@@ -188,7 +188,7 @@ class EngineAttack:
             source = logits.argmax(dim=1) if source is None else source
             ops._check_indices(target, logits.shape[1], "target")
             ops._check_indices(source, logits.shape[1], "source")
-            engine = self._engine(device, deferred=False, batch=len(x0))
+            engine = self._engine(device, parts, batch=len(x0))
             rows = start_rows(torch.arange(len(x0), device=device), x0, target, source)
             engine.timer.start()
             if len(rows) == 0:
@@ -223,7 +223,7 @@ class EngineAttack:
         each sample alone (eval mode: samples do not interact).
         """
         if not (isinstance(capacity, int) and capacity >= 1):
-            raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
+            raise InvalidValue(f"capacity must be a positive integer, got {capacity!r}")
         return AttackStream(self, feed, capacity, accept)
 
     def _autocast(self, device: torch.device):
@@ -265,10 +265,10 @@ class EngineAttack:
 
 
 class AttackStream:
-    """The finished groups of :meth:`EngineAttack.stream`, in completion order; ``timing``
+    """The finished groups of :meth:`BaseAttack.stream`, in completion order; ``timing``
     once exhausted."""
 
-    def __init__(self, attack: EngineAttack, feed: Feed, capacity: int,
+    def __init__(self, attack: BaseAttack, feed: Feed, capacity: int,
                  accept: Accept | None) -> None:
         self.attack, self.feed, self.capacity, self.accept = attack, feed, capacity, accept
         self.timing: Timing | None = None
@@ -276,7 +276,7 @@ class AttackStream:
     def __iter__(self) -> Iterator[Finished]:
         attack = self.attack
         device = model_device(attack.model)
-        engine = attack._engine(device, deferred=self.accept is not None)
+        engine = attack._engine(device, attack.parts(deferred=self.accept is not None))
         classes: list[int] = []
 
         def rows_from_feed(k: int) -> Rows | None:
@@ -310,112 +310,45 @@ def _once(rows: Rows) -> Callable[[int], Rows | None]:
     return lambda k: given.pop() if given else None
 
 
-class Attack(EngineAttack):
-    """The paper's scheme (Eq. 11): a targeted attack on ``model`` (images in [0, 1] ->
-    logits) with one of the four perturbation sources under one of the two step rules.
-
-    Args:
-        loss: "ce" (Eq. 12), "ce-sign" (IFGS, Eq. 13), "logit" (Eq. 14), "m-logit" (CW, Eq. 15).
-        step: "equal-multiplier" (a_n = alpha) or "equal-perturbation" (a_n = beta / sum|P_n|).
-        beta, alpha: the step parameters (paper, ImageNet: beta = 5, alpha = 5e-4); only the
-            one of the chosen rule is used.
-        iterations: steps to run (paper: 250).
-        kappa, kappa_mode: the M-logit margin (paper: 20) and what happens beyond it, see
-            :func:`advfast.ops.loss_head`.
-        eps: optional Linf radius around the clean image (IFGS's Clip_{X,eps}, Eq. 2).
-        stop: "never" (all iterations, as the paper's trajectories), "flip" (a sample stops once
-            predicted as the target) or "confidence" (once in D3).
-        threshold: the D1/D2/D3 confidence threshold (Definition IV.1, 0.9).
-        record: keep the per-iteration trajectory (default True here).
-        random_start: start from a uniform draw in the eps ball (with eps: PGD).
-        amp, channels_last, compact_every, time_phases, compile: see :class:`EngineAttack`.
-
-    With stop="never" every sample runs all iterations and the loop never synchronises with the
-    host; with a stop rule, finished samples are masked at once and leave the batch every
-    ``compact_every`` iterations.
-    """
-
-    def __init__(self, model: nn.Module, loss: str = "ce", step: str = "equal-perturbation",
-                 beta: float = 5.0, alpha: float = 5e-4, iterations: int = 250,
-                 kappa: float = 20.0, kappa_mode: str = "clamp", eps: float | None = None,
-                 stop: str = "never", threshold: float = 0.9, record: bool = True,
-                 amp: str | None = None, channels_last: bool = False, compact_every: int = 8,
-                 time_phases: bool = True, random_start: bool = False,
-                 compile: str | None = None) -> None:
-        super().__init__(model, record=record, amp=amp, channels_last=channels_last,
-                         compact_every=compact_every, time_phases=time_phases, compile=compile)
-        choice("loss", loss, ops.LOSSES)
-        choice("kappa_mode", kappa_mode, ops.KAPPA_MODES)
-        choice("step", step, STEPS)
-        choice("stop", stop, STOPS)
-        for name, value in (("beta", beta), ("alpha", alpha)):
-            positive(name, value)
-        if not (isinstance(kappa, (int, float)) and math.isfinite(kappa)):
-            raise ValueError(f"kappa must be finite, got {kappa!r}")
-        if eps is not None and not (isinstance(eps, (int, float)) and math.isfinite(eps)
-                                    and eps >= 0):
-            raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-        if not (isinstance(iterations, int) and iterations >= 0):
-            raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
-        if not (isinstance(threshold, (int, float)) and 0.0 < threshold <= 1.0):
-            raise ValueError(f"threshold must lie in (0, 1], got {threshold!r}")
-        self.loss, self.step, self.stop = loss, step, stop
-        self.alpha, self.beta = float(alpha), float(beta)
-        self.iterations, self.kappa, self.kappa_mode = iterations, float(kappa), kappa_mode
-        self.eps = None if eps is None else float(eps)
-        self.threshold, self.random_start = float(threshold), random_start
-        self.horizon, self.fixed = iterations, stop == "never" or iterations == 0
-        self.parts(deferred=False)  # validates the combination (random_start needs eps)
-
-    def shortened(self, iterations: int) -> Attack:
-        """The same attack with fewer iterations, sharing this one's compiled graphs (for a
-        warm-up that also compiles)."""
-        short = copy.copy(self)
-        short.iterations = short.horizon = iterations
-        return short
-
-    def parts(self, deferred: bool) -> tuple[Head, Optimizer, Control]:
-        rule = ({"alpha": self.alpha} if self.step == "equal-multiplier"
-                else {"beta": self.beta})
-        return (Head(self.loss, self.kappa, self.kappa_mode, self.threshold),
-                PaperStep(self.loss == "ce-sign", eps=self.eps, random_start=self.random_start,
-                          **rule),
-                StopRule(self.iterations, self.stop, deferred))
-
-
 def choice(name: str, value: object, allowed: tuple) -> None:
     if value not in allowed:
         shown = ", ".join(repr(a) for a in allowed)
-        raise ValueError(f"unknown {name} {value!r}; choose one of {shown}")
+        raise InvalidValue(f"unknown {name} {value!r}; choose one of {shown}")
 
 
 def positive(name: str, value: object) -> float:
     if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)
                                        and value > 0):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+        raise InvalidValue(f"{name} must be a positive number, got {value!r}")
     return float(value)
+
+
+def count(name: str, value: object, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InvalidValue(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
 
 
 def check_images(images: object) -> torch.Tensor:
     if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        raise InvalidType(f"images must be a torch.Tensor, got {type(images).__name__}")
     if not images.is_floating_point():
-        raise TypeError(f"images must be floating point in [0, 1], got {images.dtype}")
+        raise InvalidType(f"images must be floating point in [0, 1], got {images.dtype}")
     if images.dim() != 4:
-        raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
+        raise InvalidValue(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
     if images.numel():
         lo, hi = torch.aminmax(images.detach())
         if not (lo >= 0 and hi <= 1):  # also catches NaN
-            raise ValueError(f"images must lie in [0, 1], got values in [{lo.item():.4g}, "
-                             f"{hi.item():.4g}]; attacks work on unnormalised images (the "
-                             "models from advfast.models.load normalise internally)")
+            raise InvalidValue(f"images must lie in [0, 1], got values in [{lo.item():.4g}, "
+                               f"{hi.item():.4g}]; attacks work on unnormalised images (the "
+                               "models from advfast.models.load normalise internally)")
     return images.detach()
 
 
 def check_labels(labels: object, name: str, batch: int) -> torch.Tensor:
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+        raise InvalidType(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype != torch.int64 or tuple(labels.shape) != (batch,):
-        raise ValueError(f"{name} must be int64 of shape [{batch}], got {labels.dtype} "
-                         f"{tuple(labels.shape)}")
+        raise InvalidValue(f"{name} must be int64 of shape [{batch}], got {labels.dtype} "
+                           f"{tuple(labels.shape)}")
     return labels

@@ -18,6 +18,8 @@ import math
 import os
 from collections.abc import Callable, Iterable
 
+from advfast.errors import FolderRefused
+
 TMP_SUFFIX = ".advfast-tmp"
 RECORD = ".advfast-files.json"
 
@@ -87,14 +89,6 @@ def write_json(path: str, obj: object) -> None:
     write_durably(path, dump)
 
 
-def write_text(path: str, text: str) -> None:
-    def dump(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    write_durably(path, dump)
-
-
 class OutputFolder:
     """The ``--out`` folder of ``table1`` / ``attack``: claimed before any work, written file by
     file, recorded at the end.
@@ -104,8 +98,8 @@ class OutputFolder:
     folder without ``overwrite``, and with it a file that advfast did not write; nothing is
     removed then.  Each new file replaces its old self atomically when written, and only
     :meth:`record`, once the run has succeeded, removes the previous run's files that this one
-    did not write again (old figures beside a new table).  Raises ValueError with a one-line
-    message.
+    did not write again (old figures beside a new table).  Raises FolderRefused with a
+    one-line message.
     """
 
     def __init__(self, path: str, produces: Iterable[str], overwrite: bool = False) -> None:
@@ -115,15 +109,15 @@ class OutputFolder:
 
     def claim(self) -> None:
         if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise ValueError(f"--out {self.path} is a file, not a folder")
+            raise FolderRefused(f"--out {self.path} is a file, not a folder")
         present = sorted(os.listdir(self.path)) if os.path.isdir(self.path) else []
         if present and not self.overwrite:
-            raise ValueError(f"output folder {self.path} is not empty; pass --overwrite to "
+            raise FolderRefused(f"output folder {self.path} is not empty; pass --overwrite to "
                              "replace advfast's files in it, or choose another --out")
         self.previous = set(self._recorded())
         for name in self._present():
             if self._produced(name) and name not in self.previous:
-                raise ValueError(f"{os.path.join(self.path, name)} was not written by "
+                raise FolderRefused(f"{os.path.join(self.path, name)} was not written by "
                                  "advfast; it is left alone, so choose another --out")
         os.makedirs(self.path, exist_ok=True)
         probe = os.path.join(self.path, ".advfast-write-test" + TMP_SUFFIX)
@@ -154,14 +148,14 @@ class OutputFolder:
             with open(path) as f:
                 names = json.load(f)["files"]
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{path} is damaged ({err}); remove it or choose another "
+            raise FolderRefused(f"{path} is damaged ({err}); remove it or choose another "
                              "--out") from err
         return [n for n in names if isinstance(n, str) and self._produced(n)]
 
     def file(self, name: str) -> str:
         """The full path of ``name`` (one of ``produces``), noted as written."""
         if not self._produced(name):
-            raise ValueError(f"{name} is not one of this command's outputs")
+            raise FolderRefused(f"{name} is not one of this command's outputs")
         self.written.append(name)
         return os.path.join(self.path, name)
 
@@ -180,12 +174,35 @@ def check_resumable(out: str, resume: bool, marker: str, command: str) -> bool:
     folder without ``resume``, and a folder without ``marker`` (not this command's output:
     it is left alone).  Returns whether the folder holds a run to continue."""
     if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is a file, not a folder")
+        raise FolderRefused(f"--out {out} is a file, not a folder")
     present = [n for n in os.listdir(out) if n != ".lock"] if os.path.isdir(out) else []
     if present and not resume:
-        raise ValueError(f"output folder {out} is not empty; pass --resume to continue the run "
+        raise FolderRefused(f"output folder {out} is not empty; pass --resume to continue the run "
                          "in it, or choose another --out")
     if present and not os.path.isfile(os.path.join(out, marker)):
-        raise ValueError(f"{out} is not an advfast {command} output (no {marker}); it is left "
+        raise FolderRefused(f"{out} is not an advfast {command} output (no {marker}); it is left "
                          "alone, so choose another --out")
     return bool(present)
+
+
+def read_json_object(path: str, what: str) -> dict:
+    """The JSON object in ``path``; FolderRefused naming ``what`` when it is damaged."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        if not isinstance(saved, dict):
+            raise TypeError("not a JSON object")
+    except (OSError, ValueError, TypeError) as err:
+        raise FolderRefused(f"{path} is damaged or not advfast's ({type(err).__name__}); "
+                            f"{what}") from err
+    return saved
+
+
+def first_difference(saved: dict, identity: dict) -> tuple[str, object, object] | None:
+    """The first key of ``identity`` whose value (as strict JSON) differs in ``saved``:
+    (key, saved value, new value), or None when they agree.  A resumed run must match the
+    identity of the run it continues."""
+    for key, value in json.loads(dumps(identity)).items():
+        if saved.get(key) != value:
+            return key, saved.get(key), value
+    return None

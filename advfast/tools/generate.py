@@ -1,6 +1,6 @@
 """``advfast generate``: large adversarial datasets, fast and durable, on one device or many.
 
-* Inputs: :func:`advfast.inputs.select`: the first N correctly classified inputs in index
+* Inputs: :func:`advfast.io.selection.select`: the first N correctly classified inputs in index
   order, each with a target keyed by its index; so a rerun or a resume asks for the same work.
 * Speed: continuous batching (:meth:`advfast.attack.EngineAttack.stream`): finished samples
   leave the device batch and new ones take their slots every few iterations; loading
@@ -23,10 +23,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
-from . import __version__, attacks, inputs, models, ops, shards
-from .attack import Finished
-from .outputs import check_resumable, write_json
-from .runtime import resolve_device
+from advfast import __version__, ops
+from advfast.attacks.base import Finished
+from advfast.engine.runtime import resolve_device
+from advfast.io import models, selection, shards
+from advfast.errors import FolderRefused, InvalidValue
+from advfast.io.files import check_resumable, first_difference, read_json_object, write_json
+from advfast.tools import specs
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 CONFIDENCE = 0.9  # the D3 threshold of Definition IV.1, for --stop confidence
@@ -52,7 +55,7 @@ class GenerateConfig:
     targets: str = "random"
     seed: int = 0
     attack: str = "eq11"
-    params: dict = field(default_factory=dict)  # the attack's, see advfast.attacks.resolve
+    params: dict = field(default_factory=dict)  # the attack's, see advfast.tools.specs.resolve
     batch_size: int = 64
     compact_every: int = 4
     shard_size: int = 1024
@@ -71,24 +74,24 @@ class GenerateConfig:
         attack's defaults."""
         for name in ("batch_size", "compact_every", "shard_size", "image_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise InvalidValue(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.n is not None and self.n < 1:
-            raise ValueError(f"n must be at least 1, got {self.n}")
+            raise InvalidValue(f"n must be at least 1, got {self.n}")
         if self.workers < 0:
-            raise ValueError("workers must not be negative")
+            raise InvalidValue("workers must not be negative")
         for name, value in self.params.items():
             if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value}")
+                raise InvalidValue(f"{name} must be a finite number, got {value}")
         if self.data is None and self.model != "digits":
-            raise ValueError(f"model {self.model} needs an image folder (data); only the "
+            raise InvalidValue(f"model {self.model} needs an image folder (data); only the "
                              "digits model has built-in inputs")
-        choices = {"dtype": tuple(DTYPES), "format": FORMATS, "targets": inputs.TARGET_RULES,
-                   "split": inputs.DIGITS_SPLITS}
+        choices = {"dtype": tuple(DTYPES), "format": FORMATS, "targets": selection.TARGET_RULES,
+                   "split": selection.DIGITS_SPLITS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of "
+                raise InvalidValue(f"unknown {name} {getattr(self, name)!r}; choose one of "
                                  f"{', '.join(allowed)}")
-        self.params.update(attacks.resolve(self.attack, self.params, self.data is None))
+        self.params.update(specs.resolve(self.attack, self.params, self.data is None))
 
     def identity(self) -> dict:
         """What a resumed run must repeat exactly (weights by content)."""
@@ -167,7 +170,7 @@ def _everyone(ranks: Ranks, work) -> object:
         error, result = f"{err}", None
     error = ranks.broadcast(error)
     if error:
-        raise ValueError(error)
+        raise InvalidValue(error)
     return result
 
 
@@ -197,39 +200,35 @@ def _open_folder(config: GenerateConfig, lock: shards.FolderLock) -> None:
 
 
 def _check_identity(config: GenerateConfig, path: str) -> None:
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-        identity = saved["identity"]
-        if not isinstance(identity, dict) or "advfast" not in saved:
-            raise TypeError("no identity")
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is damaged or not advfast's ({type(err).__name__}); the run "
-                         "in that folder cannot be resumed") from err
-    for key, value in config.identity().items():
-        if identity.get(key) != value:
-            shown = "--" + key.replace("_", "-")
-            raise ValueError(f"--resume with a different {shown}: the run in {config.out} used "
-                             f"{identity.get(key)!r}, this one {value!r}")
+    saved = read_json_object(path, "the run in that folder cannot be resumed")
+    identity = saved.get("identity")
+    if not isinstance(identity, dict) or "advfast" not in saved:
+        raise FolderRefused(f"{path} is damaged or not advfast's (no identity); the run in "
+                            "that folder cannot be resumed")
+    differs = first_difference(identity, config.identity())
+    if differs is not None:
+        key, before, now = differs
+        raise FolderRefused(f"--resume with a different --{key.replace('_', '-')}: the run in "
+                            f"{config.out} used {before!r}, this one {now!r}")
 
 
 def _run(config: GenerateConfig, ranks: Ranks) -> int:
     model = models.load(config.model, weights=config.weights, device=ranks.device,
                         num_classes=config.num_classes)
-    source = inputs.source_for(model, config.data, split=config.split,
+    source = selection.source_for(model, config.data, split=config.split,
                                labels_csv=config.labels_csv, image_size=config.image_size,
                                device=ranks.device)
-    selection = _selection(config, model, source, ranks)
-    if ranks.main and config.n is not None and len(selection.work) < config.n and not config.quiet:
-        print(f"note: only {len(selection.work)} correctly classified inputs exist (asked for "
+    chosen = _selection(config, model, source, ranks)
+    if ranks.main and config.n is not None and len(chosen.work) < config.n and not config.quiet:
+        print(f"note: only {len(chosen.work)} correctly classified inputs exist (asked for "
               f"{config.n})", file=sys.stderr)
     done = {r["index"] for r in shards.recorded_rows(config.out)}
-    mine = [r for pos, r in enumerate(selection.work) if pos % ranks.world == ranks.rank
+    mine = [r for pos, r in enumerate(chosen.work) if pos % ranks.world == ranks.rank
             and r["index"] not in done]
     made = _attack(model, source, mine, config, ranks)
     ranks.barrier()
     if ranks.main:
-        rows, skipped = shards.finalize(config.out, selection.skipped)
+        rows, skipped = shards.finalize(config.out, chosen.skipped)
         flipped = sum(r["flipped"] for r in rows)
         print(f"{len(rows)} adversarial examples in {config.out} ({flipped} flipped to their "
               f"target; {made} made now by rank 0; {len(skipped)} inputs skipped, see "
@@ -237,27 +236,27 @@ def _run(config: GenerateConfig, ranks: Ranks) -> int:
     return 0
 
 
-def _selection(config: GenerateConfig, model, source: inputs.Source,
-               ranks: Ranks) -> inputs.Selection:
+def _selection(config: GenerateConfig, model, source: selection.Source,
+               ranks: Ranks) -> selection.Selection:
     """The saved selection, checked, or a new one (saved by rank 0)."""
     path = os.path.join(config.out, "selection.json")
     if os.path.exists(path):
         return _everyone(ranks, lambda: _read_selection(path, source))
-    selection = inputs.select(model, source, config.n, seed=config.seed, targets=config.targets,
+    chosen = selection.select(model, source, config.n, seed=config.seed, targets=config.targets,
                               device=ranks.device, batch_size=config.batch_size,
                               workers=config.workers, rank=ranks.rank, world=ranks.world,
                               gather=ranks.gather)
-    if not selection.work:
-        raise ValueError(f"none of the {len(source)} inputs of {source.name} is classified "
+    if not chosen.work:
+        raise InvalidValue(f"none of the {len(source)} inputs of {source.name} is classified "
                          "correctly by the model, so there is nothing to attack (random "
                          "weights? wrong labels or class order?)")
     if ranks.main:
-        write_json(path, {"work": selection.work, "skipped": selection.skipped})
+        write_json(path, {"work": chosen.work, "skipped": chosen.skipped})
     ranks.barrier()
-    return selection
+    return chosen
 
 
-def _read_selection(path: str, source: inputs.Source) -> inputs.Selection:
+def _read_selection(path: str, source: selection.Source) -> selection.Selection:
     try:
         with open(path) as f:
             saved = json.load(f)
@@ -266,11 +265,11 @@ def _read_selection(path: str, source: inputs.Source) -> inputs.Selection:
             source.position(row["index"])  # KeyError for an index the source lacks
             if not (isinstance(row["label"], int) and isinstance(row["target"], int)
                     and row["target"] >= 0 and row["label"] >= 0):
-                raise ValueError(f"bad row {row}")
+                raise InvalidValue(f"bad row {row}")
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is damaged or was edited ({type(err).__name__}: {err}); "
+        raise InvalidValue(f"{path} is damaged or was edited ({type(err).__name__}: {err}); "
                          "the run in that folder cannot be resumed") from err
-    return inputs.Selection(work, skipped)
+    return selection.Selection(work, skipped)
 
 
 class Feeder:
@@ -278,13 +277,13 @@ class Feeder:
     loaded ahead by DataLoader workers into pinned memory.  Inputs that cannot be read any
     more are recorded in the rank's skipped part."""
 
-    def __init__(self, source: inputs.Source, work: list[dict], config: GenerateConfig,
+    def __init__(self, source: selection.Source, work: list[dict], config: GenerateConfig,
                  rank: int, pin: bool) -> None:
         self.rows = {r["index"]: r for r in work}
         self.out, self.rank, self.pin = config.out, rank, pin
         positions = [source.position(r["index"]) for r in work]
         self._items = itertools.chain.from_iterable(
-            inputs.load(source, positions, config.batch_size, config.workers))
+            selection.load(source, positions, config.batch_size, config.workers))
 
     def __call__(self, k: int):
         got, lost = [], []
@@ -312,11 +311,11 @@ def quantized(images: torch.Tensor) -> torch.Tensor:
     return torch.round(images.clamp(0, 1) * 255) / 255
 
 
-def _attack(model, source: inputs.Source, work: list[dict], config: GenerateConfig,
+def _attack(model, source: selection.Source, work: list[dict], config: GenerateConfig,
             ranks: Ranks) -> int:
     from tqdm.auto import tqdm
 
-    attack = attacks.build(config.attack, model, config.params, amp=config.amp,
+    attack = specs.build(config.attack, model, config.params, amp=config.amp,
                            compact_every=config.compact_every, time_phases=False,
                            compile=config.compile)
     png = config.format == "png"

@@ -22,23 +22,30 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import data
+from advfast.errors import InvalidValue
+from advfast.io import datasets
 
 TARGET_RULES = ("random", "least-likely")
-DIGITS_SPLITS = data.DIGITS_SPLITS
-Sample = data.Sample
+DIGITS_SPLITS = datasets.DIGITS_SPLITS
+Sample = datasets.Sample
+_MASK = (1 << 64) - 1
 
-# Step sizes: the paper's values for ImageNet-sized inputs, and ones chosen for the 1x8x8
-# digits default so that (nearly) every first flip falls inside 250 iterations.
-PAPER_ALPHA, PAPER_BETA = 5e-4, 5.0
-DIGITS_ALPHA, DIGITS_BETA = 2e-3, 0.1
+def mix64(seed: int, index: int) -> int:
+    """A fixed 64-bit hash of (seed, index) (splitmix64's finaliser)."""
+    z = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 1) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
 
 
-def step_sizes(digits_default: bool, alpha: float | None,
-               beta: float | None) -> tuple[float, float]:
-    """(alpha, beta): the given ones, else the digits defaults or the paper's."""
-    return (alpha if alpha is not None else (DIGITS_ALPHA if digits_default else PAPER_ALPHA),
-            beta if beta is not None else (DIGITS_BETA if digits_default else PAPER_BETA))
+def random_target(index: int, label: int, num_classes: int, seed: int) -> int:
+    """The seeded random target of input ``index``: (label + 1 + h(seed, index) mod (M - 1))
+    mod M, never its label.  Keyed by the index, so it does not depend on which other inputs
+    are attacked with it."""
+    if num_classes < 2:
+        raise InvalidValue("targets need at least 2 classes")
+    return (label + 1 + mix64(seed, index) % (num_classes - 1)) % num_classes
+
 
 
 class Source(Dataset):
@@ -58,8 +65,8 @@ class DigitsSource(Source):
     """scikit-learn's digits, one split, in index order."""
 
     def __init__(self, split: str = "test") -> None:
-        self.images, self.labels = data.digits("all")
-        self.indices = data.digits_split_indices(split)
+        self.images, self.labels = datasets.digits("all")
+        self.indices = datasets.digits_split_indices(split)
         self._position = {int(i): k for k, i in enumerate(self.indices)}
         self.name = f"digits:{split}"
 
@@ -78,12 +85,12 @@ class DigitsSource(Source):
 
 
 class FolderSource(Source):
-    """Image files (see :class:`advfast.data.ImageFiles`), in listing order, converted to the
+    """Image files (see :class:`advfast.io.datasets.ImageFiles`), in listing order, converted to the
     model's channel count."""
 
     def __init__(self, root: str, labels_csv: str | None = None, image_size: int = 224,
                  channels: int = 3, num_classes: int | None = None) -> None:
-        self.files = data.ImageFiles(root, labels_csv, data.imagenet_eval_transform(image_size),
+        self.files = datasets.ImageFiles(root, labels_csv, datasets.imagenet_eval_transform(image_size),
                                      channels=channels, num_classes=num_classes)
         self.name = root
 
@@ -116,7 +123,7 @@ def source_for(model: torch.nn.Module, data_dir: str | None, *, split: str = "te
                device: torch.device | str = "cpu") -> Source:
     """:func:`open_source` for ``model``: images converted to its channel count, labels checked
     against its number of classes."""
-    from . import models
+    from advfast.io import models
 
     channels = models.input_channels(model)
     size = 8 if data_dir is None else image_size
@@ -155,7 +162,7 @@ def select(model: torch.nn.Module, source: Source, n: int | None, *, seed: int =
     each with its target.  Under several processes each classifies a share of every chunk of
     candidates and ``gather`` (an all-gather) merges them; the result is the same."""
     if targets not in TARGET_RULES:
-        raise ValueError(f"unknown target rule {targets!r}; choose one of "
+        raise InvalidValue(f"unknown target rule {targets!r}; choose one of "
                          f"{', '.join(TARGET_RULES)}")
     gather = gather or (lambda part: [part])
     wanted = len(source) if n is None else n
@@ -193,7 +200,7 @@ def _classify(model, source: Source, positions: range, seed: int, targets: str, 
             if int(row.argmax()) != s.label:
                 continue
             target = (int(row.argmin()) if targets == "least-likely"
-                      else data.random_target(s.index, s.label, len(row), seed))
+                      else random_target(s.index, s.label, len(row), seed))
             found.append({"index": s.index, "path": s.path, "label": s.label, "target": target})
     return found
 
@@ -219,7 +226,7 @@ def prepare(model: torch.nn.Module, source: Source, n: int | None, *, seed: int 
     selection = select(model, source, n, seed=seed, targets=targets, device=device,
                        batch_size=batch_size, workers=workers)
     if not selection.work:
-        raise ValueError(f"none of the {len(source)} inputs of {source.name} is classified "
+        raise InvalidValue(f"none of the {len(source)} inputs of {source.name} is classified "
                          "correctly by the model, so there is nothing to attack (random "
                          "weights? wrong labels or class order?)")
     images = []
@@ -227,7 +234,7 @@ def prepare(model: torch.nn.Module, source: Source, n: int | None, *, seed: int 
                       workers):
         for sample in batch:
             if sample.image is None:  # readable a moment ago
-                raise ValueError(f"{sample.path} became unreadable: {sample.reason}")
+                raise InvalidValue(f"{sample.path} became unreadable: {sample.reason}")
             images.append(sample.image)
     with torch.no_grad():
         num_classes = model(images[0][None].to(device)).shape[1]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .outputs import OutputFolder, write_durably
-from .table1 import Cell
+from advfast.experiments.table1 import Cell
+from advfast.io.files import OutputFolder, write_durably
 
 FILES = ("fig1.png", "fig2.png", "fig3.png", "fig4.png", "fig5.png")
 LOSSES = ("ce", "ce-sign", "logit", "m-logit")
@@ -162,11 +162,11 @@ def figure5(model: torch.nn.Module, images: torch.Tensor, target: torch.Tensor,
             source: torch.Tensor, beta: float, iterations: int, out: OutputFolder) -> None:
     """Fig. 5: for the given inputs, the genuine image and each loss's perturbation at its
     first flip under equal perturbation (the paper's fair comparison); fig5.png."""
-    from .attack import Attack
+    from advfast.attacks.eq11 import Eq11
 
     perturbations = {}
     for loss in LOSSES:
-        attack = Attack(model, loss=loss, step="equal-perturbation", beta=beta,
+        attack = Eq11(model, loss=loss, step="equal-perturbation", beta=beta,
                         iterations=iterations, stop="flip", record=False)
         perturbations[loss] = (attack(images, target, source).adversarial - images).cpu()
     write_durably(out.file("fig5.png"),

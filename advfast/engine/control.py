@@ -1,13 +1,19 @@
 """Controls of the attack engine: when each sample stops, and outer searches over a constant.
 
-Each implements :class:`advfast.engine.Control`.
+Each implements :class:`advfast.engine.core.Control`, the one party that decides when a
+sample's run ends (``rows.done``, ``rows.paused``), from the head's statistics and from what
+the optimiser reports.  A search keeps its per-sample state in its own typed record
+(``rows.control``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .engine import COLUMN, Optimizer, Rows
+from advfast.engine.core import COLUMN, Optimizer
+from advfast.engine.rows import Rows, State, per_sample
 
 STOPS = ("never", "flip", "confidence")
 
@@ -42,21 +48,62 @@ class StopRule:
             finished = finished | self.meets(rows)
         rows.done = rows.done | finished
 
+    def after_step(self, rows: Rows, optimizer: Optimizer) -> None:
+        pass
+
     def boundary(self, rows: Rows, optimizer: Optimizer) -> None:
         pass
 
     def report(self, rows: Rows) -> torch.Tensor:
         return rows.x.detach()
 
+    def constant(self, rows: Rows) -> None:
+        return None
+
+
+@dataclass(slots=True, eq=False)
+class SearchState(State):
+    """Per-sample state of a :class:`ConstantSearch`: the best success so far (best_l2 [B]
+    squared L2, inf: none; best_x [B, C, H, W]; best_constant [B]), the runs done
+    (search_step [B] int64) and whether this run succeeded (succeeded [B] bool)."""
+
+    best_l2: torch.Tensor
+    best_x: torch.Tensor
+    best_constant: torch.Tensor
+    search_step: torch.Tensor
+    succeeded: torch.Tensor
+
+
+@dataclass(slots=True, eq=False)
+class CWState(SearchState):
+    """:class:`SearchState` plus Carlini and Wagner's bracket on c (lower, upper [B]), the
+    iterations of this run (inner_age [B] int64) and the loss at the last abort check
+    (previous_loss [B])."""
+
+    lower: torch.Tensor
+    upper: torch.Tensor
+    inner_age: torch.Tensor
+    previous_loss: torch.Tensor
+
+
+@dataclass(slots=True, eq=False)
+class BisectionState(SearchState):
+    """:class:`SearchState` plus the largest successful and the smallest failed b [B] (NaN:
+    none yet)."""
+
+    b_success: torch.Tensor
+    b_failure: torch.Tensor
+
 
 class ConstantSearch:
     """An outer search over a per-sample constant (``rows.constant``): each sample runs the
-    optimiser with one constant until its inner run ends (``rows.paused``), then, at the next
-    boundary, the search picks its next constant and restarts it from its clean image, up to
+    optimiser with one constant until its inner run ends (``rows.paused``, set here from the
+    search's own rule or from what the optimiser reports), then, at the next boundary, the
+    search picks its next constant and restarts it from its clean image, up to
     ``search_steps`` runs.  The sample keeps its best success across runs (smallest L2;
-    ``rows.best_x``, else its clean image) and the constant that gave it.  While one sample
-    restarts, the others keep going.  Subclasses say what a success is and how the constant
-    moves."""
+    ``best_x`` of its :class:`SearchState`, else its clean image) and the constant that gave
+    it.  While one sample restarts, the others keep going.  Subclasses say what a success is
+    and how the constant moves."""
 
     def __init__(self, initial: float, search_steps: int) -> None:
         self.initial, self.search_steps = initial, search_steps
@@ -64,27 +111,41 @@ class ConstantSearch:
     def begin(self, rows: Rows) -> None:
         b, device = len(rows), rows.x0.device
         rows.constant = torch.full((b,), self.initial, device=device)
-        rows.best_l2 = torch.full((b,), float("inf"), device=device)
-        rows.best_x = rows.x0.clone()
-        rows.best_constant = rows.constant.clone()
-        rows.search_step = torch.zeros(b, dtype=torch.int64, device=device)
-        rows.succeeded = torch.zeros(b, dtype=torch.bool, device=device)  # in this run
+        rows.control = self.new_state(rows, dict(
+            best_l2=torch.full((b,), float("inf"), device=device), best_x=rows.x0.clone(),
+            best_constant=rows.constant.clone(),
+            search_step=torch.zeros(b, dtype=torch.int64, device=device),
+            succeeded=torch.zeros(b, dtype=torch.bool, device=device)))
+
+    def new_state(self, rows: Rows, shared: dict[str, torch.Tensor]) -> SearchState:
+        """The record of new rows from the fields every search shares."""
+        return SearchState(**shared)
 
     def keep_best(self, rows: Rows, mask: torch.Tensor, images: torch.Tensor) -> None:
         """Takes ``images`` as the new best of the rows in ``mask`` whose L2 beats their best."""
+        s = rows.control
         l2sq = (images - rows.x0).flatten(1).square().sum(1)
-        better = mask & (l2sq < rows.best_l2)
-        rows.best_l2 = torch.where(better, l2sq, rows.best_l2)
-        rows.best_x = torch.where(better.view(-1, *[1] * (images.dim() - 1)), images, rows.best_x)
-        rows.best_constant = torch.where(better, rows.constant, rows.best_constant)
+        better = mask & (l2sq < s.best_l2)
+        s.best_l2 = torch.where(better, l2sq, s.best_l2)
+        s.best_x = torch.where(per_sample(better, images), images, s.best_x)
+        s.best_constant = torch.where(better, rows.constant, s.best_constant)
 
     def next_constant(self, rows: Rows, ended: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def after_head(self, rows: Rows, head: torch.Tensor) -> None:
+        pass
+
+    def after_step(self, rows: Rows, optimizer: Optimizer) -> None:
+        converged = optimizer.converged(rows)
+        if converged is not None:
+            rows.paused = rows.paused | converged
+
     def boundary(self, rows: Rows, optimizer: Optimizer) -> None:
+        s = rows.control
         ended = rows.paused & ~rows.done
-        rows.search_step = rows.search_step + ended.long()
-        exhausted = ended & (rows.search_step >= self.search_steps)
+        s.search_step = s.search_step + ended.long()
+        exhausted = ended & (s.search_step >= self.search_steps)
         restart = ended & ~exhausted
         rows.constant = torch.where(restart, self.next_constant(rows, ended), rows.constant)
         rows.done = rows.done | exhausted
@@ -93,14 +154,15 @@ class ConstantSearch:
         rows.paused = rows.paused & ~restart
 
     def restarted(self, rows: Rows, mask: torch.Tensor) -> None:
-        rows.succeeded = rows.succeeded & ~mask
+        rows.control.succeeded = rows.control.succeeded & ~mask
 
     def report(self, rows: Rows) -> torch.Tensor:
-        return rows.best_x
+        return rows.control.best_x
 
     def constant(self, rows: Rows) -> torch.Tensor:
         """The constant of each returned image; the last one tried where none succeeded."""
-        return torch.where(torch.isfinite(rows.best_l2), rows.best_constant, rows.constant)
+        s = rows.control
+        return torch.where(torch.isfinite(s.best_l2), s.best_constant, rows.constant)
 
 
 class CWSearch(ConstantSearch):
@@ -121,77 +183,74 @@ class CWSearch(ConstantSearch):
         self.kappa, self.steps, self.abort_early = kappa, steps, abort_early
         self.check_every = max(steps // 10, 1)
 
-    def begin(self, rows: Rows) -> None:
-        super().begin(rows)
+    def new_state(self, rows: Rows, shared: dict[str, torch.Tensor]) -> CWState:
         b, device = len(rows), rows.x0.device
-        rows.lower = torch.zeros(b, device=device)
-        rows.upper = torch.full((b,), 1e10, device=device)
-        rows.inner_age = torch.zeros(b, dtype=torch.int64, device=device)
-        rows.previous_loss = torch.full((b,), float("inf"), device=device)
+        return CWState(**shared, lower=torch.zeros(b, device=device),
+                       upper=torch.full((b,), 1e10, device=device),
+                       inner_age=torch.zeros(b, dtype=torch.int64, device=device),
+                       previous_loss=torch.full((b,), float("inf"), device=device))
 
     def after_head(self, rows: Rows, head: torch.Tensor) -> None:
+        s = rows.control
         live = ~(rows.done | rows.paused)
         margin = head[:, COLUMN["margin"]]
         # the original's loss: ||X' - X||^2 + c max(kappa - margin, 0)
         loss = rows.norms[:, 1].square() + rows.constant * torch.clamp(self.kappa - margin, min=0)
-        check = live & (rows.inner_age % self.check_every == 0) & self.abort_early
-        stalled = check & (loss > rows.previous_loss * 0.9999)
-        rows.previous_loss = torch.where(check, loss, rows.previous_loss)
+        check = live & (s.inner_age % self.check_every == 0) & self.abort_early
+        stalled = check & (loss > s.previous_loss * 0.9999)
+        s.previous_loss = torch.where(check, loss, s.previous_loss)
         success = live & ~stalled & (margin > self.kappa)
         self.keep_best(rows, success, rows.x.detach())
-        rows.succeeded = rows.succeeded | success
-        ended = live & (stalled | (rows.inner_age + 1 >= self.steps))
+        s.succeeded = s.succeeded | success
+        ended = live & (stalled | (s.inner_age + 1 >= self.steps))
         rows.paused = rows.paused | ended
-        rows.inner_age = rows.inner_age + (live & ~ended).long()
+        s.inner_age = s.inner_age + (live & ~ended).long()
 
     def next_constant(self, rows: Rows, ended: torch.Tensor) -> torch.Tensor:
-        found = rows.succeeded
-        c = rows.constant
-        rows.upper = torch.where(ended & found, torch.minimum(rows.upper, c), rows.upper)
-        rows.lower = torch.where(ended & ~found, torch.maximum(rows.lower, c), rows.lower)
-        bounded = rows.upper < 1e9
-        nxt = torch.where(bounded, (rows.lower + rows.upper) / 2, torch.where(found, c, c * 10))
+        s = rows.control
+        found, c = s.succeeded, rows.constant
+        s.upper = torch.where(ended & found, torch.minimum(s.upper, c), s.upper)
+        s.lower = torch.where(ended & ~found, torch.maximum(s.lower, c), s.lower)
+        bounded = s.upper < 1e9
+        nxt = torch.where(bounded, (s.lower + s.upper) / 2, torch.where(found, c, c * 10))
         if self.search_steps >= 10:  # the original repeats its last step at the upper bound
-            nxt = torch.where(rows.search_step == self.search_steps - 1, rows.upper, nxt)
+            nxt = torch.where(s.search_step == self.search_steps - 1, s.upper, nxt)
         return nxt
 
     def restarted(self, rows: Rows, mask: torch.Tensor) -> None:
         super().restarted(rows, mask)
-        rows.inner_age = torch.where(mask, 0, rows.inner_age)
-        rows.previous_loss = torch.where(mask, float("inf"), rows.previous_loss)
+        s = rows.control
+        s.inner_age = torch.where(mask, 0, s.inner_age)
+        s.previous_loss = torch.where(mask, float("inf"), s.previous_loss)
 
 
 class BisectionSearch(ConstantSearch):
     """Szegedy et al.'s search over b for box-constrained L-BFGS (Eq. 1): the largest b (the
-    smallest perturbation) whose minimiser is still predicted as the target.  A run is judged
-    where it ends (``optimizer.candidate``).  After a success, b grows ten-fold until a failure
-    brackets it; after a failure it shrinks ten-fold until a success; once bracketed, b is the
-    midpoint of the largest success and the smallest failure."""
+    smallest perturbation) whose minimiser is still predicted as the target.  A run ends when
+    the optimiser reports it converged, and is judged where it ends (``optimizer.candidate``).
+    After a success, b grows ten-fold until a failure brackets it; after a failure it shrinks
+    ten-fold until a success; once bracketed, b is the midpoint of the largest success and the
+    smallest failure."""
 
-    def begin(self, rows: Rows) -> None:
-        super().begin(rows)
-        b, device = len(rows), rows.x0.device
-        rows.b_success = torch.full((b,), float("nan"), device=device)
-        rows.b_failure = torch.full((b,), float("nan"), device=device)
-
-    def after_head(self, rows: Rows, head: torch.Tensor) -> None:
-        pass
+    def new_state(self, rows: Rows, shared: dict[str, torch.Tensor]) -> BisectionState:
+        nan = torch.full((len(rows),), float("nan"), device=rows.x0.device)
+        return BisectionState(**shared, b_success=nan, b_failure=nan.clone())
 
     def boundary(self, rows: Rows, optimizer: Optimizer) -> None:
         ended = rows.paused & ~rows.done
         images, hit = optimizer.candidate(rows)
         success = ended & hit
         self.keep_best(rows, success, images)
-        rows.succeeded = rows.succeeded | success
+        rows.control.succeeded = rows.control.succeeded | success
         super().boundary(rows, optimizer)
 
     def next_constant(self, rows: Rows, ended: torch.Tensor) -> torch.Tensor:
-        found, b = rows.succeeded, rows.constant
-        rows.b_success = torch.where(ended & found, torch.fmax(rows.b_success, b), rows.b_success)
-        rows.b_failure = torch.where(ended & ~found, torch.fmin(rows.b_failure, b),
-                                     rows.b_failure)
-        bracketed = ~(torch.isnan(rows.b_success) | torch.isnan(rows.b_failure))
-        return torch.where(bracketed, (rows.b_success + rows.b_failure) / 2,
+        s = rows.control
+        found, b = s.succeeded, rows.constant
+        s.b_success = torch.where(ended & found, torch.fmax(s.b_success, b), s.b_success)
+        s.b_failure = torch.where(ended & ~found, torch.fmin(s.b_failure, b), s.b_failure)
+        bracketed = ~(torch.isnan(s.b_success) | torch.isnan(s.b_failure))
+        return torch.where(bracketed, (s.b_success + s.b_failure) / 2,
                            torch.where(found, b * 10, b / 10))
 
 
@@ -202,13 +261,10 @@ class SingleRun(ConstantSearch):
     def __init__(self, constant: float) -> None:
         super().__init__(constant, 1)
 
-    def after_head(self, rows: Rows, head: torch.Tensor) -> None:
-        pass
-
     def boundary(self, rows: Rows, optimizer: Optimizer) -> None:
         ended = rows.paused & ~rows.done
         images, _ = optimizer.candidate(rows)
-        rows.best_x = torch.where(ended.view(-1, *[1] * (images.dim() - 1)), images, rows.best_x)
+        rows.control.best_x = torch.where(per_sample(ended, images), images, rows.control.best_x)
         rows.done = rows.done | ended
 
     def constant(self, rows: Rows) -> torch.Tensor:

@@ -26,9 +26,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import __version__, attacks, models, ops
-from .engine import AMPS, frozen
-from .timing import hardware_info
+from advfast import __version__, ops
+from advfast.engine.core import AMPS, frozen
+from advfast.engine.timing import hardware_info
+from advfast.io import models
+from advfast.tools import specs
+from advfast.errors import InvalidValue
 
 PEERS = ("torchattacks", "foolbox", "art")
 
@@ -116,7 +119,7 @@ def _timing_params(config: BenchConfig) -> dict:
     if config.attack == "lbfgs":
         given.update(binary_search_steps=1)
     given["iterations"] = config.iterations
-    return attacks.resolve(config.attack, given, config.model == "digits")
+    return specs.resolve(config.attack, given, config.model == "digits")
 
 
 def ours(attack, x, target, source, record: bool, measured: Measured) -> Callable[[], None]:
@@ -213,7 +216,7 @@ def run(config: BenchConfig, progress: Callable[[str], None] = lambda s: None) -
         floor_run = floor(model, x, config.iterations, config.amp)
         runs["floor"] = (Measured("floor"), floor_run)
         for mode in config.compile:
-            attack = attacks.build(config.attack, model, _timing_params(config), amp=config.amp,
+            attack = specs.build(config.attack, model, _timing_params(config), amp=config.amp,
                                    compile=None if mode == "none" else mode,
                                    channels_last=config.channels_last)
             for record in (True, False):
@@ -325,7 +328,7 @@ def nsys_command(argv: list[str], report: str) -> list[str]:
 
     nsys = shutil.which("nsys")
     if nsys is None:
-        raise ValueError("--nsys needs Nsight Systems' nsys on the PATH (not found); install it "
+        raise InvalidValue("--nsys needs Nsight Systems' nsys on the PATH (not found); install it "
                          "or drop --nsys")
     rest = [a for a in argv if a != "--nsys"]
     return [nsys, "profile", "-t", "cuda,nvtx", "-o", report, "--force-overwrite", "true",

@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import data, inputs, models
-from .outputs import write_durably, write_json
+from advfast.io import models, selection
+from advfast.io.files import write_durably, write_json
+from advfast.io.reader import AdversarialDataset
+from advfast.errors import InvalidType, InvalidValue
 
 LADDER = ("cnn-s", "cnn-m", "cnn-l")
 PAPER_DETECTORS = ("alexnet", "resnet18", "vgg16", "resnet34", "resnet152")
@@ -60,10 +62,10 @@ def check_detector(name: str, channels: int) -> None:
     import torchvision
 
     if name not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"unknown detector {name!r}; choose from {', '.join(LADDER)} or a "
+        raise InvalidValue(f"unknown detector {name!r}; choose from {', '.join(LADDER)} or a "
                          "torchvision classifier such as " + ", ".join(PAPER_DETECTORS))
     if channels != 3:
-        raise ValueError(f"torchvision detectors take 3-channel images; these have {channels} "
+        raise InvalidValue(f"torchvision detectors take 3-channel images; these have {channels} "
                          "(use the ladder: cnn-s, cnn-m, cnn-l)")
 
 
@@ -91,7 +93,7 @@ def detector(name: str, channels: int, weights: str | None = None) -> nn.Module:
 
 def split_of(index: int, seed: int, fractions: tuple[float, float]) -> str:
     """train / val / test for input ``index``: a fixed hash, the same for every image of it."""
-    u = data.mix64(seed + 7919, index) / 2**64
+    u = selection.mix64(seed + 7919, index) / 2**64
     return "train" if u < fractions[0] else "val" if u < sum(fractions) else "test"
 
 
@@ -119,32 +121,32 @@ def load_sources(sources: dict[str, str]) -> tuple[dict[str, dict[int, torch.Ten
     used, which must be the same for all)."""
     adversarial, origin = {}, None
     for name, folder in sources.items():
-        dataset = data.AdversarialDataset(folder)
+        dataset = AdversarialDataset(folder)
         try:
             with open(os.path.join(folder, "config.json")) as f:
                 arguments = json.load(f)["arguments"]
             if not isinstance(arguments, dict):
-                raise TypeError("arguments")
+                raise InvalidType("arguments")
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{folder}/config.json is not advfast generate's "
+            raise InvalidValue(f"{folder}/config.json is not advfast generate's "
                              f"({type(err).__name__}: {err})") from err
         where = {k: arguments.get(k) for k in ("model", "data", "labels_csv", "image_size",
                                                "split")}
         if origin is None:
             origin = where
         elif where != origin:
-            raise ValueError(f"{folder} was made from other inputs ({where}) than "
+            raise InvalidValue(f"{folder} was made from other inputs ({where}) than "
                              f"{next(iter(sources.values()))} ({origin}); detectors need "
                              "adversarial examples of the same genuine images")
         adversarial[name] = {row["index"]: dataset[i]["adversarial"]
                              for i, row in enumerate(dataset.rows) if row["flipped"]}
-    source = inputs.open_source(origin["data"], split=origin["split"] or "test",
+    source = selection.open_source(origin["data"], split=origin["split"] or "test",
                                 labels_csv=origin["labels_csv"],
                                 image_size=origin["image_size"] or 224,
                                 channels=1 if origin["model"] == "digits" else 3)
     wanted = sorted({i for per in adversarial.values() for i in per})
     genuine = {}
-    for batch in inputs.load(source, [source.position(i) for i in wanted], 256):
+    for batch in selection.load(source, [source.position(i) for i in wanted], 256):
         for sample in batch:
             if sample.image is not None:
                 genuine[sample.index] = sample.image
@@ -166,7 +168,7 @@ def examples(adversarial: dict[str, dict[int, torch.Tensor]], genuine: dict[int,
             labels.append(1), index.append(i), attack.append(a)
             weight.append(1.0)
     if not images:
-        raise ValueError(f"no input has a successful adversarial example of {', '.join(attacks)}")
+        raise InvalidValue(f"no input has a successful adversarial example of {', '.join(attacks)}")
     return Examples(torch.stack(images).float(), torch.tensor(labels), torch.tensor(index),
                     attack, torch.tensor(weight))
 
@@ -178,7 +180,7 @@ def split_sets(pool: Examples, seed: int, fractions: tuple[float, float]) -> dic
     sets = {s: pool.select(torch.tensor([p == s for p in split])) for s in SPLITS}
     empty = [s for s, e in sets.items() if len(e.labels) == 0]
     if empty:
-        raise ValueError(f"the {' and '.join(empty)} split has no input ({len(set(pool.index.tolist()))} "
+        raise InvalidValue(f"the {' and '.join(empty)} split has no input ({len(set(pool.index.tolist()))} "
                          "inputs in all); attack more inputs (--n)")
     return sets
 

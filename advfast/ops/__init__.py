@@ -2,7 +2,7 @@
 
 Both run as registered PyTorch operators (``torch.ops.advfast.*``, C++ on CPU and CUDA on GPU)
 when the compiled library ``advfast._C`` is present, and fall back to the pure-PyTorch
-reference in :mod:`advfast.reference` (with one warning) when it is not.
+reference in :mod:`advfast.ops.reference` (with one warning) when it is not.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from typing import Literal
 
 import torch
 
-from . import reference
-from .reference import HEAD_STATS, STEP_STATS
+from advfast.ops import reference
+from advfast.ops.reference import HEAD_STATS, STEP_STATS
+from advfast.errors import ClassOutOfRange, InvalidType, InvalidValue
 
 __all__ = ["LOSSES", "KAPPA_MODES", "HEAD_STATS", "STEP_STATS", "backend", "loss_head",
            "perturb_step_", "adam_tanh_step_"]
@@ -24,7 +25,7 @@ KAPPA_MODES: tuple[str, ...] = ("clamp", "balance")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 try:
-    from . import _C  # noqa: F401  (loading it registers torch.ops.advfast.*)
+    from advfast import _C  # noqa: F401  (loading it registers torch.ops.advfast.*)
 
     _COMPILED = True
 except ImportError as err:  # pragma: no cover - exercised only on a broken install
@@ -63,13 +64,13 @@ if _COMPILED:
 
 def _require_tensor(value: object, name: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        raise InvalidType(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     return value
 
 
 def _require_finite(value: float, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise InvalidValue(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
 
@@ -91,7 +92,7 @@ def _check_no_overlap(x: torch.Tensor, other: torch.Tensor, name: str,
         return
     (a0, a1), (b0, b1) = _byte_span(x), _byte_span(other)
     if a0 < b1 and b0 < a1:
-        raise ValueError(f"{written} is updated in place and must not share memory with {name}")
+        raise InvalidValue(f"{written} is updated in place and must not share memory with {name}")
 
 
 def _check_indices(index: torch.Tensor, classes: int, name: str) -> None:
@@ -99,7 +100,7 @@ def _check_indices(index: torch.Tensor, classes: int, name: str) -> None:
     # and then passes validate_indices=False inside its loop.
     if index.numel() and bool(((index < 0) | (index >= classes)).any()):
         bad = index[(index < 0) | (index >= classes)][0].item()
-        raise IndexError(f"{name} holds class {bad}, outside [0, {classes})")
+        raise ClassOutOfRange(f"{name} holds class {bad}, outside [0, {classes})")
 
 
 def loss_head(logits: torch.Tensor, target: torch.Tensor, source: torch.Tensor, loss: str,
@@ -132,24 +133,24 @@ def loss_head(logits: torch.Tensor, target: torch.Tensor, source: torch.Tensor, 
     for value, name in ((logits, "logits"), (target, "target"), (source, "source")):
         _require_tensor(value, name)
     if logits.dtype not in _FLOATS:
-        raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+        raise InvalidType(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
     if logits.dim() != 2:
-        raise ValueError(f"logits must be [B, M], got shape {tuple(logits.shape)}")
+        raise InvalidValue(f"logits must be [B, M], got shape {tuple(logits.shape)}")
     batch, classes = logits.shape
     if classes < 2:
-        raise ValueError(f"logits need at least 2 classes, got M = {classes}")
+        raise InvalidValue(f"logits need at least 2 classes, got M = {classes}")
     for index, name in ((target, "target"), (source, "source")):
         if index.dtype != torch.int64:
-            raise TypeError(f"{name} must be int64, got {index.dtype}")
+            raise InvalidType(f"{name} must be int64, got {index.dtype}")
         if tuple(index.shape) != (batch,):
-            raise ValueError(f"{name} must have shape [{batch}] to match logits, "
+            raise InvalidValue(f"{name} must have shape [{batch}] to match logits, "
                              f"got {tuple(index.shape)}")
         if index.device != logits.device:
-            raise ValueError(f"{name} is on {index.device} but logits on {logits.device}")
+            raise InvalidValue(f"{name} is on {index.device} but logits on {logits.device}")
     if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+        raise InvalidValue(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
     if kappa_mode not in KAPPA_MODES:
-        raise ValueError(f"unknown kappa_mode {kappa_mode!r}; choose one of "
+        raise InvalidValue(f"unknown kappa_mode {kappa_mode!r}; choose one of "
                          f"{', '.join(KAPPA_MODES)}")
     kappa = _require_finite(kappa, "kappa")
     threshold = _require_finite(threshold, "threshold")
@@ -200,37 +201,37 @@ def perturb_step_(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, *, sign
     for value, name in ((x, "x"), (grad, "grad"), (x0, "x0")):
         _require_tensor(value, name)
     if x.dtype != torch.float32 or x0.dtype != torch.float32:
-        raise TypeError(f"x and x0 must be float32, got {x.dtype} and {x0.dtype}")
+        raise InvalidType(f"x and x0 must be float32, got {x.dtype} and {x0.dtype}")
     if grad.dtype not in _FLOATS:
-        raise TypeError(f"grad must be float32, float16 or bfloat16, got {grad.dtype}")
+        raise InvalidType(f"grad must be float32, float16 or bfloat16, got {grad.dtype}")
     if x.dim() < 1:
-        raise ValueError("x must have a batch dimension [B, ...]")
+        raise InvalidValue("x must have a batch dimension [B, ...]")
     if grad.shape != x.shape or x0.shape != x.shape:
-        raise ValueError(f"x, grad and x0 must have the same shape, got {tuple(x.shape)}, "
+        raise InvalidValue(f"x, grad and x0 must have the same shape, got {tuple(x.shape)}, "
                          f"{tuple(grad.shape)} and {tuple(x0.shape)}")
     if grad.device != x.device or x0.device != x.device:
-        raise ValueError(f"x, grad and x0 must be on one device, got {x.device}, {grad.device} "
+        raise InvalidValue(f"x, grad and x0 must be on one device, got {x.device}, {grad.device} "
                          f"and {x0.device}")
     _check_no_overlap(x, grad, "grad")
     _check_no_overlap(x, x0, "x0")
     if (alpha is None) == (beta is None):
-        raise ValueError("give exactly one of alpha (equal multiplier) or beta (equal "
+        raise InvalidValue("give exactly one of alpha (equal multiplier) or beta (equal "
                          "perturbation)")
     alpha = None if alpha is None else _require_finite(alpha, "alpha")
     beta = None if beta is None else _require_finite(beta, "beta")
     lo, hi = _require_finite(lo, "lo"), _require_finite(hi, "hi")
     if lo > hi:
-        raise ValueError(f"lo ({lo}) must not exceed hi ({hi})")
+        raise InvalidValue(f"lo ({lo}) must not exceed hi ({hi})")
     if eps is not None and _require_finite(eps, "eps") < 0:
-        raise ValueError(f"eps must be non-negative, got {eps}")
+        raise InvalidValue(f"eps must be non-negative, got {eps}")
     eps = None if eps is None else float(eps)
     if active is not None:
         _require_tensor(active, "active")
         if active.dtype != torch.bool or tuple(active.shape) != (x.shape[0],):
-            raise ValueError(f"active must be a bool tensor of shape [{x.shape[0]}], got "
+            raise InvalidValue(f"active must be a bool tensor of shape [{x.shape[0]}], got "
                              f"{active.dtype} {tuple(active.shape)}")
         if active.device != x.device:
-            raise ValueError(f"active is on {active.device} but x on {x.device}")
+            raise InvalidValue(f"active is on {active.device} but x on {x.device}")
     return perturb_step_unchecked(x, grad, x0, bool(sign), alpha, beta, lo, hi, eps, active)
 
 
@@ -280,30 +281,30 @@ def adam_tanh_step_(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, x: torch.
         _require_tensor(value, name)
     for value, name in ((w, "w"), (m, "m"), (v, "v"), (x, "x"), (x0, "x0")):
         if value.dtype != torch.float32:
-            raise TypeError(f"{name} must be float32, got {value.dtype}")
+            raise InvalidType(f"{name} must be float32, got {value.dtype}")
         if value.shape != w.shape or value.device != w.device:
-            raise ValueError(f"{name} must have the shape and device of w, {tuple(w.shape)} on "
+            raise InvalidValue(f"{name} must have the shape and device of w, {tuple(w.shape)} on "
                              f"{w.device}; got {tuple(value.shape)} on {value.device}")
     if grad.dtype not in _FLOATS:
-        raise TypeError(f"grad must be float32, float16 or bfloat16, got {grad.dtype}")
+        raise InvalidType(f"grad must be float32, float16 or bfloat16, got {grad.dtype}")
     if grad.shape != w.shape or grad.device != w.device:
-        raise ValueError(f"grad must have the shape and device of w, got {tuple(grad.shape)}")
+        raise InvalidValue(f"grad must have the shape and device of w, got {tuple(grad.shape)}")
     if w.dim() < 1:
-        raise ValueError("w must have a batch dimension [B, ...]")
+        raise InvalidValue("w must have a batch dimension [B, ...]")
     for value, name, dtype in ((c, "c", torch.float32), (step, "step", torch.int64),
                                (active, "active", torch.bool)):
         if value is None:
             continue
         _require_tensor(value, name)
         if value.dtype != dtype or tuple(value.shape) != (w.shape[0],) or value.device != w.device:
-            raise ValueError(f"{name} must be {dtype} of shape [{w.shape[0]}] on {w.device}, got "
+            raise InvalidValue(f"{name} must be {dtype} of shape [{w.shape[0]}] on {w.device}, got "
                              f"{value.dtype} {tuple(value.shape)} on {value.device}")
     lr, eps = _require_finite(lr, "lr"), _require_finite(eps, "eps")
     beta1, beta2 = _require_finite(beta1, "beta1"), _require_finite(beta2, "beta2")
     if lr <= 0 or eps <= 0:
-        raise ValueError(f"lr and eps must be positive, got {lr} and {eps}")
+        raise InvalidValue(f"lr and eps must be positive, got {lr} and {eps}")
     if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
-        raise ValueError(f"beta1 and beta2 must lie in [0, 1), got {beta1} and {beta2}")
+        raise InvalidValue(f"beta1 and beta2 must lie in [0, 1), got {beta1} and {beta2}")
     written = (("w", w), ("m", m), ("v", v), ("x", x))
     for i, (name, tensor) in enumerate(written):
         for other_name, other in (*written[i + 1:], ("grad", grad), ("x0", x0)):

@@ -12,7 +12,7 @@ import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,9 +37,6 @@ class Timing:
     images_per_s: float
     phases_ms: dict[str, float] | None = None
     hardware: dict[str, object] = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @functools.lru_cache(maxsize=1)

@@ -37,16 +37,13 @@ from collections.abc import Iterable
 
 import torch
 
-from .outputs import dumps, is_tmp_name, write_durably
+from advfast.errors import Busy, InvalidValue
+from advfast.io.files import dumps, is_tmp_name, write_durably
 
 SHARD_RE = re.compile(r"^shard-r(\d{3})-(\d{6})\.safetensors$")
 PART_RE = re.compile(r"^(manifest|skipped)-r(\d{3})\.jsonl$")
 PNG_RE = re.compile(r"^\d{8}\.png$")
 OWN_FOLDERS = ("shards", "parts", "png")
-
-
-class Busy(ValueError):
-    """Another run holds the folder."""
 
 
 class FolderLock:
@@ -103,7 +100,7 @@ def read_jsonl(path: str, repair: bool = False) -> list[dict]:
         except ValueError:
             row = None
         if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number} is not a JSON object; the file was edited or "
+            raise InvalidValue(f"{path}:{number} is not a JSON object; the file was edited or "
                              "damaged")
         rows.append(row)
         good_bytes += len(line) + 1

@@ -1,0 +1,47 @@
+"""The ``advfast`` command line: one module per command, each with ``register`` (its options,
+taken from :mod:`advfast.cli.options`, where every option is defined once) and ``run``.
+
+A user error (a bad option, a missing file, weights that do not fit, a folder in use: an
+:class:`advfast.errors.UserError`, or the operating system refusing a file) ends with one line
+on stderr and exit status 2.  Anything else is a bug in advfast or a failure of the machine
+(a CUDA out-of-memory, say): its traceback is printed and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from advfast import __version__
+from advfast.cli import attack, bench, detect, generate, table1, toy
+from advfast.cli.options import Parser
+from advfast.engine.runtime import set_threads
+from advfast.errors import UserError
+
+COMMANDS = (table1, attack, generate, bench, detect, toy)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="advfast", description="Fast, instrumented targeted adversarial "
+                    "attacks (Ozbulak et al.'s perturbation analysis).")
+    parser.add_argument("--version", action="version", version=f"advfast {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for command in COMMANDS:
+        command.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        args.argv = argv
+    try:
+        set_threads(getattr(args, "threads", None))
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"advfast {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (UserError, OSError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"advfast {args.command}: error: {message}", file=sys.stderr)
+        return 2

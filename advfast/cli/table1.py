@@ -1,0 +1,61 @@
+"""``advfast table1``: the paper's Table I and Figs. 1-5, four losses under both step rules."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from advfast import __version__, ops
+from advfast.cli.options import (FIG5_INPUTS, add, add_input_options, add_model_options,
+                                 add_out_options, add_run_options, arguments, setup)
+from advfast.experiments import figures, table1
+from advfast.io.files import OutputFolder
+from advfast.tools import specs
+
+
+def register(sub) -> None:
+    t1 = sub.add_parser("table1", help="the paper's Table I and Figs. 1-5: four losses under "
+                                       "both step rules")
+    add_model_options(t1)
+    add_input_options(t1, n_default=1000)
+    g = t1.add_argument_group("the paper's scheme (Eq. 11), both step rules")
+    add(g, "alpha", help="equal multiplier step (None: 5e-4, digits 2e-3)")
+    add(g, "beta", help="equal perturbation L1 per step (None: 5, digits 0.1)")
+    add(g, "kappa", default=20.0, help="M-logit margin (Eq. 16)")
+    add(g, "iterations", default=250, help="iterations per attack")
+    add_run_options(t1, names=("device", "amp", "compile", "batch_size", "workers", "threads",
+                               "quiet"))
+    add_out_options(t1, default=os.path.join("runs", "table1"))
+    t1.add_argument("--no-figures", action="store_true", help="write the table only")
+    t1.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = OutputFolder(args.out, [*table1.FILES, *figures.FILES], args.overwrite)
+    out.claim()
+    device, model, chosen = setup(args)
+    alpha, beta = specs.step_sizes(args.data is None, args.alpha, args.beta)
+    if not args.quiet:
+        print(f"Table I: {args.model} on {device}, {len(chosen.labels)} images, "
+              f"{args.iterations} iterations, alpha={alpha:g}, beta={beta:g}, "
+              f"kernels={ops.backend()}, {torch.get_num_threads()} threads", file=sys.stderr)
+    cells = table1.run(model, chosen, iterations=args.iterations, alpha=alpha, beta=beta,
+                       batch_size=args.batch_size, device=device, amp=args.amp,
+                       kappa=args.kappa, quiet=args.quiet, compile=args.compile)
+    print(table1.format_table(cells, alpha, beta))
+    config = {**arguments(args), "alpha": alpha, "beta": beta, "device": str(device),
+              "n_images": len(chosen.labels), "backend": ops.backend(),
+              "torch": torch.__version__, "advfast": __version__,
+              "threads": torch.get_num_threads()}
+    table1.write(cells, out, config)
+    if not args.no_figures:
+        figures.draw_all(cells, out)
+        k = min(FIG5_INPUTS, len(chosen.labels))
+        figures.figure5(model, chosen.images[:k].to(device), chosen.targets[:k].to(device),
+                        chosen.labels[:k].to(device), beta, args.iterations, out)
+    out.record()
+    print(f"wrote {', '.join(out.written)} in {args.out}")
+    return 0

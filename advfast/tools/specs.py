@@ -1,0 +1,86 @@
+"""The attacks as the applications name them (``--attack eq11|ifgs|cw-l2|lbfgs``): each
+attack's parameters with their defaults, checked and resolved once for the command line,
+generate's config.json and the benchmarks, and the attack built from them.  (An application
+module: its messages speak in command-line flags.)"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from advfast.attacks import IFGS, LBFGS, BaseAttack, CarliniWagnerL2, Eq11
+from advfast.attacks.eq11 import PAPER_ALPHA, PAPER_BETA
+from advfast.errors import InvalidValue
+
+# Step sizes: the paper's values for ImageNet-sized inputs, and ones chosen for the 1x8x8
+# digits default so that (nearly) every first flip falls inside 250 iterations.
+DIGITS_ALPHA, DIGITS_BETA = 2e-3, 0.1
+
+
+def step_sizes(digits_default: bool, alpha: float | None,
+               beta: float | None) -> tuple[float, float]:
+    """(alpha, beta): the given ones, else the digits defaults or the paper's."""
+    return (alpha if alpha is not None else (DIGITS_ALPHA if digits_default else PAPER_ALPHA),
+            beta if beta is not None else (DIGITS_BETA if digits_default else PAPER_BETA))
+
+
+
+ATTACKS = ("eq11", "ifgs", "cw-l2", "lbfgs")
+
+
+# Each attack's parameters as the command line and generate's config.json name them, with their
+# defaults (None: required, or for eq11's alpha/beta, the digits or paper default).
+PARAMETERS: dict[str, dict[str, object]] = {
+    "eq11": {"loss": "ce", "step": "equal-perturbation", "alpha": None, "beta": None,
+             "kappa": 20.0, "kappa_mode": "clamp", "eps": None, "iterations": 250,
+             "stop": "flip"},
+    "ifgs": {"eps": 8 / 255, "alpha": 2 / 255, "iterations": 10, "random_start": False,
+             "stop": "flip"},
+    "cw-l2": {"c": 1e-3, "kappa": 0.0, "iterations": 1000, "lr": 1e-2,
+              "binary_search_steps": 9, "abort_early": True},
+    "lbfgs": {"b": 1e-2, "iterations": 100, "history": 10, "binary_search_steps": 10},
+}
+
+
+def resolve(name: str, given: dict[str, object], digits_default: bool) -> dict[str, object]:
+    """The full parameters of attack ``name`` from the ones ``given`` (None = not given):
+    defaults filled in; ValueError for an unknown attack or a parameter it does not take."""
+    if name not in PARAMETERS:
+        raise InvalidValue(f"unknown attack {name!r}; choose one of {', '.join(ATTACKS)}")
+    defaults = PARAMETERS[name]
+    extra = sorted(k for k, v in given.items() if v is not None and k not in defaults)
+    if extra:
+        shown = ", ".join("--" + k.replace("_", "-") for k in extra)
+        raise InvalidValue(f"{shown} {'does' if len(extra) == 1 else 'do'} not apply to --attack "
+                         f"{name} (it takes {', '.join(defaults)})")
+    params = {k: (given[k] if given.get(k) is not None else v) for k, v in defaults.items()}
+    if name == "eq11":
+        if params["step"] == "equal-multiplier" and given.get("beta") is not None:
+            raise InvalidValue("--beta is the equal-perturbation step; with --step "
+                             "equal-multiplier give --alpha")
+        if params["step"] == "equal-perturbation" and given.get("alpha") is not None:
+            raise InvalidValue("--alpha is the equal-multiplier step; with --step "
+                             "equal-perturbation give --beta")
+        alpha, beta = step_sizes(digits_default, params["alpha"], params["beta"])
+        params.update(alpha=alpha if params["step"] == "equal-multiplier" else None,
+                      beta=beta if params["step"] == "equal-perturbation" else None)
+    return params
+
+
+def build(name: str, model: nn.Module, params: dict[str, object], **engine) -> BaseAttack:
+    """The attack ``name`` with its resolved ``params`` (see :func:`resolve`) and the engine's
+    options (amp, compact_every, time_phases, ...)."""
+    p = dict(params)
+    if name == "eq11":
+        rule = {"alpha": p.pop("alpha")} if p["step"] == "equal-multiplier" else {
+            "beta": p.pop("beta")}
+        p.pop("alpha", None), p.pop("beta", None)
+        return Eq11(model, **rule, **p, **{"record": False, **engine})
+    if name == "ifgs":
+        return IFGS(model, eps=p["eps"], alpha=p["alpha"], steps=p["iterations"],
+                    random_start=p["random_start"], stop=p["stop"], **engine)
+    if name == "cw-l2":
+        return CarliniWagnerL2(model, c=p["c"], kappa=p["kappa"], steps=p["iterations"],
+                               lr=p["lr"], binary_search_steps=p["binary_search_steps"],
+                               abort_early=p["abort_early"], **engine)
+    return LBFGS(model, b=p["b"], steps=p["iterations"], history=p["history"],
+                 binary_search_steps=p["binary_search_steps"], **engine)
