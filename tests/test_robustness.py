@@ -18,7 +18,7 @@ import torch
 import advfast
 from advfast import cli, data, models
 from advfast.experiments import table1
-from advfast.io import datasets, selection, shards
+from advfast.io import datasets, files, selection, shards
 from advfast.tools import generate
 from test_attack import small_model
 
@@ -67,12 +67,12 @@ def test_02_a_second_run_on_a_busy_folder_is_refused(tmp_path, capsys):
         assert (out / "selection.json").exists(), "the first run never started"
         second = subprocess.run([sys.executable, "-m", "advfast", *map(str, argv), "--resume"],
                                 capture_output=True, text=True, timeout=60)
-        one_line_error(second.returncode, second.stderr, "another advfast generate",
+        one_line_error(second.returncode, second.stderr, "another advfast run",
                        f"pid {proc.pid}")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    lock = shards.FolderLock(str(out))
+    lock = files.FolderLock(str(out))
     lock.acquire(first=True)  # the lock died with its holder
     lock.release()
 
@@ -286,14 +286,18 @@ def test_10_bad_weights_and_edited_files_are_one_line_errors(tmp_path, capsys):
     one_line_error(code, err, "config.json is damaged")
 
 
-def test_10_an_edited_manifest_part_is_a_one_line_error(tmp_path, capsys):
+def test_10_an_edited_manifest_part_is_refused_by_readers_and_redone_by_resume(tmp_path,
+                                                                             capsys):
     out = tmp_path / "run"
     assert run(["generate", "--out", out, *FAST], capsys)[0] == 0
+    os.remove(out / "manifest.jsonl")
     part = out / "parts" / "manifest-r000.jsonl"
     lines = part.read_text().splitlines()
     part.write_text("\n".join([lines[0], "{garbage", *lines[1:]]) + "\n")
-    code, err = run(["generate", "--out", out, *FAST, "--resume"], capsys)
-    one_line_error(code, err, "manifest-r000.jsonl:2")
+    with pytest.raises(ValueError, match="manifest-r000.jsonl: line 2 is not a valid row"):
+        data.AdversarialDataset(str(out))
+    assert run(["generate", "--out", out, *FAST, "--resume"], capsys)[0] == 0
+    assert len(manifest(out)) == 30
 
 
 def test_11_trajectory_buffers_are_sized_before_allocation():

@@ -22,6 +22,7 @@ from advfast.engine.timing import PhaseTimer, Timing
 from advfast.errors import InvalidType, InvalidValue
 
 NORMS = ("l1", "l2", "linf")
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 __all__ = ["AttackResult", "AttackStream", "BaseAttack", "Finished", "PerSample", "NORMS",
            "TRAJECTORY", "FAILURES"]
 
@@ -79,7 +80,7 @@ class AttackResult(PerSample):
     trajectory: {name: [iterations + 1, B] float32} for the names in TRAJECTORY (row n is X_n;
         NaN from the row after a sample's last observed image, and p_l1 is NaN where no step
         was taken from X_n, so in the last row); None when record=False.
-    timing: see :class:`advfast.timing.Timing`.
+    timing: see :class:`advfast.engine.timing.Timing`.
     """
 
     source: torch.Tensor
@@ -320,6 +321,8 @@ def positive(name: str, value: object) -> float:
     if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)
                                        and value > 0):
         raise InvalidValue(f"{name} must be a positive number, got {value!r}")
+    if value > FLOAT32_MAX:  # the engine keeps its constants in float32
+        raise InvalidValue(f"{name} must be at most {FLOAT32_MAX:.3g} (float32), got {value!r}")
     return float(value)
 
 

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from advfast import __version__
 from advfast.cli.options import (FIG5_INPUTS, add_attack_command_options, arguments,
-                                 attack_params, setup)
+                                 attack_params, claimed, setup)
 from advfast.experiments import figures
 from advfast.io.files import OutputFolder, write_durably, write_json
 from advfast.io.shards import save_png, write_bytes
@@ -30,18 +30,39 @@ def register(sub) -> None:
     at.set_defaults(func=run)
 
 
+FILES = ["adversarial.safetensors", "metrics.csv", "summary.json", "png/", "saliency.png"]
+
+
 def run(args: argparse.Namespace) -> int:
     params = attack_params(args)
-    out = OutputFolder(args.out, ["adversarial.safetensors", "metrics.csv", "summary.json",
-                                  "png/", "saliency.png"], args.overwrite)
-    out.claim()
+    out = OutputFolder(args.out, FILES, args.overwrite)
+    out.check()
     device, model, chosen = setup(args)
     attack = specs.build(args.attack, model, params, amp=args.amp, compile=args.compile)
+    with claimed(out):
+        started = time.perf_counter()
+        adv, rows = _attack_all(args, attack, device, chosen)
+        elapsed = time.perf_counter() - started
+        _write(args, out, chosen, adv, rows)
+        n, flipped = len(rows), sum(r["flipped"] for r in rows)
+        write_json(out.file("summary.json"),
+                   {"config": {**arguments(args), "params": params, "device": str(device),
+                               "advfast": __version__},
+                    "n": n, "flipped": flipped / n, "seconds": elapsed,
+                    "images_per_s": n / elapsed})
+        out.record()
+    print(f"{flipped}/{n} flipped to their target in {elapsed:.1f} s; wrote "
+          f"{', '.join(sorted(set(w.split('/')[0] for w in out.written)))} in {args.out}")
+    return 0
+
+
+def _attack_all(args: argparse.Namespace, attack, device, chosen) -> tuple[torch.Tensor,
+                                                                              list[dict]]:
+    """The adversarial images of every chosen input [N, C, H, W] (CPU) and one metrics row
+    each, batch by batch."""
     adversarial, rows = [], []
-    started = time.perf_counter()
-    n = len(chosen.labels)
-    for s in tqdm(range(0, n, args.batch_size), desc=args.attack, unit="batch",
-                  disable=args.quiet):
+    for s in tqdm(range(0, len(chosen.labels), args.batch_size), desc=args.attack,
+                  unit="batch", disable=args.quiet):
         sl = slice(s, s + args.batch_size)
         result = attack(chosen.images[sl].to(device), chosen.targets[sl].to(device),
                         source=chosen.labels[sl].to(device))
@@ -50,30 +71,26 @@ def run(args: argparse.Namespace) -> int:
                   "label": int(chosen.labels[i]), "target": int(chosen.targets[i]),
                   "attack": args.attack, **record}
                  for i, record in enumerate(result.records(), start=s)]
-    elapsed = time.perf_counter() - started
-    adv = torch.cat(adversarial)
+    return torch.cat(adversarial), rows
+
+
+def _write(args: argparse.Namespace, out: OutputFolder, chosen, adv: torch.Tensor,
+           rows: list[dict]) -> None:
+    """adversarial.safetensors, metrics.csv and, with --png, the PNGs and saliency.png."""
     payload = save({"adversarial": adv.contiguous(), "index": chosen.index.contiguous(),
                     "label": chosen.labels.contiguous(), "target": chosen.targets.contiguous()})
     write_durably(out.file("adversarial.safetensors"), lambda tmp: write_bytes(tmp, payload))
     write_durably(out.file("metrics.csv"), lambda tmp: _write_csv(tmp, rows))
-    if args.png:
-        for image, index in zip(adv, chosen.index.tolist()):
-            path = out.file(os.path.join("png", f"{index:06d}.png"))
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            write_durably(path, lambda tmp, image=image: save_png(image, tmp))
-        k = min(FIG5_INPUTS * 2, n)
-        delta = {args.attack: adv[:k] - chosen.images[:k]}
-        write_durably(out.file("saliency.png"),
-                      lambda tmp: figures.saliency_panel(chosen.images[:k], delta, tmp))
-    flipped = sum(r["flipped"] for r in rows)
-    write_json(out.file("summary.json"),
-               {"config": {**arguments(args), "params": params, "device": str(device),
-                           "advfast": __version__},
-                "n": n, "flipped": flipped / n, "seconds": elapsed, "images_per_s": n / elapsed})
-    out.record()
-    print(f"{flipped}/{n} flipped to their target in {elapsed:.1f} s; wrote "
-          f"{', '.join(sorted(set(w.split('/')[0] for w in out.written)))} in {args.out}")
-    return 0
+    if not args.png:
+        return
+    for image, index in zip(adv, chosen.index.tolist()):
+        path = out.file(f"png/{index:06d}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_durably(path, lambda tmp, image=image: save_png(image, tmp))
+    k = min(FIG5_INPUTS * 2, len(rows))
+    delta = {args.attack: adv[:k] - chosen.images[:k]}
+    write_durably(out.file("saliency.png"),
+                  lambda tmp: figures.saliency_panel(chosen.images[:k], delta, tmp))
 
 
 def _write_csv(path: str, rows: list[dict]) -> None:

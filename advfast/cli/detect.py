@@ -17,8 +17,9 @@ from advfast.cli.options import (EQ11_OPTIONS, add_attack_options, add_input_opt
 from advfast.engine.runtime import resolve_device
 from advfast.errors import FolderRefused
 from advfast.experiments import detect
-from advfast.io.files import (OutputFolder, check_resumable, first_difference, read_json_object,
-                              write_json)
+from advfast.io.files import (FolderLock, OutputFolder, check_resumable, first_difference,
+                              read_json_object, write_json)
+from advfast.io.reader import AdversarialDataset
 from advfast.tools import specs
 from advfast.tools.generate import GenerateConfig
 from advfast.tools.generate import run as run_generate
@@ -58,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     detectors = tuple(args.detectors or (detect.LADDER if digits else detect.PAPER_DETECTORS))
     for name in detectors:  # before hours of generation, not after
         detect.check_detector(name, 1 if args.model == "digits" else 3)
+    for folder in dict(args.sources or {}).values():  # before anything is written
+        AdversarialDataset(folder)
     present = check_resumable(args.out, args.resume, "detect.json", "detect")
     sources = dict(args.sources or {})
     losses = args.losses or ([] if sources else list(ops.LOSSES))
@@ -67,9 +70,18 @@ def run(args: argparse.Namespace) -> int:
         out=args.out, sources=sources, detectors=detectors, weights=args.detector_weights,
         lrs=tuple(args.lr), epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
         device=str(resolve_device(args.device)), quiet=args.quiet)
-    _claim(config, present)
+    lock = FolderLock(args.out)
+    try:
+        _claim(config, present, lock)
+        return _detect(args, config, losses, digits)
+    finally:
+        lock.release()
+
+
+def _detect(args: argparse.Namespace, config: detect.DetectConfig, losses: list[str],
+            digits: bool) -> int:
     for loss in losses:  # the paper's four losses on the fly, on the same inputs and targets
-        _generate(args, loss, sources[loss], digits)
+        _generate(args, loss, config.sources[loss], digits)
     bar = None if args.quiet else (lambda total: tqdm(total=total, unit="epoch",
                                                       desc="detectors"))
     results = detect.run(config, bar)
@@ -80,12 +92,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _claim(config: detect.DetectConfig, present: bool) -> None:
-    """Writes detect.json for a new run, or checks that a resumed one asks for the same."""
+def _claim(config: detect.DetectConfig, present: bool, lock: FolderLock) -> None:
+    """Locks the folder; writes detect.json for a new run, or checks that a resumed one asks
+    for the same."""
     path = os.path.join(config.out, "detect.json")
-    identity = {k: v for k, v in asdict(config).items() if k not in ("quiet", "device")}
+    identity = _identity(config)
+    os.makedirs(config.out, exist_ok=True)
+    lock.acquire(first=True)
     if not present:
-        os.makedirs(config.out, exist_ok=True)
         write_json(path, identity)
         return
     saved = read_json_object(path, f"the run in {config.out} cannot be resumed")
@@ -94,6 +108,18 @@ def _claim(config: detect.DetectConfig, present: bool) -> None:
         key, before, now = differs
         raise FolderRefused(f"--resume with a different {key}: the run in {config.out} used "
                             f"{before!r}, this one {now!r}")
+
+
+def _identity(config: detect.DetectConfig) -> dict:
+    """What a resumed run must repeat; folders inside --out by their relative name, so a
+    copied or moved run folder resumes where it is."""
+    identity = {k: v for k, v in asdict(config).items() if k not in ("quiet", "device", "out")}
+    out = os.path.abspath(config.out)
+    identity["sources"] = {name: os.path.relpath(os.path.abspath(folder), out)
+                           if os.path.abspath(folder).startswith(out + os.sep)
+                           else os.path.abspath(folder)
+                           for name, folder in config.sources.items()}
+    return identity
 
 
 def _generate(args: argparse.Namespace, loss: str, folder: str, digits: bool) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from advfast import ops
 from advfast.engine.control import STOPS
@@ -13,6 +15,7 @@ from advfast.engine.core import COMPILE_MODES
 from advfast.engine.runtime import resolve_device
 from advfast.errors import InvalidValue
 from advfast.io import models, selection
+from advfast.io.files import OutputFolder
 from advfast.attacks.eq11 import STEPS
 from advfast.tools import specs
 
@@ -201,6 +204,19 @@ def add_attack_command_options(parser: argparse.ArgumentParser, reuse: str) -> N
 
 
 # ---- what the commands share -------------------------------------------------------------
+
+@contextmanager
+def claimed(out: OutputFolder) -> Iterator[OutputFolder]:
+    """The folder created and locked for the command's writes; if the command fails, a folder
+    it created and wrote nothing in is removed again, so the corrected command finds it as
+    before."""
+    out.claim()
+    try:
+        yield out
+    except BaseException:
+        out.abandon()
+        raise
+
 
 def attack_params(args: argparse.Namespace) -> dict:
     """The chosen attack's full parameters (defaults filled in), checked before any work."""

@@ -10,7 +10,8 @@ import torch
 
 from advfast import __version__, ops
 from advfast.cli.options import (FIG5_INPUTS, add, add_input_options, add_model_options,
-                                 add_out_options, add_run_options, arguments, setup)
+                                 add_out_options, add_run_options, arguments, claimed,
+                                 setup)
 from advfast.experiments import figures, table1
 from advfast.io.files import OutputFolder
 from advfast.tools import specs
@@ -35,8 +36,13 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = OutputFolder(args.out, [*table1.FILES, *figures.FILES], args.overwrite)
-    out.claim()
+    out.check()
     device, model, chosen = setup(args)
+    with claimed(out):
+        return _run(args, out, device, model, chosen)
+
+
+def _run(args: argparse.Namespace, out: OutputFolder, device, model, chosen) -> int:
     alpha, beta = specs.step_sizes(args.data is None, args.alpha, args.beta)
     if not args.quiet:
         print(f"Table I: {args.model} on {device}, {len(chosen.labels)} images, "

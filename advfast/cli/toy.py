@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from advfast.cli.options import add_out_options, int_at_least
+from advfast.cli.options import add_out_options, claimed, int_at_least
 from advfast.experiments import toy
 from advfast.io.files import OutputFolder
 
@@ -20,9 +20,9 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = OutputFolder(args.out, toy.FILES, args.overwrite)
-    out.claim()
-    check = toy.run(out, steps=args.grid, seed=args.seed)
-    out.record()
+    with claimed(out):
+        check = toy.run(out, steps=args.grid, seed=args.seed)
+        out.record()
     print(f"Theorem IV.2 on the 2-D toy ({check['points']['D1']} grid points in D1, "
           f"{check['points']['D3']} in D3):")
     print(f"  D3: CE gradient / logit gradient, median {check['D3_median_ce_over_logit_gradient']:.2e} "

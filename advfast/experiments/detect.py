@@ -30,7 +30,7 @@ from torch import nn
 from advfast.io import models, selection
 from advfast.io.files import write_durably, write_json
 from advfast.io.reader import AdversarialDataset
-from advfast.errors import InvalidType, InvalidValue
+from advfast.errors import FolderRefused, InvalidType, InvalidValue
 
 LADDER = ("cnn-s", "cnn-m", "cnn-l")
 PAPER_DETECTORS = ("alexnet", "resnet18", "vgg16", "resnet34", "resnet152")
@@ -198,7 +198,7 @@ def train_detector(name: str, lr: float, sets: dict[str, Examples], config: Dete
     optimiser = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay)
     state = {"epoch": 0, "best_val": -1.0, "best": None, "history": [], "resumed_at": 0}
     if os.path.exists(checkpoint):
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        state = read_checkpoint(checkpoint, device)
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimizer"])
         state["resumed_at"] = state["epoch"]
@@ -217,6 +217,21 @@ def train_detector(name: str, lr: float, sets: dict[str, Examples], config: Dete
         progress()
     model.load_state_dict(state["best"])
     return model, state["best_val"], state["history"], state["resumed_at"]
+
+
+def read_checkpoint(path: str, device: torch.device) -> dict:
+    """A detector checkpoint, read without unpickling code (``weights_only=True``: tensors,
+    numbers, strings, lists and dicts only), so a planted file cannot run anything; a damaged
+    or foreign one is refused with one line."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(state, dict) or not {"epoch", "model", "optimizer"} <= set(state):
+            raise TypeError("not a detector checkpoint")
+    except Exception as err:  # torch raises UnpicklingError, EOFError, RuntimeError, ...
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise FolderRefused(f"checkpoint {path} cannot be read safely ({type(err).__name__}: "
+                            f"{reason}); remove it to train that detector afresh") from err
+    return state
 
 
 def train_epoch(model: nn.Module, optimiser: torch.optim.Optimizer, train: Examples,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 from advfast.errors import InvalidValue, MissingFile, NotAFolder
+from advfast.io.files import plain_name
 
 DIGITS_SPLITS = ("test", "train", "all")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
@@ -158,6 +159,9 @@ def _read_labels_csv(root: str, csv_path: str) -> list[tuple[str, int]]:
                 raise InvalidValue(f"{csv_path}:{line_no}: expected 'filename,label', got "
                                  f"{','.join(row)!r}")
             name = row[0].strip()
+            if not plain_name(name):
+                raise InvalidValue(f"{csv_path}:{line_no}: {name!r} is not a file name inside "
+                                   f"{root} (absolute paths and '..' are refused)")
             if name in seen:
                 raise InvalidValue(f"{csv_path}:{line_no}: {name} is listed twice (first on line "
                                  f"{seen[name]})")

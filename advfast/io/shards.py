@@ -23,22 +23,20 @@ whose names advfast itself uses, inside the folders it made.
 
 from __future__ import annotations
 
-import fcntl
-import glob
 import hashlib
 import json
 import os
 import queue
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterable
 
 import torch
 
-from advfast.errors import Busy, InvalidValue
-from advfast.io.files import dumps, is_tmp_name, write_durably
+from advfast.errors import InvalidValue
+from advfast.io.files import (LOCK, dumps, inside, is_tmp_name, refuse_link,
+                              write_durably)
 
 SHARD_RE = re.compile(r"^shard-r(\d{3})-(\d{6})\.safetensors$")
 PART_RE = re.compile(r"^(manifest|skipped)-r(\d{3})\.jsonl$")
@@ -46,74 +44,62 @@ PNG_RE = re.compile(r"^\d{8}\.png$")
 OWN_FOLDERS = ("shards", "parts", "png")
 
 
-class FolderLock:
-    """The advisory lock on an output folder (``.lock``, flock), held for the run's life by
-    every process of the run.  The first process takes it exclusively (so a live run, even one
-    whose other ranks outlived their launcher, refuses it), notes who holds it, and then
-    shares it with the run's other processes."""
-
-    def __init__(self, out: str) -> None:
-        self.path = os.path.join(out, ".lock")
-        self._fd: int | None = None
-
-    def acquire(self, first: bool) -> None:
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, (fcntl.LOCK_EX if first else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self.holder()
-            self.release()
-            raise Busy(f"another advfast generate ({holder}) is using {os.path.dirname(self.path)}"
-                       "; wait for it to finish or stop it first") from None
-        if first:
-            os.ftruncate(self._fd, 0)
-            os.write(self._fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
-                               f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
-            os.fsync(self._fd)
-            fcntl.flock(self._fd, fcntl.LOCK_SH)  # now shared with the run's other ranks
-
-    def holder(self) -> str:
-        try:
-            with open(self.path) as f:
-                return f.read().strip() or "unknown process"
-        except OSError:
-            return "unknown process"
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the lock
-            self._fd = None
-
-
 def read_jsonl(path: str, repair: bool = False) -> list[dict]:
-    """Rows of a JSON-lines file.  A torn last line (no newline yet: a run killed mid-append)
-    is dropped, and with ``repair`` cut from the file so appends continue cleanly; a complete
-    line that is not a JSON object is an error (ValueError naming the line)."""
+    """Rows of a JSON-lines file advfast appends to.  Without ``repair`` (readers) a torn last
+    line or a line that is not a valid row is an error (InvalidValue naming the line).  With
+    ``repair`` (a resume) they are cut from the file, durably, so that their inputs are made
+    again and appends continue cleanly."""
+    refuse_link(path)
     if not os.path.exists(path):
         return []
     with open(path, "rb") as f:
         lines = f.read().split(b"\n")
-    rows, good_bytes = [], 0
+    rows, bad = [], []
     for number, line in enumerate(lines[:-1], start=1):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        if not isinstance(row, dict):
-            raise InvalidValue(f"{path}:{number} is not a JSON object; the file was edited or "
-                             "damaged")
-        rows.append(row)
-        good_bytes += len(line) + 1
-    if repair and good_bytes != os.path.getsize(path):
-        with open(path, "rb+") as f:
-            f.truncate(good_bytes)
-            os.fsync(f.fileno())
+        row = _parse_row(line)
+        (rows if row is not None else bad).append(row if row is not None else number)
+    torn = lines[-1] != b""
+    if (bad or torn) and not repair:
+        where = f"line {bad[0]} is not a valid row" if bad else "its last line is torn"
+        raise InvalidValue(f"{path}: {where}; the file was edited or damaged (advfast "
+                           "generate --resume repairs it)")
+    if bad or torn:
+        write_durably(path, lambda tmp: _write_rows(tmp, rows))
     return rows
 
 
+def _parse_row(line: bytes) -> dict | None:
+    """The row a manifest or skipped line holds, or None when it is not one: a JSON object
+    with an integer index and, for a manifest row, a shard named as advfast names them and
+    a non-negative integer offset."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(row, dict) or not _is_int(row.get("index")):
+        return None
+    if "shard" in row and not (valid_shard_name(row["shard"]) and _is_int(row.get("offset"))
+                               and row["offset"] >= 0):
+        return None
+    return row
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def valid_shard_name(name: object) -> bool:
+    """Whether ``name`` is a shard's name as advfast writes it: shards/shard-rRRR-SSSSSS...."""
+    return isinstance(name, str) and name.startswith("shards/") \
+        and SHARD_RE.match(name[len("shards/"):]) is not None
+
+
 def parts(out: str, kind: str = "manifest") -> list[str]:
-    return sorted(p for p in glob.glob(os.path.join(out, "parts", f"{kind}-r*.jsonl"))
-                  if PART_RE.match(os.path.basename(p)))
+    folder = inside(out, "parts")
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                  if PART_RE.match(n) and n.startswith(kind))
 
 
 def recorded_rows(out: str, repair: bool = False) -> list[dict]:
@@ -129,7 +115,7 @@ def shard_problems(out: str, rows: Iterable[dict], full: bool = True) -> dict[st
         expected.setdefault(row["shard"], (row.get("shard_bytes"), row.get("shard_sha256")))
     problems = {}
     for name, (size, digest) in expected.items():
-        path = os.path.join(out, name)
+        path = inside(out, name)
         if not os.path.isfile(path):
             problems[name] = "missing"
         elif os.path.getsize(path) != size:
@@ -159,8 +145,8 @@ def drop_shards(out: str, damaged: Iterable[str]) -> int:
             dropped += len(rows) - len(kept)
             write_durably(part, lambda tmp, kept=kept: _write_rows(tmp, kept))
     for name in damaged:
-        path = os.path.join(out, name)
-        if os.path.isfile(path) and SHARD_RE.match(os.path.basename(name)):
+        path = inside(out, name)
+        if valid_shard_name(name) and os.path.isfile(path):
             os.remove(path)
     return dropped
 
@@ -177,14 +163,15 @@ def clean_incomplete(out: str, rows: Iterable[dict]) -> list[str]:
     named = {row["shard"] for row in rows}
     removed = []
     for folder in ("", *OWN_FOLDERS):
-        full = os.path.join(out, folder)
+        full = inside(out, folder) if folder else out
         if not os.path.isdir(full):
             continue
         for name in os.listdir(full):
             path = os.path.join(full, name)
             stray_shard = folder == "shards" and SHARD_RE.match(name) and \
                 os.path.join("shards", name) not in named
-            if (is_tmp_name(name) and os.path.isfile(path)) or stray_shard:
+            if ((is_tmp_name(name) and os.path.isfile(path)) or stray_shard) \
+                    and not os.path.islink(path):
                 os.remove(path)
                 removed.append(path)
     return removed
@@ -202,11 +189,11 @@ class ShardWriter:
                  png: bool = False) -> None:
         self.out, self.rank, self.shard_size, self.dtype, self.png = out, rank, shard_size, dtype, png
         for folder in ("shards", "parts", *(("png",) if png else ())):
-            os.makedirs(os.path.join(out, folder), exist_ok=True)
+            os.makedirs(inside(out, folder), exist_ok=True)
         existing = [int(m.group(2)) for p in os.listdir(os.path.join(out, "shards"))
                     if (m := SHARD_RE.match(p)) and int(m.group(1)) == rank]
         self.next_shard = max(existing, default=-1) + 1
-        self.part = os.path.join(out, "parts", f"manifest-r{rank:03d}.jsonl")
+        self.part = inside(out, f"parts/manifest-r{rank:03d}.jsonl")
         self._images: list[torch.Tensor] = []
         self._rows: list[dict] = []
         self._queue: queue.Queue = queue.Queue(maxsize=8)
@@ -260,10 +247,10 @@ class ShardWriter:
 
         images = torch.stack(self._images[:count]).to(self.dtype).contiguous()
         rows = self._rows[:count]
-        name = os.path.join("shards", f"shard-r{self.rank:03d}-{self.next_shard:06d}.safetensors")
+        name = f"shards/shard-r{self.rank:03d}-{self.next_shard:06d}.safetensors"
         index = torch.tensor([r["index"] for r in rows], dtype=torch.int64)
         payload = save({"adversarial": images, "index": index})
-        write_durably(os.path.join(self.out, name), lambda tmp: write_bytes(tmp, payload))
+        write_durably(inside(self.out, name), lambda tmp: write_bytes(tmp, payload))
         if self.png:
             self._write_pngs(images, rows)
         digest = hashlib.sha256(payload).hexdigest()
@@ -278,7 +265,7 @@ class ShardWriter:
 
     def _write_pngs(self, images: torch.Tensor, rows: list[dict]) -> None:
         for image, row in zip(images, rows):
-            path = os.path.join(self.out, row["png"])
+            path = inside(self.out, row["png"])
             write_durably(path, lambda tmp, image=image: save_png(image, tmp))
 
 
@@ -301,8 +288,8 @@ def append_skipped(out: str, rank: int, rows: list[dict]) -> None:
     """Records inputs that could not be attacked (durably appended to the rank's part)."""
     if not rows:
         return
-    os.makedirs(os.path.join(out, "parts"), exist_ok=True)
-    with open(os.path.join(out, "parts", f"skipped-r{rank:03d}.jsonl"), "a") as f:
+    os.makedirs(inside(out, "parts"), exist_ok=True)
+    with open(inside(out, f"parts/skipped-r{rank:03d}.jsonl"), "a") as f:
         f.writelines(dumps(r) + "\n" for r in rows)
         f.flush()
         os.fsync(f.fileno())
@@ -317,11 +304,29 @@ def finalize(out: str, skipped_at_selection: list[dict]) -> tuple[list[dict], li
              if r["index"] not in done]
     skipped = sorted({r["index"]: r for r in skipped_at_selection + later}.values(),
                      key=lambda r: r["index"])
-    write_durably(os.path.join(out, "manifest.jsonl"), lambda tmp: _write_rows(tmp, rows))
-    write_durably(os.path.join(out, "skipped.jsonl"), lambda tmp: _write_rows(tmp, skipped))
+    write_durably(inside(out, "manifest.jsonl"), lambda tmp: _write_rows(tmp, rows))
+    write_durably(inside(out, "skipped.jsonl"), lambda tmp: _write_rows(tmp, skipped))
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows)
-    write_durably(os.path.join(out, "manifest.parquet"), lambda tmp: pq.write_table(table, tmp))
+    write_durably(inside(out, "manifest.parquet"), lambda tmp: pq.write_table(table, tmp))
     return rows, skipped
+
+
+def undo_new_run(out: str, created: bool) -> None:
+    """After a new run failed on a user error before any result: removes what it wrote
+    (config.json, selection.json, the lock, empty parts/ and shards/), and the folder if
+    the run created it, so the corrected command finds the folder as it was."""
+    if recorded_rows(out):
+        return
+    for name in ("config.json", "selection.json", LOCK):
+        path = inside(out, name)
+        if os.path.isfile(path):
+            os.remove(path)
+    for folder in OWN_FOLDERS:
+        path = inside(out, folder)
+        if os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
+    if created and os.path.isdir(out) and not os.listdir(out):
+        os.rmdir(out)

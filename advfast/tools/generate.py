@@ -2,10 +2,10 @@
 
 * Inputs: :func:`advfast.io.selection.select`: the first N correctly classified inputs in index
   order, each with a target keyed by its index; so a rerun or a resume asks for the same work.
-* Speed: continuous batching (:meth:`advfast.attack.EngineAttack.stream`): finished samples
+* Speed: continuous batching (:meth:`advfast.attacks.BaseAttack.stream`): finished samples
   leave the device batch and new ones take their slots every few iterations; loading
   (DataLoader workers, pinned memory) and writing (a thread) overlap the attack.
-* Durability: see :mod:`advfast.shards`.  ``--resume`` continues a killed run; a lock keeps
+* Durability: see :mod:`advfast.io.shards`.  ``--resume`` continues a killed run; a lock keeps
   two runs out of one folder.
 * Scale: under ``torchrun`` each rank attacks a disjoint share of the inputs and writes its own
   shards; rank 0 merges one manifest.  NCCL on GPUs, gloo on CPUs.
@@ -27,8 +27,9 @@ from advfast import __version__, ops
 from advfast.attacks.base import Finished
 from advfast.engine.runtime import resolve_device
 from advfast.io import models, selection, shards
-from advfast.errors import FolderRefused, InvalidValue
-from advfast.io.files import check_resumable, first_difference, read_json_object, write_json
+from advfast.errors import FolderRefused, InvalidValue, UserError
+from advfast.io.files import (FolderLock, check_resumable, first_difference, read_json_object,
+                              write_json)
 from advfast.tools import specs
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -36,7 +37,7 @@ CONFIDENCE = 0.9  # the D3 threshold of Definition IV.1, for --stop confidence
 FORMATS = ("safetensors", "png")
 # Arguments that do not change what a run produces: a resume may differ in them.
 NOT_IDENTITY = ("out", "resume", "quiet", "device", "workers", "batch_size", "compact_every",
-                "threads", "compile")
+                "compile")
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,6 @@ class GenerateConfig:
     compile: str | None = None
     device: str = "auto"
     workers: int = 0
-    threads: int | None = None
     resume: bool = False
     quiet: bool = False
 
@@ -92,6 +92,7 @@ class GenerateConfig:
                 raise InvalidValue(f"unknown {name} {getattr(self, name)!r}; choose one of "
                                  f"{', '.join(allowed)}")
         self.params.update(specs.resolve(self.attack, self.params, self.data is None))
+        specs.build(self.attack, torch.nn.Identity(), self.params)  # its own checks, now
 
     def identity(self) -> dict:
         """What a resumed run must repeat exactly (weights by content)."""
@@ -145,20 +146,39 @@ def start_ranks(device: str | None) -> Ranks:
 
 
 def run(config: GenerateConfig) -> int:
-    """Generates (or resumes) the dataset; returns 0.  User errors raise ValueError / OSError
-    with a one-line message."""
+    """Generates (or resumes) the dataset; returns 0.  User errors raise
+    :class:`advfast.errors.UserError` (or OSError) with a one-line message.  Everything that
+    can be checked is checked before the folder is touched; a new run that fails on a user
+    error before its first result leaves nothing behind that would refuse the corrected
+    command."""
     config.validate()
     ranks = start_ranks(config.device)
-    lock = shards.FolderLock(config.out)
+    lock = FolderLock(config.out)
+    created = not os.path.lexists(config.out)
+    present = True
     try:
-        _everyone(ranks, lambda: _open_folder(config, lock) if ranks.main else None)
+        model, source = _model_and_source(config, ranks)
+        present = _everyone(ranks, lambda: _open_folder(config, lock) if ranks.main else True)
         if not ranks.main:
             lock.acquire(first=False)
-        return _run(config, ranks)
+        return _run(config, ranks, model, source)
+    except UserError:
+        if ranks.main and not present:
+            shards.undo_new_run(config.out, created)
+        raise
     finally:
         lock.release()
         if ranks.world > 1:
             dist.destroy_process_group()
+
+
+def _model_and_source(config: GenerateConfig, ranks: Ranks):
+    model = models.load(config.model, weights=config.weights, device=ranks.device,
+                        num_classes=config.num_classes)
+    source = selection.source_for(model, config.data, split=config.split,
+                                  labels_csv=config.labels_csv, image_size=config.image_size,
+                                  device=ranks.device)
+    return model, source
 
 
 def _everyone(ranks: Ranks, work) -> object:
@@ -166,7 +186,7 @@ def _everyone(ranks: Ranks, work) -> object:
     error = None
     try:
         result = work()
-    except (ValueError, OSError) as err:
+    except (UserError, OSError) as err:
         error, result = f"{err}", None
     error = ranks.broadcast(error)
     if error:
@@ -174,9 +194,10 @@ def _everyone(ranks: Ranks, work) -> object:
     return result
 
 
-def _open_folder(config: GenerateConfig, lock: shards.FolderLock) -> None:
+def _open_folder(config: GenerateConfig, lock: FolderLock) -> bool:
     """Refuses a busy, foreign or mismatched folder; writes config.json first for a new run;
-    on a resume, repairs what a killed run left and drops damaged shards."""
+    on a resume, repairs what a killed run left and drops damaged shards.  Returns whether the
+    folder held a run."""
     out = config.out
     present = check_resumable(out, config.resume, "config.json", "generate")
     config_path = os.path.join(out, "config.json")
@@ -186,7 +207,7 @@ def _open_folder(config: GenerateConfig, lock: shards.FolderLock) -> None:
         write_json(config_path, {"advfast": __version__, "arguments": asdict(config),
                                  "identity": config.identity(), "torch": torch.__version__,
                                  "backend": ops.backend()})
-        return
+        return False
     _check_identity(config, config_path)
     rows = shards.recorded_rows(out, repair=True)
     damaged = shards.shard_problems(out, rows)
@@ -197,6 +218,7 @@ def _open_folder(config: GenerateConfig, lock: shards.FolderLock) -> None:
               "inputs are made again", file=sys.stderr)
         rows = shards.recorded_rows(out)
     shards.clean_incomplete(out, rows)
+    return True
 
 
 def _check_identity(config: GenerateConfig, path: str) -> None:
@@ -212,12 +234,7 @@ def _check_identity(config: GenerateConfig, path: str) -> None:
                             f"{config.out} used {before!r}, this one {now!r}")
 
 
-def _run(config: GenerateConfig, ranks: Ranks) -> int:
-    model = models.load(config.model, weights=config.weights, device=ranks.device,
-                        num_classes=config.num_classes)
-    source = selection.source_for(model, config.data, split=config.split,
-                               labels_csv=config.labels_csv, image_size=config.image_size,
-                               device=ranks.device)
+def _run(config: GenerateConfig, ranks: Ranks, model, source: selection.Source) -> int:
     chosen = _selection(config, model, source, ranks)
     if ranks.main and config.n is not None and len(chosen.work) < config.n and not config.quiet:
         print(f"note: only {len(chosen.work)} correctly classified inputs exist (asked for "
@@ -273,7 +290,7 @@ def _read_selection(path: str, source: selection.Source) -> selection.Selection:
 
 
 class Feeder:
-    """``feed(k)`` for :meth:`EngineAttack.stream`: the next k samples of this rank's work,
+    """``feed(k)`` for :meth:`advfast.attacks.BaseAttack.stream`: the next k samples of this rank's work,
     loaded ahead by DataLoader workers into pinned memory.  Inputs that cannot be read any
     more are recorded in the rank's skipped part."""
 

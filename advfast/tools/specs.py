@@ -53,6 +53,9 @@ def resolve(name: str, given: dict[str, object], digits_default: bool) -> dict[s
         raise InvalidValue(f"{shown} {'does' if len(extra) == 1 else 'do'} not apply to --attack "
                          f"{name} (it takes {', '.join(defaults)})")
     params = {k: (given[k] if given.get(k) is not None else v) for k, v in defaults.items()}
+    if name in ("cw-l2", "lbfgs") and params["iterations"] < 1:
+        raise InvalidValue(f"--iterations must be at least 1 for --attack {name} (the steps "
+                           "per constant)")
     if name == "eq11":
         if params["step"] == "equal-multiplier" and given.get("beta") is not None:
             raise InvalidValue("--beta is the equal-perturbation step; with --step "
