@@ -10,10 +10,24 @@ it: :mod:`advfast.experiments`, :mod:`advfast.tools` and :mod:`advfast.cli`; the
 imports them.  ``advfast.Attack`` is the paper's scheme, :class:`advfast.attacks.Eq11`.
 """
 
-from advfast import ops
-from advfast.attacks import AttackResult, Eq11, Finished
-
-Attack = Eq11  # the name the README has always documented for the paper's scheme
-
 __version__ = "0.1.0"
 __all__ = ["Attack", "AttackResult", "Eq11", "Finished", "ops", "__version__"]
+
+# The public names load on first use, so that importing a submodule (the command line, say)
+# can settle its environment before torch is imported.
+_LAZY = {"Attack": ("advfast.attacks", "Eq11"), "Eq11": ("advfast.attacks", "Eq11"),
+         "AttackResult": ("advfast.attacks", "AttackResult"),
+         "Finished": ("advfast.attacks", "Finished")}
+
+
+def __getattr__(name: str):
+    if name == "ops":
+        import advfast.ops
+
+        return advfast.ops
+    if name in _LAZY:  # advfast.Attack: the name the README has always used for Eq. 11
+        import importlib
+
+        module, attribute = _LAZY[name]
+        return getattr(importlib.import_module(module), attribute)
+    raise AttributeError(f"module 'advfast' has no attribute {name!r}")

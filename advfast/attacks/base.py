@@ -16,7 +16,7 @@ from advfast import ops
 from advfast.engine.core import (AMPS, COMPILE_MODES, FAILURES, TRAJECTORY, Control, Engine,
                                  Head, Optimizer, autocast, compiled_forward_head, frozen,
                                  model_device, trajectory_buffer)
-from advfast.engine.drivers import Stream, buckets, run_fixed
+from advfast.engine.drivers import Progress, Stream, buckets, run_fixed
 from advfast.engine.rows import Rows, start_rows
 from advfast.engine.timing import PhaseTimer, Timing
 from advfast.errors import InvalidType, InvalidValue
@@ -122,6 +122,10 @@ class BaseAttack:
             "aot_eager": traced, not code-generated, for debugging).  Shapes are static: a
             fixed batch compiles once; a stream pads its batch to ``engine.buckets(capacity)``
             (capacity and the powers of two below it), at most one compilation each.
+
+    ``progress`` (an attribute, None by default): ``progress(iterations, finished)``, called
+    at each compaction of a call that stops samples early or searches (never in the
+    fixed-iteration loop, which does not synchronise with the host).
     """
 
     horizon: int = 0
@@ -142,6 +146,7 @@ class BaseAttack:
         self.model, self.record, self.amp = model, record, amp
         self.channels_last, self.compact_every = channels_last, compact_every
         self.time_phases = time_phases
+        self.progress: Progress | None = None
 
     def parts(self, deferred: bool) -> tuple[Head, Optimizer, Control]:
         raise NotImplementedError
@@ -199,7 +204,8 @@ class BaseAttack:
                 iterations = run_fixed(engine, rows, self.horizon)
             else:
                 stream = Stream(engine, _once(rows), len(x0), self.compact_every, self.horizon,
-                                pad_to=self._pad_to(len(x0)), ghost_key=len(x0))
+                                pad_to=self._pad_to(len(x0)), ghost_key=len(x0),
+                                progress=self.progress)
                 groups, iterations = list(stream), stream.iterations
             timing = engine.timer.finish(iterations, len(x0))
             finished = [self._finished(engine, g) for g in groups]
@@ -299,7 +305,8 @@ class AttackStream:
             accept = (self.accept, engine.control.waiting)
         with frozen(attack.model, attack.channels_last):
             stream = Stream(engine, rows_from_feed, self.capacity, attack.compact_every,
-                            attack.horizon, accept, pad_to=attack._pad_to(self.capacity))
+                            attack.horizon, accept, pad_to=attack._pad_to(self.capacity),
+                            progress=attack.progress)
             engine.timer.start()
             for rows in stream:
                 yield attack._finished(engine, rows, measure=self.accept is not None)

@@ -10,13 +10,20 @@ on stderr and exit status 2.  Anything else is a bug in advfast or a failure of 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from advfast import __version__
-from advfast.cli import attack, bench, detect, generate, table1, toy
-from advfast.cli.options import Parser
-from advfast.engine.runtime import set_threads
-from advfast.errors import UserError
+# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning.  On a shared
+# machine spinning threads fight the other jobs for the cores, and an attack with two
+# threads ran 4x slower than with one (bench/bench_threads.py measures it); a user's own
+# setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from advfast import __version__  # noqa: E402
+from advfast.cli import attack, bench, detect, generate, table1, toy  # noqa: E402
+from advfast.cli.options import Parser  # noqa: E402
+from advfast.engine.runtime import set_threads  # noqa: E402
+from advfast.errors import UserError  # noqa: E402
 
 COMMANDS = (table1, attack, generate, bench, detect, toy)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import sys
 import time
 
 import torch
@@ -30,6 +31,12 @@ def register(sub) -> None:
     at.set_defaults(func=run)
 
 
+# What to raise when nothing flips, per attack.
+RAISE = {"eq11": "raise --iterations or the step (--beta, or --alpha with --step "
+                 "equal-multiplier)",
+         "ifgs": "raise --eps (the ball) and --iterations or --alpha (the steps)",
+         "cw-l2": "raise --c, --iterations or --binary-search-steps",
+         "lbfgs": "lower --b or raise --iterations or --binary-search-steps"}
 FILES = ["adversarial.safetensors", "metrics.csv", "summary.json", "png/", "saliency.png"]
 
 
@@ -53,25 +60,40 @@ def run(args: argparse.Namespace) -> int:
         out.record()
     print(f"{flipped}/{n} flipped to their target in {elapsed:.1f} s; wrote "
           f"{', '.join(sorted(set(w.split('/')[0] for w in out.written)))} in {args.out}")
+    if flipped == 0 and not args.quiet:
+        print(f"note: no input flipped; {RAISE.get(args.attack, '')}", file=sys.stderr)
     return 0
 
 
 def _attack_all(args: argparse.Namespace, attack, device, chosen) -> tuple[torch.Tensor,
                                                                               list[dict]]:
     """The adversarial images of every chosen input [N, C, H, W] (CPU) and one metrics row
-    each, batch by batch."""
+    each, batch by batch; the bar counts finished images and, within a batch, the
+    iterations run (searches such as CW's run thousands per batch)."""
     adversarial, rows = [], []
-    for s in tqdm(range(0, len(chosen.labels), args.batch_size), desc=args.attack,
-                  unit="batch", disable=args.quiet):
+    bar = tqdm(total=len(chosen.labels), desc=args.attack, unit="img", disable=args.quiet)
+    for s in range(0, len(chosen.labels), args.batch_size):
         sl = slice(s, s + args.batch_size)
+        attack.progress = _within_batch(bar, s)
         result = attack(chosen.images[sl].to(device), chosen.targets[sl].to(device),
                         source=chosen.labels[sl].to(device))
+        bar.n = min(s + args.batch_size, len(chosen.labels))
+        bar.refresh()
         adversarial.append(result.adversarial.cpu())
         rows += [{"index": int(chosen.index[i]), "path": chosen.paths[i],
                   "label": int(chosen.labels[i]), "target": int(chosen.targets[i]),
                   "attack": args.attack, **record}
                  for i, record in enumerate(result.records(), start=s)]
+    bar.close()
     return torch.cat(adversarial), rows
+
+
+def _within_batch(bar, start: int):
+    def progress(iterations: int, finished: int) -> None:
+        bar.n = start + finished
+        bar.set_postfix_str(f"batch at iteration {iterations}", refresh=True)
+
+    return progress
 
 
 def _write(args: argparse.Namespace, out: OutputFolder, chosen, adv: torch.Tensor,

@@ -69,7 +69,8 @@ EQ11_OPTIONS = ("step", "alpha", "beta", "kappa", "kappa_mode", "eps", "iteratio
 
 ATTACK_HELP = ("eq11: the paper's scheme (Eq. 11; --loss, --step, --alpha/--beta, --kappa, "
                "--kappa-mode, --eps, --iterations, --stop); ifgs: IFGS / BIM (Eq. 2; --eps "
-               "8/255, --alpha 2/255, --iterations 10, --random-start, --stop); cw-l2: "
+               "8/255, digits 0.3; --alpha 2/255, digits 0.03; --iterations 10, "
+               "--random-start, --stop); cw-l2: "
                "Carlini-Wagner L2 (Eqs. 3-4; --c 1e-3, --kappa 0, --iterations 1000, --lr 1e-2, "
                "--binary-search-steps 9, --no-abort-early); lbfgs: box-constrained L-BFGS "
                "(Eq. 1; --b 1e-2, --iterations 100, --history 10, --binary-search-steps 10)")
@@ -79,14 +80,16 @@ OPTIONS: dict[str, dict] = {
     "loss": dict(choices=ops.LOSSES, help="eq11: source of perturbation (None: ce)"),
     "step": dict(choices=STEPS, help="eq11: step rule (None: equal-perturbation)"),
     "alpha": dict(type=number(positive=True),
-                  help="eq11 equal-multiplier step (None: 5e-4, digits 2e-3); ifgs step"),
+                  help="eq11 equal-multiplier step (None: 5e-4, digits 2e-3); ifgs step "
+                       "(None: 2/255, digits 0.03)"),
     "beta": dict(type=number(positive=True),
                  help="eq11 equal-perturbation L1 per step (None: 5, digits 0.1)"),
     "kappa": dict(type=number(), help="M-logit / CW margin (None: eq11 20, cw-l2 0)"),
     "kappa_mode": dict(choices=ops.KAPPA_MODES,
                        help="eq11 M-logit beyond kappa: clamp (CW) or balance (None: clamp)"),
     "eps": dict(type=number(nonnegative=True),
-                help="Linf ball around the clean image (eq11: None = no ball; ifgs: 8/255)"),
+                help="Linf ball around the clean image (eq11: None = no ball; ifgs: 8/255, "
+                     "digits 0.3)"),
     "iterations": dict(type=int_at_least(0),
                        help="iterations (None: eq11 250, ifgs 10); steps per constant for "
                             "cw-l2 (1000) and lbfgs (100)"),

@@ -21,6 +21,7 @@ The drivers that repeat the iteration are in :mod:`advfast.engine.drivers`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -123,6 +124,8 @@ def compiled_forward_head(model: nn.Module, head: Head, device: torch.device, am
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(config, name):
             setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+    if device.type == "cpu":  # inductor's CPU code needs no CUDA: its "no CUDA runtime" warning
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # misleads
     cast = autocast(device, amp)
 
     def forward_head(x: torch.Tensor, target: torch.Tensor, source: torch.Tensor):

@@ -26,6 +26,8 @@ def run_fixed(engine: Engine, rows: Rows, iterations: int) -> int:
 # feed(k) -> up to k new rows, or None when there are no more
 RowFeed = Callable[[int], "Rows | None"]
 Accept = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# progress(iterations run, samples finished), at each compaction
+Progress = Callable[[int, int], None]
 
 
 def buckets(capacity: int) -> list[int]:
@@ -46,15 +48,17 @@ class Stream:
     surely finished: a row takes at most ``horizon`` iterations after it joins.  With
     ``pad_to`` (batch sizes, for a compiled engine) the batch is topped up to the smallest
     size that holds it with ghost rows: finished copies that take no step and are never
-    reported, keyed ``ghost_key``."""
+    reported, keyed ``ghost_key``.  ``progress`` hears of the iterations run and the samples
+    finished at each compaction (the stream synchronises there anyway)."""
 
     def __init__(self, engine: Engine, feed: RowFeed, capacity: int, compact_every: int,
                  horizon: int, accept: tuple[Accept, Callable[[Rows], torch.Tensor]] | None = None,
-                 pad_to: list[int] | None = None, ghost_key: int = -1) -> None:
+                 pad_to: list[int] | None = None, ghost_key: int = -1,
+                 progress: Progress | None = None) -> None:
         self.engine, self.feed, self.capacity = engine, feed, capacity
         self.compact_every, self.horizon, self.accept = compact_every, horizon, accept
-        self.pad_to, self.ghost_key = pad_to, ghost_key
-        self.iterations = self.samples = 0
+        self.pad_to, self.ghost_key, self.progress = pad_to, ghost_key, progress
+        self.iterations = self.samples = self.finished = 0
         self._deadline = 0
         self._fed_all = False  # the feed has said it has no more
 
@@ -72,6 +76,9 @@ class Stream:
             # 0: going on, 1: finished, 2: ghost; one host synchronisation every K iterations
             status = rows.done.long() + rows.ghost.long()
             live, finished, _ = torch.bincount(status, minlength=3).tolist()
+            self.finished += finished
+            if self.progress is not None:  # what that synchronisation told, at no extra cost
+                self.progress(n, self.finished)
             if not finished and (self._fed_all or live == self.capacity):
                 continue  # nothing leaves and nothing can join: keep the rows as they are
             order = torch.argsort(status, stable=True)

@@ -27,15 +27,21 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def default_threads() -> int:
-    """CPU threads for torch: $OMP_NUM_THREADS if set, else the cores this process may use.
-    (torch's own default can exceed them under a CPU quota, and a loaded machine then runs
-    many times slower.)"""
+    """CPU threads for torch: $OMP_NUM_THREADS if set, else the cores this process may use
+    less the ones other jobs keep busy (the 1-minute load average, rounded), at least one.
+    (torch's own default takes every core, and on a shared machine threads that wait for a
+    busy core make an attack several times slower than one thread would.)"""
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    try:
+        busy = round(os.getloadavg()[0])
+    except OSError:  # no load average here
+        busy = 0
+    return max(1, min(cores, cores - busy))
 
 
 def set_threads(threads: int | None) -> int:

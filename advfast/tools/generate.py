@@ -355,6 +355,8 @@ def _attack(model, source: selection.Source, work: list[dict], config: GenerateC
     bar = tqdm(total=len(work), unit="ex", desc=f"rank {ranks.rank}" if ranks.world > 1
                else "generate", disable=config.quiet or not work, position=ranks.rank)
     feeder = Feeder(source, work, config, ranks.rank, pin=ranks.device.type == "cuda")
+    status: dict[str, object] = {}  # shown beside the bar: the stream's iteration, successes
+    attack.progress = lambda n, _: (status.update(iteration=n), bar.set_postfix(status))
     made = flipped = 0
     try:
         for finished in attack.stream(feeder, config.batch_size, accept=accept):
@@ -364,7 +366,8 @@ def _attack(model, source: selection.Source, work: list[dict], config: GenerateC
             writer.put(finished.adversarial.cpu(), rows)
             made += len(rows)
             flipped += sum(r["flipped"] for r in rows)
-            bar.set_postfix(success=f"{flipped / made:.0%}")
+            status["success"] = f"{flipped / made:.0%}"
+            bar.set_postfix(status)
             bar.update(len(rows))
     finally:
         bar.close()
