@@ -58,8 +58,12 @@ def _run(args: argparse.Namespace, out: OutputFolder, device, model, chosen) -> 
               "threads": torch.get_num_threads()}
     table1.write(cells, out, config)
     if not args.no_figures:
+        say = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr,
+                                                                          flush=True))
+        say("drawing Figs. 1-4 from the trajectories ...")
         figures.draw_all(cells, out)
         k = min(FIG5_INPUTS, len(chosen.labels))
+        say(f"Fig. 5: attacking {k} inputs with each loss until they flip ...")
         figures.figure5(model, chosen.images[:k].to(device), chosen.targets[:k].to(device),
                         chosen.labels[:k].to(device), beta, args.iterations, out)
     out.record()

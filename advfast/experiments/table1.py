@@ -22,6 +22,9 @@ from advfast.io.files import OutputFolder, write_durably, write_json
 from advfast.io.selection import AttackInputs
 
 FILES = ("table1.json", "table1.csv", "samples.csv")
+# Above this spread of the time per image between equal batches of one cell, differences
+# between the cells' times are within the machine's noise, and the table says so.
+TIME_SPREAD_WARNING = 0.15
 # Iterations of the untimed warm-up run (first-call costs: allocator, kernels, caches).
 WARMUP_ITERATIONS = 3
 
@@ -35,21 +38,27 @@ class Cell:
     first_flip: torch.Tensor
     at_flip: dict[str, torch.Tensor]
     trajectory: dict[str, torch.Tensor]
-    seconds_per_image: list[float] = field(default_factory=list)
+    batch_seconds: list[float] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
     per_iteration_ms: list[float] = field(default_factory=list)
-    images_per_s: list[float] = field(default_factory=list)
 
     def summary(self) -> dict:
+        """The cell's row of table1.json.  Time per image: mean and std over batches;
+        ``time_spread``: that std over the mean, on the full batches only (the same work each,
+        so their spread is the machine's noise); img/s: all images over all the time, so it
+        agrees with the time column."""
         flipped = self.first_flip >= 0
         iters = self.first_flip[flipped].double()
+        per_image = torch.tensor(self.batch_seconds) / torch.tensor(self.batch_sizes)
+        full = per_image[torch.tensor(self.batch_sizes) == max(self.batch_sizes)]
         return {
             "step": self.step, "loss": self.loss, "n": len(self.first_flip),
             "flipped": float(flipped.double().mean()),
             "iterations_mean": _mean(iters), "iterations_std": _std(iters),
-            "time_per_image_s_mean": _mean(torch.tensor(self.seconds_per_image)),
-            "time_per_image_s_std": _std(torch.tensor(self.seconds_per_image)),
+            "time_per_image_s_mean": _mean(per_image), "time_per_image_s_std": _std(per_image),
+            "time_spread": _std(full) / _mean(full) if len(full) > 1 else math.nan,
             "per_iteration_ms": _mean(torch.tensor(self.per_iteration_ms)),
-            "images_per_s": _mean(torch.tensor(self.images_per_s)),
+            "images_per_s": sum(self.batch_sizes) / sum(self.batch_seconds),
             **{f"{k}_at_flip_mean": _mean(v[flipped].double()) for k, v in self.at_flip.items()},
         }
 
@@ -112,9 +121,9 @@ def run(model: torch.nn.Module, inputs: AttackInputs, *, iterations: int, alpha:
                               {k: v.cpu() for k, v in result.at_flip.items()},
                               {k: v.cpu() for k, v in result.trajectory.items()}))
                 timing = result.timing
-                cell.seconds_per_image.append(timing.total_s / timing.batch_size)
+                cell.batch_seconds.append(timing.total_s)
+                cell.batch_sizes.append(timing.batch_size)
                 cell.per_iteration_ms.append(timing.per_iteration_ms)
-                cell.images_per_s.append(timing.images_per_s)
                 bar.set_postfix(step=step, loss=loss)
                 bar.update()
             cell.first_flip = torch.cat([p[0] for p in parts])
@@ -145,7 +154,13 @@ def format_table(cells: list[Cell], alpha: float, beta: float) -> str:
         lines.append(row)
     lines.append("Iterations: to the first flip, over flipped samples (the share that flipped in "
                  "brackets when not all did). Time: for all iterations, per image (batch time / "
-                 "batch size), mean ± std over batches.")
+                 "batch size), mean ± std over batches; img/s: all images / all the time.")
+    spread = max((by[k]["time_spread"] for k in by if not math.isnan(by[k]["time_spread"])),
+                 default=math.nan)
+    if spread > TIME_SPREAD_WARNING:
+        lines.append(f"warning: the time per image varies by up to {spread:.0%} between equal "
+                     "batches of one cell, so the time columns cannot be compared with each "
+                     "other; rerun on an idle machine (or with --threads 1)")
     return "\n".join(lines)
 
 
