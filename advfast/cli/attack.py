@@ -110,9 +110,14 @@ def _write(args: argparse.Namespace, out: OutputFolder, chosen, adv: torch.Tenso
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_durably(path, lambda tmp, image=image: save_png(image, tmp))
     k = min(FIG5_INPUTS * 2, len(rows))
-    delta = {args.attack: adv[:k] - chosen.images[:k]}
+    delta = {_column_name(args): adv[:k] - chosen.images[:k]}
     write_durably(out.file("saliency.png"),
                   lambda tmp: figures.saliency_panel(chosen.images[:k], delta, tmp))
+
+
+def _column_name(args: argparse.Namespace) -> str:
+    """The saliency column's title: the attack, and for the paper's scheme its loss."""
+    return f"eq11, {args.loss or 'ce'}" if args.attack == "eq11" else args.attack
 
 
 def _write_csv(path: str, rows: list[dict]) -> None:

@@ -85,13 +85,15 @@ def figure_rule(cells: list[Cell], number: int, path: str) -> None:
                         label=f"{cell.loss} {which}")
     axes[0].set(xlabel="iteration", ylabel="softmax", title="(a) softmax, source -- / target —")
     axes[1].set(xlabel="iteration", ylabel="logit", title="(b) logits, source -- / target —")
-    axes[0].legend(fontsize=7, ncol=2)
-    for ax, norm in ((axes[2], "l2"), (axes[3], "linf")):
+    for ax, norm, panel in ((axes[2], "l2", "c"), (axes[3], "linf", "d")):
         data = [c.at_flip[norm][c.first_flip >= 0].numpy() for c in cells]
         ax.boxplot(data, tick_labels=[c.loss for c in cells], showfliers=False)
-        ax.set(title=f"(c) {'L2' if norm == 'l2' else 'Linf'} at the first flip")
+        ax.set(title=f"({panel}) {'L2' if norm == 'l2' else 'Linf'} at the first flip")
+    # one legend for (a) and (b), below the panels, where it covers no curve
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.suptitle(f"Fig. {number}: {cells[0].step}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
@@ -151,9 +153,9 @@ def saliency_panel(images: torch.Tensor, perturbations: dict[str, torch.Tensor],
     axes[0, 0].set_title("genuine")
     for j, n in enumerate(names, start=1):
         axes[0, j].set_title(n)
-    fig.suptitle("Perturbation at the first flip (sum over channels of |delta|; one scale per "
-                 "row)", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle("Perturbation at the first flip\n(sum over channels of |delta|; one colour "
+                 "scale per row)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / fig.get_figheight()))  # 0.6 in for the title
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 

@@ -195,17 +195,30 @@ def figure(grid: Grids, paths: dict[str, np.ndarray], points: torch.Tensor,
                    linewidths=0.8, linestyles="dashed")
         ax.scatter(*points[labels == 0][::8].T, s=3, c="k", alpha=0.3)
         ax.scatter(*points[labels == 1][::8].T, s=3, c="w", alpha=0.3)
-        for loss, p in paths.items():
-            for k, trace in enumerate(p):
-                ax.plot(trace[:, 0], trace[:, 1], color=COLORS[loss], lw=1.2,
-                        label=loss if k == 0 else None)
+        _draw_paths(ax, paths, COLORS)
         ax.set(title=title, xlim=(-1, 1), ylim=(-1, 1))
-    axes[0].legend(fontsize=7, loc="lower left")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=9)
     fig.suptitle("Fig. 6: 2-D toy, target = inner circle; white: decision boundary, red dashed: "
-                 "D1 | D2 | D3 (Definition IV.1); lines: equal-perturbation trajectories")
-    fig.tight_layout()
+                 "D1 | D2 | D3 (Definition IV.1); lines: equal-perturbation trajectories (with "
+                 "M = 2 classes CE and M-logit point the same way, so their paths coincide)",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
+
+
+# Widest first, so that paths that coincide (CE and M-logit at M = 2) all stay visible.
+PATH_STYLE = {"ce": dict(lw=5.0, ls="-", alpha=0.45), "m-logit": dict(lw=2.5, ls="--"),
+              "logit": dict(lw=1.0, ls="-"), "ce-sign": dict(lw=1.2, ls=":")}
+
+
+def _draw_paths(ax, paths: dict[str, np.ndarray], colors: dict[str, str]) -> None:
+    for z, loss in enumerate(sorted(paths, key=lambda name: -PATH_STYLE[name]["lw"])):
+        for k, trace in enumerate(paths[loss]):
+            ax.plot(trace[:, 0], trace[:, 1], color=colors[loss], zorder=3 + z,
+                    label=loss if k == 0 else None, **PATH_STYLE[loss])
+            ax.plot(*trace[-1], "o", color=colors[loss], ms=4, zorder=3 + z)
 
 
 FILES = ("fig6.png", "toy.npz", "toy.json")
