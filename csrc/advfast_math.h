@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "stats.h"
+
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define ADVFAST_HD __host__ __device__ __forceinline__
 #else
@@ -22,14 +24,10 @@
 
 namespace advfast {
 
-// Loss codes shared by the dispatcher and both backends (see advfast/ops.py LOSSES).
-enum class Loss : int64_t { CE = 0, CE_SIGN = 1, LOGIT = 2, M_LOGIT = 3 };
+// Loss codes shared by the dispatcher and both backends (advfast.ops.LOSSES).  "ce-sign" is CE
+// here: the head's seed is the same, and perturb_step_ takes the sign (parse_loss maps it).
+enum class Loss : int64_t { CE = 0, LOGIT = 1, M_LOGIT = 2 };
 enum class KappaMode : int64_t { CLAMP = 0, BALANCE = 1 };
-
-// Number of per-row statistics written by loss_head, in advfast.ops.HEAD_STATS order.
-constexpr int kHeadStats = 12;
-// Number of per-sample statistics written by perturb_step_, in advfast.ops.STEP_STATS order.
-constexpr int kStepStats = 4;
 
 ADVFAST_HD bool is_nan(float v) { return v != v; }
 
@@ -172,19 +170,19 @@ ADVFAST_HD void write_head_stats(float* out, OnlineSoftmax sm, ArgMax best, ArgM
   const bool hit = best.index == target;
   const float max_prob = inv;  // exp(max - max) / sum
   const float lse = log_sum_exp(sm);
-  out[0] = static_cast<float>(best.index);
-  out[1] = max_prob;
-  out[2] = softmax_term(target_logit, sm.max) * inv;
-  out[3] = target_logit;
-  out[4] = softmax_term(source_logit, sm.max) * inv;
-  out[5] = source_logit;
-  out[6] = static_cast<float>(runner_up.index);
-  out[7] = target_logit - runner_up.value;
-  out[8] = subspace_of(max_prob, hit, threshold);
-  out[9] = hit ? 1.f : 0.f;
+  out[kPred] = static_cast<float>(best.index);
+  out[kMaxProb] = max_prob;
+  out[kTargetProb] = softmax_term(target_logit, sm.max) * inv;
+  out[kTargetLogit] = target_logit;
+  out[kSourceProb] = softmax_term(source_logit, sm.max) * inv;
+  out[kSourceLogit] = source_logit;
+  out[kRunnerUp] = static_cast<float>(runner_up.index);
+  out[kMargin] = target_logit - runner_up.value;
+  out[kSubspace] = subspace_of(max_prob, hit, threshold);
+  out[kHit] = hit ? 1.f : 0.f;
   const bool finite = fabsf(lse) <= FLT_MAX;
-  out[10] = finite ? target_logit - lse : NAN;
-  out[11] = finite ? 1.f : 0.f;
+  out[kTargetLogprob] = finite ? target_logit - lse : NAN;
+  out[kFinite] = finite ? 1.f : 0.f;
 }
 
 // d(objective)/d(logit_i) for one element of the row, given the row's reductions.
@@ -193,7 +191,6 @@ ADVFAST_HD float seed_of(Loss loss, float logit, int64_t i, int64_t target, int6
   const float onehot_t = i == target ? 1.f : 0.f;
   switch (loss) {
     case Loss::CE:
-    case Loss::CE_SIGN:
       return onehot_t - softmax_term(logit, sm.max) * inverse_sum(sm);
     case Loss::LOGIT:
       return onehot_t;

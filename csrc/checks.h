@@ -1,5 +1,9 @@
-// Argument checks and argument decoding shared by the CPU and CUDA entry points. They keep a
-// direct torch.ops.advfast call from crashing; advfast/ops.py gives the friendlier messages.
+// The one validation layer of the ops: every argument of every entry point (CPU and CUDA) is
+// checked here, once, so that the Python wrappers and a direct torch.ops.advfast call refuse the
+// same things with the same one-line messages.  The exception types follow torch's macros:
+// TORCH_CHECK_TYPE -> TypeError (a wrong dtype), TORCH_CHECK_VALUE -> ValueError (a wrong
+// shape, device, range, aliasing), TORCH_CHECK_INDEX -> IndexError (a class out of range).
+// Also the argument decoding shared by the backends (loss names, flat operands).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -7,6 +11,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
+#include <cfloat>
 #include <cmath>
 #include <initializer_list>
 #include <optional>
@@ -39,9 +44,14 @@ inline void check_no_overlap(const at::Tensor& out, const at::Tensor& in, const 
                     in_name);
 }
 
+// Smallest Adam eps accepted: the smallest normal float32.  A smaller eps rounds to 0 or to a
+// denormal (flushed to 0 where denormals are off) in the kernels' float arithmetic, and then
+// m / (sqrt(v) + eps) is 0 / 0 = NaN for an element whose m and v are still 0.
+constexpr double kMinAdamEps = FLT_MIN;
+
 inline Loss parse_loss(std::string_view loss) {
-  if (loss == "ce") return Loss::CE;
-  if (loss == "ce-sign") return Loss::CE_SIGN;
+  // "ce-sign" is IFGS's loss: the head's seed is CE's; perturb_step_ applies the sign.
+  if (loss == "ce" || loss == "ce-sign") return Loss::CE;
   if (loss == "logit") return Loss::LOGIT;
   TORCH_CHECK_VALUE(loss == "m-logit", "advfast: unknown loss '", loss,
                     "' (expected ce, ce-sign, logit or m-logit)");
@@ -82,6 +92,18 @@ inline void check_loss_head_args(const at::Tensor& logits, const at::Tensor& tar
   }
 }
 
+// [B] per-sample operand checks: dtype, shape, device.  A wrong dtype is a ValueError here, as
+// for a wrong shape: these are flags and counts of the samples, not data of a float type.
+inline void check_per_sample(const at::Tensor& t, at::ScalarType dtype, const at::Tensor& like,
+                             const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, "advfast.", op, ": ", name, " must be ", dtype,
+                   ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == like.size(0), "advfast.", op, ": ", name,
+                    " must be [B] with B = ", like.size(0), ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == like.device(), "advfast.", op, ": ", name, " must be on ",
+                    like.device());
+}
+
 inline void check_perturb_step_args(const at::Tensor& x, const at::Tensor& grad,
                                     const at::Tensor& x0, const std::optional<at::Tensor>& active,
                                     const std::optional<double>& alpha,
@@ -116,12 +138,7 @@ inline void check_perturb_step_args(const at::Tensor& x, const at::Tensor& grad,
   check_no_overlap(x, grad, "perturb_step_", "x", "grad");
   check_no_overlap(x, x0, "perturb_step_", "x", "x0");
   if (active.has_value()) {
-    TORCH_CHECK_TYPE(active->scalar_type() == at::kBool,
-                     "advfast.perturb_step_: active must be bool");
-    TORCH_CHECK_VALUE(active->dim() == 1 && active->size(0) == x.size(0),
-                      "advfast.perturb_step_: active must be [B] with B = ", x.size(0));
-    TORCH_CHECK_VALUE(active->device() == x.device(),
-                      "advfast.perturb_step_: active must be on ", x.device());
+    check_per_sample(*active, at::kBool, x, "perturb_step_", "active");
   }
 }
 
@@ -167,17 +184,6 @@ inline StepOperands step_operands(const at::Tensor& x, const at::Tensor& grad,
                       x.numel() / x.size(0)};
 }
 
-// [B] per-sample operand checks: dtype, shape, device.
-inline void check_per_sample(const at::Tensor& t, at::ScalarType dtype, const at::Tensor& like,
-                             const char* op, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "advfast.", op, ": ", name, " must be ", dtype,
-                   ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == like.size(0), "advfast.", op, ": ", name,
-                    " must be [B] with B = ", like.size(0), ", got ", t.sizes());
-  TORCH_CHECK_VALUE(t.device() == like.device(), "advfast.", op, ": ", name, " must be on ",
-                    like.device());
-}
-
 inline void check_adam_tanh_args(const at::Tensor& w, const at::Tensor& m, const at::Tensor& v,
                                  const at::Tensor& x, const at::Tensor& grad,
                                  const at::Tensor& x0, const at::Tensor& c, const at::Tensor& t,
@@ -201,9 +207,13 @@ inline void check_adam_tanh_args(const at::Tensor& w, const at::Tensor& m, const
   check_per_sample(c, at::kFloat, w, op, "c");
   check_per_sample(t, at::kLong, w, op, "step");
   if (active.has_value()) check_per_sample(*active, at::kBool, w, op, "active");
-  check_finite(lr, op, "lr");
-  check_finite(eps, op, "eps");
-  TORCH_CHECK_VALUE(lr > 0 && eps > 0, "advfast.", op, ": lr and eps must be positive");
+  for (const auto& [value, name] : {std::pair{lr, "lr"}, std::pair{beta1, "beta1"},
+                                    std::pair{beta2, "beta2"}, std::pair{eps, "eps"}}) {
+    check_finite(value, op, name);
+  }
+  TORCH_CHECK_VALUE(lr > 0, "advfast.", op, ": lr must be positive, got ", lr);
+  TORCH_CHECK_VALUE(eps >= kMinAdamEps, "advfast.", op, ": eps must be at least ", kMinAdamEps,
+                    " (the smallest normal float32), got ", eps);
   TORCH_CHECK_VALUE(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, "advfast.", op,
                     ": beta1 and beta2 must lie in [0, 1)");
   const std::pair<const at::Tensor*, const char*> written[] = {
@@ -218,6 +228,24 @@ inline void check_adam_tanh_args(const at::Tensor& w, const at::Tensor& m, const
     }
     check_no_overlap(*written[i].first, grad, op, written[i].second, "grad");
     check_no_overlap(*written[i].first, x0, op, written[i].second, "x0");
+  }
+}
+
+// adam_tanh_step_'s per-sample values that would make NaN in an active sample: step < 1 (the
+// bias correction 1 - beta1^0 = 0 divides) and a non-finite c.  Inactive samples are not
+// stepped, so their values are not used (the engine keeps step = 0 for a sample not yet
+// started).  CPU only: on CUDA reading them here would synchronise with the device, so the
+// CUDA kernel leaves such samples unstepped instead.
+inline void check_adam_tanh_contents_cpu(const at::Tensor& c, const at::Tensor& step,
+                                         const bool* active) {
+  const float* cp = c.const_data_ptr<float>();
+  const int64_t* tp = step.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < c.numel(); ++b) {
+    if (active != nullptr && !active[b]) continue;
+    TORCH_CHECK_VALUE(tp[b] >= 1, "advfast.adam_tanh_step_: step[", b, "] = ", tp[b],
+                      " must be at least 1");
+    TORCH_CHECK_VALUE(std::isfinite(cp[b]), "advfast.adam_tanh_step_: c[", b, "] = ", cp[b],
+                      " must be finite");
   }
 }
 

@@ -5,13 +5,23 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <iterator>
 #include <string>
 #include <vector>
 
-namespace advfast {
-std::string cpu_isa();  // csrc/cpu/perturb_step.cpp
+#include "cpu/cpu_isa.h"
+#include "stats.h"
 
+namespace advfast {
 namespace {
+
+// The stats column names of csrc/stats.h, for advfast.ops to be checked against.
+std::vector<std::string> head_stat_names() {
+  return {std::begin(kHeadStatNames), std::end(kHeadStatNames)};
+}
+std::vector<std::string> step_stat_names() {
+  return {std::begin(kStepStatNames), std::end(kStepStatNames)};
+}
 
 // ADInplaceOrView kernel of the in-place ops: runs the op, then moves the version counter of
 // every argument the schema marks as written (Tensor(a!)), as ATen's own in-place ops do.
@@ -47,6 +57,7 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(advfast, m) {
   // Loss head on the logits: (seed = dO/dlogits [B, M] float32, stats [B, 12] float32).
+  // Argument checks of every op: csrc/checks.h.
   m.def(
       "loss_head(Tensor logits, Tensor target, Tensor source, str loss, float kappa, "
       "str kappa_mode, float threshold) -> (Tensor, Tensor)");
@@ -62,6 +73,9 @@ TORCH_LIBRARY(advfast, m) {
       "float eps) -> Tensor");
   // The instruction set the CPU kernels run with on this machine.
   m.def("cpu_isa() -> str", &advfast::cpu_isa);
+  // The names of loss_head's and of the steps' stats columns (owned by csrc/stats.h).
+  m.def("head_stat_names() -> str[]", &advfast::head_stat_names);
+  m.def("step_stat_names() -> str[]", &advfast::step_stat_names);
 }
 
 // Autograd sees the in-place ops as what they are: x's version counter moves (so a tensor

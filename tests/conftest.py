@@ -9,6 +9,8 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="advfas
 
 import torch  # noqa: E402
 
+from fixtures import list_feed  # noqa: E402,F401  (test_generate imports it from here)
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 DEVICES = ["cpu", pytest.param("cuda", marks=[CUDA, pytest.mark.cuda])]
 
@@ -30,15 +32,13 @@ def _private_cache(tmp_path_factory):
         os.environ["ADVFAST_CACHE"] = old
 
 
-def list_feed(images, target, source):
-    """A feed for Attack.stream over the given samples, keyed by their position."""
-    queue = list(range(len(images)))
+def pytest_sessionstart(session):
+    """The suite tests the compiled library: without it (the ops fall back to the pure-PyTorch
+    reference) it stops, unless ADVFAST_ALLOW_REFERENCE=1 says the reference is wanted."""
+    import advfast.ops
 
-    def feed(k):
-        take, queue[:] = queue[:k], queue[k:]
-        if not take:
-            return None
-        idx = torch.tensor(take)
-        return images[idx], target[idx], source[idx], idx
-
-    return feed
+    if advfast.ops.backend() == "reference" and os.environ.get("ADVFAST_ALLOW_REFERENCE") != "1":
+        pytest.exit("advfast's compiled library advfast._C did not load, so the ops would run "
+                    "the pure-PyTorch reference and the kernels would go untested. Build it "
+                    "(pip install --no-build-isolation -e .), or set ADVFAST_ALLOW_REFERENCE=1 "
+                    "to test the reference on purpose.", returncode=pytest.ExitCode.USAGE_ERROR)

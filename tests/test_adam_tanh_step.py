@@ -159,7 +159,11 @@ def _bad(**change):
     (_bad(beta1=1.0), ValueError),
     (_bad(active=torch.ones(2)), ValueError),
 ], ids=range(9))
-def test_bad_input(args, error):
+@pytest.mark.parametrize("fallback", [False, True], ids=["op", "reference-fallback"])
+def test_bad_input(args, error, fallback, monkeypatch):
+    """Refused by the compiled op, and by the reference fallback used without it."""
+    if fallback:
+        monkeypatch.setattr(ops, "_COMPILED", False)
     with pytest.raises(error):
         ops.adam_tanh_step_(**args)
 
@@ -169,6 +173,65 @@ def test_aliasing_is_rejected():
     for args in ((w, w, v, x, grad, x0), (w, m, v, x, x, x0), (w, m, v, x, grad, v)):
         with pytest.raises(ValueError, match="must not share memory"):
             ops.adam_tanh_step_(*args, c, step, lr=0.01)
+
+
+def _nan_makers():
+    """Arguments that made NaN before the op refused them (a NaN c, step 0, an eps that rounds
+    to 0 in float32 where m = v = 0 gives 0 / 0)."""
+    w, m, v, x, grad, x0, c, step = _state((2, 3), "cpu")
+    zero = dict(m=torch.zeros_like(m), v=torch.zeros_like(v), x0=x.clone(),
+                grad=torch.zeros_like(grad))
+    return [
+        ("nan c", _bad(c=torch.tensor([1.0, math.nan])), "c"),
+        ("inf c", _bad(c=torch.tensor([math.inf, 1.0])), "c"),
+        ("step 0", _bad(step=torch.tensor([3, 0])), "step"),
+        ("negative step", _bad(step=torch.tensor([-1, 2])), "step"),
+        ("eps rounds to 0", dict(_bad(**zero), w=w, x=x, eps=1e-50), "eps"),
+        ("denormal eps", dict(_bad(**zero), w=w, x=x, eps=1e-45), "eps"),
+        ("nan beta2", _bad(beta2=math.nan), "finite"),
+        ("inf lr", _bad(lr=math.inf), "finite"),
+    ]
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["op", "reference-fallback"])
+@pytest.mark.parametrize("case", range(8), ids=[c[0] for c in _nan_makers()])
+def test_arguments_that_make_nan_are_refused(case, fallback, monkeypatch):
+    if fallback:
+        monkeypatch.setattr(ops, "_COMPILED", False)
+    _, args, match = _nan_makers()[case]
+    before = [args[k].clone() for k in "wmvx"]
+    with pytest.raises(ValueError, match=match):
+        ops.adam_tanh_step_(**args)
+    for k, old in zip("wmvx", before):
+        assert torch.equal(args[k], old), k  # nothing was written
+
+
+@compiled
+@pytest.mark.parametrize("case", range(8), ids=[c[0] for c in _nan_makers()])
+def test_direct_call_refuses_arguments_that_make_nan(case):
+    _, a, match = _nan_makers()[case]
+    with pytest.raises(ValueError, match=match):
+        torch.ops.advfast.adam_tanh_step_(a["w"], a["m"], a["v"], a["x"], a["grad"], a["x0"],
+                                          a["c"], a["step"], None, a["lr"],
+                                          a.get("beta1", 0.9), a.get("beta2", 0.999),
+                                          a.get("eps", 1e-8))
+
+
+def test_inactive_samples_may_have_step_zero():
+    """The engine keeps step = 0 for a sample that has not started; it is not stepped."""
+    w, m, v, x, grad, x0, c, step = _state((2, 3), "cpu")
+    step[1], c[1] = 0, math.nan
+    before = w[1].clone()
+    ops.adam_tanh_step_(w, m, v, x, grad, x0, c, step, lr=0.01,
+                        active=torch.tensor([True, False]))
+    assert torch.equal(w[1], before) and torch.isfinite(w).all()
+
+
+def test_smallest_accepted_eps_keeps_zero_moments_finite():
+    w, m, v, x, grad, x0, c, step = _state((2, 3), "cpu")
+    m.zero_(), v.zero_(), grad.zero_()
+    ops.adam_tanh_step_(w, m, v, x, grad, x.clone(), c, step, lr=0.01, eps=ops.MIN_ADAM_EPS)
+    assert all(torch.isfinite(t).all() for t in (w, m, v, x))
 
 
 @compiled

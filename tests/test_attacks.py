@@ -8,30 +8,7 @@ import torch
 from torch import nn
 
 from advfast import attacks
-from test_attack import two_pixel_model
-
-
-class Smooth(nn.Module):
-    """A small tanh MLP on 1x6x6 images: smooth, so optimisers agree on where they go."""
-
-    def __init__(self, seed=3, classes=5):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(36, 24), nn.Tanh(), nn.Linear(24, classes))
-        with torch.no_grad():
-            self.net[3].weight.mul_(3)
-
-    def forward(self, x):
-        return self.net(x)
-
-
-def _batch(model, n=6, seed=0, classes=5):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, 6, 6, generator=gen)
-    with torch.no_grad():
-        source = model(x).argmax(1)
-    target = (source + 1 + torch.randint(0, classes - 1, (n,), generator=gen)) % classes
-    return x, target, source
+from fixtures import Smooth, smooth_batch, two_pixel_model
 
 
 # --- IFGS ---------------------------------------------------------------------------------
@@ -52,7 +29,7 @@ def plain_bim(model, x0, target, eps, alpha, steps, start=None):
 @pytest.mark.parametrize("eps,alpha,steps", [(0.03, 0.01, 10), (0.1, 0.02, 25), (0.3, 0.05, 7)])
 def test_ifgs_equals_a_plain_bim_loop(eps, alpha, steps):
     model = Smooth()
-    x0, target, source = _batch(model)
+    x0, target, source = smooth_batch(model)
     ours = attacks.IFGS(model, eps=eps, alpha=alpha, steps=steps)(x0, target, source)
     torch.testing.assert_close(ours.adversarial, plain_bim(model, x0, target, eps, alpha, steps),
                                atol=1e-6, rtol=0)
@@ -63,7 +40,7 @@ def test_ifgs_equals_a_plain_bim_loop(eps, alpha, steps):
 def test_ifgs_equals_torchattacks_bim_and_pgd():
     torchattacks = pytest.importorskip("torchattacks")
     model = Smooth()
-    x0, target, source = _batch(model, n=8)
+    x0, target, source = smooth_batch(model, n=8)
     bim = torchattacks.BIM(model, eps=0.1, alpha=0.02, steps=15)
     bim.set_mode_targeted_by_label(quiet=True)
     ours = attacks.IFGS(model, eps=0.1, alpha=0.02, steps=15)(x0, target, source)
@@ -80,7 +57,7 @@ def test_ifgs_equals_torchattacks_bim_and_pgd():
 
 def test_ifgs_with_a_stop_rule_stops_at_the_flip():
     model = Smooth()
-    x0, target, source = _batch(model, n=10)
+    x0, target, source = smooth_batch(model, n=10)
     never = attacks.IFGS(model, eps=0.5, alpha=0.02, steps=60)(x0, target, source)
     flip = attacks.IFGS(model, eps=0.5, alpha=0.02, steps=60, stop="flip",
                         compact_every=3)(x0, target, source)
@@ -132,7 +109,7 @@ def plain_cw(model, x0, target, c, kappa, steps, lr, search_steps, abort_early):
                                                             (0.0, True, 10)])
 def test_cw_equals_the_original_algorithm(kappa, abort_early, search_steps):
     model = Smooth()
-    x0, target, source = _batch(model, n=6)
+    x0, target, source = smooth_batch(model, n=6)
     params = dict(c=0.05, kappa=kappa, steps=60, lr=0.05, binary_search_steps=search_steps,
                   abort_early=abort_early)
     ours = attacks.CarliniWagnerL2(model, compact_every=5, **params)(x0, target, source)
@@ -161,7 +138,7 @@ def _margins(model, x, target):
 
 def test_cw_early_abort_saves_iterations():
     model = Smooth()
-    x0, target, source = _batch(model, n=6)
+    x0, target, source = smooth_batch(model, n=6)
     params = dict(c=0.05, steps=200, lr=0.05, binary_search_steps=3)
     aborting = attacks.CarliniWagnerL2(model, abort_early=True, **params)(x0, target, source)
     full = attacks.CarliniWagnerL2(model, abort_early=False, **params)(x0, target, source)
@@ -169,9 +146,9 @@ def test_cw_early_abort_saves_iterations():
     assert (aborting.steps < full.steps).any()
 
 
-def test_cw_sample_already_at_the_target():
+def test_cw_sample_already_at_the_target_succeeds_unmoved():
     model = Smooth()
-    x0, target, source = _batch(model, n=3)
+    x0, target, source = smooth_batch(model, n=3)
     result = attacks.CarliniWagnerL2(model, steps=20, binary_search_steps=2)(x0, source, source)
     assert (result.first_flip == 0).all()
     assert (result.final["l2"] < 1e-4).all()  # the start itself succeeds: X' = X0 up to 1e-6
@@ -209,7 +186,7 @@ STEPS = 25
 @pytest.mark.parametrize("b", [0.01, 0.3])
 def test_lbfgs_run_reaches_scipy_lbfgsb_minimum(b):
     model = Smooth()
-    x0, target, source = _batch(model, n=5)
+    x0, target, source = smooth_batch(model, n=5)
     ours = attacks.LBFGS(model, b=b, steps=STEPS).minimize(x0, target, source)
     assert torch.all(ours.constant == b)
     with torch.no_grad():
@@ -251,7 +228,7 @@ def test_empty_batch_one_sample_and_target_already_reached(attack, params):
     run = attack(model, **params)
     empty = run(torch.rand(0, 1, 6, 6), torch.zeros(0, dtype=torch.long))
     assert empty.adversarial.shape == (0, 1, 6, 6) and empty.first_flip.shape == (0,)
-    x0, target, source = _batch(model, n=1)
+    x0, target, source = smooth_batch(model, n=1)
     one = run(x0, target, source)
     assert one.adversarial.shape == x0.shape and torch.isfinite(one.adversarial).all()
     reached = run(x0, source, source)
@@ -271,10 +248,9 @@ def test_empty_batch_one_sample_and_target_already_reached(attack, params):
     (attacks.LBFGS, dict(history=0)),
     (attacks.LBFGS, dict(steps=2.5)),
 ], ids=range(9))
-def test_bad_arguments(attack, params):
+def test_out_of_range_attack_parameters_are_refused(attack, params):
     with pytest.raises(ValueError):
         attack(Smooth(), **params)
-
 
 
 # --- the command line ---------------------------------------------------------------------

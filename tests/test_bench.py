@@ -28,7 +28,7 @@ def test_bench_measures_floor_advfast_and_peers(tmp_path, capsys):
     assert report["versions"]["torch"] and report["hardware"]["threads"] >= 1
 
 
-def test_bench_other_attacks_and_no_peers(capsys):
+def test_bench_runs_cw_and_lbfgs_without_peers(capsys):
     for attack in ("cw-l2", "lbfgs"):
         assert cli.main(["bench", "--attack", attack, "--iterations", "2", "--repeats", "1",
                          "--batch-size", "4", "--peers", "none", "--quiet"]) == 0

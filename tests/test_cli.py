@@ -1,19 +1,21 @@
-"""The command line, end to end on tiny settings."""
+"""The command line end to end on tiny settings, and the table1 experiment behind it."""
 
+import contextlib
 import csv
 import json
 import os
 
-import contextlib
-
 import pytest
 import torch
 
-from advfast import cli, data, models
-from advfast.io import datasets
+from advfast import cli, models
+from advfast.engine import timing
+from advfast.experiments import table1
+from advfast.io import models as io_models, selection
+from fixtures import labelled_folder, small_model
 
 
-def test_table1_end_to_end(tmp_path, capsys):
+def test_table1_writes_every_cell_its_tables_and_figures(tmp_path, capsys):
     out = tmp_path / "t1"
     code = cli.main(["table1", "--n", "12", "--iterations", "6", "--batch-size", "5",
                      "--alpha", "0.02", "--beta", "1.0", "--out", str(out), "--quiet"])
@@ -33,23 +35,12 @@ def test_table1_end_to_end(tmp_path, capsys):
         assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_attack_command_on_a_folder(tmp_path):
-    from PIL import Image
-
+def test_attack_command_on_a_labelled_folder_and_on_digits_writes_its_outputs(tmp_path):
     model = models.load("resnet18", num_classes=10)
     weights = tmp_path / "w.pt"
     torch.save(model.model.state_dict(), weights)
-    folder = tmp_path / "images"
-    folder.mkdir()
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(6):
-        pixels = (torch.rand(32, 32, 3, generator=gen) * 255).byte()
-        Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
-        with Image.open(folder / f"{i}.png") as img:
-            x = datasets.imagenet_eval_transform(32)(img.convert("RGB"))[None]
-        with torch.no_grad():  # label every image with the model's own answer: all "correct"
-            rows.append(f"{i}.png,{int(model(x).argmax())}")
+    # every image labelled with the model's own answer: all "correct"
+    folder, rows = labelled_folder(tmp_path, model, count=6, size=32, seed=0)
     (folder / "labels.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "out"
     base = ["attack", "--model", "resnet18", "--weights", str(weights), "--data", str(folder),
@@ -85,7 +76,7 @@ def test_attack_command_on_a_folder(tmp_path):
     (["table1", "--n", "0"], "argument --n/--num-inputs: must be at least 1"),
     (["attack", "--data", "/nonexistent", "--model", "resnet18"], "does not exist"),
 ])
-def test_errors_are_clear(argv, message, capsys, tmp_path):
+def test_bad_arguments_are_one_line_errors_with_status_2(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) if "--n" in argv else _no_exit() as exited:
         code = cli.main(argv + ["--out", str(tmp_path / "x")])
     if exited is not None:
@@ -98,3 +89,83 @@ def test_errors_are_clear(argv, message, capsys, tmp_path):
 @contextlib.contextmanager
 def _no_exit():
     yield None
+
+
+def _recording(real, calls, name):
+    def wrapper(*args, **kwargs):
+        calls.append(name)
+        return real(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.mark.parametrize("command", ["table1", "attack"])
+def test_a_non_empty_out_is_refused_before_any_work(tmp_path, capsys, monkeypatch, command):
+    """Refused before the model is loaded or an input selected; the same command on an empty
+    folder does both (so the recording below can see them)."""
+    calls = []
+    for owner, name in ((io_models, "load"), (selection, "prepare")):
+        monkeypatch.setattr(owner, name, _recording(getattr(owner, name), calls, name))
+    argv = [command, "--n", "3", "--iterations", "2", "--quiet"]
+    if command == "table1":
+        argv.append("--no-figures")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert cli.main(argv + ["--out", str(busy)]) == 2
+    assert calls == [], f"work done before the refusal: {calls}"
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert sorted(os.listdir(busy)) == ["notes.txt"]
+    assert cli.main(argv + ["--out", str(tmp_path / "empty")]) == 0
+    assert calls == ["load", "prepare"]
+
+
+class FakeClock:
+    """Stands in for the time module in advfast.engine.timing: time moves only when told."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+# Powers of two, so the clock's sums are exact.
+STARTUP_S, FORWARD_S = 2.0 ** 10, 2.0 ** -10
+
+
+class SlowStart(torch.nn.Module):
+    """The small CNN, whose first forward at each batch size costs STARTUP_S on the clock (as
+    lazy initialisation or a compilation per shape would) and every forward FORWARD_S."""
+
+    def __init__(self, clock):
+        super().__init__()
+        self.inner, self.clock, self.sizes = small_model(), clock, set()
+
+    def forward(self, x):
+        if len(x) not in self.sizes:
+            self.sizes.add(len(x))
+            self.clock.now += STARTUP_S
+        self.clock.now += FORWARD_S
+        return self.inner(x)
+
+
+def test_table1_timing_excludes_start_up(monkeypatch):
+    """No cell's time holds a start-up cost, of the first or of the last (smaller) batch: on a
+    clock only the model moves, every batch of every cell takes the same time per iteration."""
+    clock = FakeClock()
+    monkeypatch.setattr(timing, "time", clock)
+    model = SlowStart(clock)
+    x = torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        labels = model.inner(x).argmax(1)
+    chosen = selection.AttackInputs(x, labels, torch.arange(10), [""] * 10, (labels + 1) % 10, 10)
+    iterations = 5
+    cells = table1.run(model, chosen, iterations=iterations, alpha=0.01, beta=0.5, batch_size=4,
+                       device=torch.device("cpu"), quiet=True)
+    assert {4, 2} <= model.sizes, "the start-up of both batch sizes was paid"
+    times = [ms for cell in cells for ms in cell.per_iteration_ms]
+    assert len(cells) == 8 and len(times) == 8 * 3
+    assert max(times) < 1e3 * STARTUP_S / iterations, times
+    assert times == [times[0]] * len(times), times

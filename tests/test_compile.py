@@ -8,8 +8,7 @@ from torch._dynamo.utils import counters
 import advfast
 from advfast import ops
 from advfast.engine import buckets
-from conftest import list_feed
-from test_attack import RULES, _batch, small_model
+from fixtures import RULES, Smooth, list_feed, small_batch, small_model, smooth_batch
 
 
 def graphs() -> int:
@@ -24,7 +23,7 @@ def test_compiled_equals_eager(loss, step, stop):
     the backward AOTAutograd made, without generating code, so it checks the tracing cheaply;
     test_inductor_equals_eager covers code generation."""
     model = small_model(gain=5.0)
-    x0, target, _ = _batch(model, n=10)
+    x0, target, _ = small_batch(model, n=10)
     common = dict(loss=loss, step=step, iterations=30, stop=stop, compact_every=4, **RULES[step])
     eager = advfast.Attack(model, **common)(x0, target)
     compiled = advfast.Attack(model, compile="aot_eager", **common)(x0, target)
@@ -37,7 +36,7 @@ def test_compiled_equals_eager(loss, step, stop):
 
 def test_inductor_equals_eager():
     model = small_model(gain=5.0)
-    x0, target, _ = _batch(model, n=8)
+    x0, target, _ = small_batch(model, n=8)
     common = dict(loss="m-logit", step="equal-perturbation", beta=1.0, iterations=20)
     eager = advfast.Attack(model, **common)(x0, target)
     compiled = advfast.Attack(model, compile="default", **common)(x0, target)
@@ -47,7 +46,7 @@ def test_inductor_equals_eager():
 
 def test_a_compiled_stream_compiles_each_bucket_once():
     model = small_model(gain=5.0)
-    x0, target, source = _batch(model, n=21)
+    x0, target, source = small_batch(model, n=21)
     attack = advfast.Attack(model, loss="ce", beta=1.0, iterations=40, stop="flip",
                             compact_every=3, compile="aot_eager")
     torch._dynamo.reset()
@@ -65,9 +64,8 @@ def test_a_compiled_stream_compiles_each_bucket_once():
     assert [first[i] for i in range(21)] == eager.first_flip.tolist()
 
 
-def test_searches_compile_too():
+def test_compiled_cw_search_equals_eager():
     from advfast import attacks
-    from test_attacks import Smooth, _batch as smooth_batch
 
     model = Smooth()
     x0, target, source = smooth_batch(model, n=6)
@@ -78,6 +76,6 @@ def test_searches_compile_too():
     assert torch.equal(compiled.steps, eager.steps)
 
 
-def test_bad_compile_mode():
+def test_unknown_compile_mode_is_refused():
     with pytest.raises(ValueError, match="compile"):
         advfast.Attack(small_model(), compile="fastest")

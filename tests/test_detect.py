@@ -46,7 +46,7 @@ def test_splits_are_disjoint_by_input_index(folders):
     assert first.weight[:3].tolist() == [2.0, 1.0, 1.0]
 
 
-def test_training_is_deterministic(folders, tmp_path):
+def test_detector_training_is_deterministic(folders, tmp_path):
     adversarial, genuine = detect.load_sources(folders)
     sets = detect.split_sets(detect.examples(adversarial, genuine, ["ce"]), 0, (0.6, 0.2))
     config = detect.DetectConfig(out=str(tmp_path), epochs=3, batch_size=32)
@@ -77,6 +77,67 @@ def test_detect_writes_tables_two_and_three(folders, tmp_path, capsys):
         assert 0 <= r["genuine"] <= 1 and 0 <= r["adversarial"] <= 1 and r["lr"] == 1e-3
     assert set(t3[0]) >= {"ce", "ce-sign", "adversarial", "genuine", "balanced"}
     assert (out / "table2.csv").exists() and (out / "detect.png").read_bytes()[:4] == b"\x89PNG"
+    for r in t2 + t3:  # every accuracy with its 95 % interval over the test split
+        for key in ("genuine", "adversarial", "balanced", *r["attacks"]):
+            lo, hi = r[f"{key}_ci95"]
+            assert lo <= r[key] <= hi
+        n = r["test_sizes"]["genuine"]
+        assert r["genuine_ci95"] == pytest.approx(detect.wilson(r["genuine"], n))
+        assert r["per_seed"][0]["genuine"] == r["genuine"] and r["seeds"] == [0]
+    assert "\u00b1" in printed and "LATTICE CONTROL" in printed
+    lattice = json.loads((out / "table2.json").read_text())["lattice"]
+    assert lattice["levels"] == 16  # the digits' values are k/16
+    assert {(tuple(r["attacks"]), r["detector"]) for r in lattice["rows"]} == {
+        ((a,), d) for a in folders for d in ("cnn-s", "cnn-m")}
+    assert "lattice" in json.loads((out / "table3.json").read_text())
+
+
+def test_wilson_interval_matches_scipy_and_a_closed_form():
+    stats = pytest.importorskip("scipy.stats")
+    assert detect.wilson(0.5, 100) == pytest.approx([0.403832, 0.596168], abs=1e-6)
+    for k, n in [(0, 10), (3, 10), (10, 10), (57, 80), (1, 1000)]:
+        ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert detect.wilson(k / n, n) == pytest.approx([ci.low, ci.high], abs=1e-9)
+    balanced = detect.intervals({"genuine": 0.9, "adversarial": 0.7, "balanced": 0.8},
+                                {"genuine": 20, "adversarial": 40})["balanced"]
+    assert balanced == pytest.approx([(a + b) / 2 for a, b in zip(detect.wilson(0.9, 20),
+                                                                   detect.wilson(0.7, 40))])
+
+
+def test_lattice_rounding_puts_adversarial_examples_on_the_genuine_lattice(folders):
+    adversarial, genuine = detect.load_sources(folders)
+    levels = detect.lattice_levels(detect.origin_of(folders["ce"]))
+    assert levels == 16
+    lattice = torch.arange(levels + 1, dtype=torch.float32) / levels
+    values = torch.cat([x.flatten() for x in genuine.values()])
+    assert torch.isin(values, lattice).all()  # the genuine digits are k/16
+    off = torch.cat([x.flatten() for x in adversarial["ce"].values()])
+    assert not torch.isin(off, lattice).all()  # the attack left the lattice
+    rounded = detect.lattice_examples(adversarial, levels)
+    for name, per in rounded.items():
+        assert per.keys() == adversarial[name].keys()
+        for i, x in per.items():
+            assert torch.isin(x, lattice).all()  # exactly on it
+            assert (x - adversarial[name][i]).abs().max() <= 0.5 / levels + 1e-7
+    assert detect.lattice_levels({"model": "mnist", "data": None}) == 255
+    assert detect.lattice_levels({"model": "resnet18", "data": "/images"}) == 255
+
+
+def test_seeds_repeat_training_and_report_the_mean(folders, tmp_path):
+    config = detect.DetectConfig(out=str(tmp_path), sources={"ce": folders["ce"]},
+                                 detectors=("cnn-s",), lrs=(1e-3,), epochs=2, seeds=2,
+                                 lattice=False)
+    results = detect.run(config)
+    assert "lattice" not in results
+    for row in results["table2"] + results["table3"]:
+        assert row["seeds"] == [0, 1] and [r["seed"] for r in row["per_seed"]] == [0, 1]
+        for key in ("genuine", "adversarial", "balanced"):
+            assert row[key] == pytest.approx(sum(r[key] for r in row["per_seed"]) / 2)
+            lo, hi = row["per_seed"][1][f"{key}_ci95"]
+            assert lo <= row["per_seed"][1][key] <= hi
+    assert (tmp_path / "runs" / "table2-ce-cnn-s-lr0.001-seed1.json").exists()
+    assert (tmp_path / "runs" / "table2-ce-cnn-s-lr0.001.json").exists()  # the first: as before
+    assert "mean over 2 training seeds" in detect.format_tables(results)
 
 
 def test_killed_detect_resumes_from_its_checkpoint(folders, tmp_path):
@@ -122,7 +183,7 @@ def test_unknown_detector_is_refused_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "d" / "adversarial").exists()
 
 
-def test_refusals(folders, tmp_path, capsys):
+def test_detect_refuses_a_foreign_folder_and_keeps_its_files(folders, tmp_path, capsys):
     out = tmp_path / "det"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
@@ -137,17 +198,16 @@ def test_refusals(folders, tmp_path, capsys):
 
 def test_detect_on_an_image_folder_with_a_torchvision_detector(tmp_path, capsys):
     """User data: a labelled folder, a torchvision model to attack and a torchvision detector."""
-    from test_robustness import _folder
-
-    folder, rows = _folder(tmp_path, count=40)
-    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
-    weights = tmp_path / "w.safetensors"
     from safetensors.torch import save_file
 
     from advfast import models
+    from fixtures import labelled_folder
 
-    save_file({k: v.contiguous() for k, v in models.load("resnet18", num_classes=5)
-               .model.state_dict().items()}, str(weights))
+    model = models.load("resnet18", num_classes=5)
+    folder, rows = labelled_folder(tmp_path, model, count=40, size=16, seed=1)
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.model.state_dict().items()}, str(weights))
     out = tmp_path / "det"
     code = cli.main(["detect", "--model", "resnet18", "--weights", str(weights), "--num-classes",
                      "5", "--data", str(folder), "--image-size", "16", "--losses", "ce,ce-sign",

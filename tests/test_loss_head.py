@@ -150,7 +150,11 @@ def test_opcheck(device):
         (dict(kappa=float("nan")), ValueError),
     ],
 )
-def test_bad_input(bad, error):
+@pytest.mark.parametrize("fallback", [False, True], ids=["op", "reference-fallback"])
+def test_bad_input(bad, error, fallback, monkeypatch):
+    """Refused by the compiled op, and by the reference fallback used without it."""
+    if fallback:
+        monkeypatch.setattr(ops, "_COMPILED", False)
     args = dict(logits=torch.zeros(2, 3), target=torch.tensor([0, 1]),
                 source=torch.tensor([1, 0]), loss="ce", kappa=20.0, kappa_mode="clamp")
     args.update(bad)

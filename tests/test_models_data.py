@@ -7,6 +7,7 @@ import torch
 
 from advfast import data
 from advfast.io import datasets, models, selection
+from fixtures import Constant, write_images
 
 
 @pytest.fixture(scope="session")
@@ -25,14 +26,14 @@ def test_digits_split_is_fixed_and_in_range():
         data.digits("validation")
 
 
-def test_digits_model_accuracy(digits_model):
+def test_digits_model_is_95_percent_accurate_on_the_test_split(digits_model):
     images, labels = data.digits("test")
     with torch.no_grad():
         accuracy = (digits_model(images).argmax(1) == labels).float().mean().item()
     assert accuracy >= 0.95
 
 
-def test_digits_model_cached_and_reloaded(digits_model):
+def test_digits_model_is_cached_and_reloads_to_the_same_outputs(digits_model):
     path = os.path.join(models.cache_dir(), models.DIGITS_FILE)
     assert os.path.isfile(path)
     again = models.load("digits", weights=path)
@@ -58,54 +59,45 @@ def test_torchvision_model_from_local_weights(tmp_path, suffix):
     assert not loaded.training
 
 
-def test_models_wrap_normalisation():
-    model = models.load("resnet18")
-    assert torch.allclose(model.mean.flatten(), torch.tensor(models.IMAGENET_MEAN))
+# ImageNet's per-channel statistics, as torchvision documents them for its weights.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def test_torchvision_model_normalises_its_input_before_the_network():
+    """The loaded model takes images in [0, 1]: its output is the bare network's on
+    (x - mean) / std with ImageNet's statistics, not on x."""
+    model = models.load("resnet18", num_classes=5)
+    bare = model.model
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = bare((x - mean) / std)
+        unnormalised = bare(x)
+        got = model(x)
+    assert not torch.allclose(expected, unnormalised, atol=1e-3)  # so the check can tell
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name,weights,match", [("resnet9000", None, "unknown model"),
                                                 ("resnet18", "NOT_A_WEIGHT", "weights name")])
-def test_bad_model_names(name, weights, match):
+def test_unknown_model_or_weights_name_is_refused(name, weights, match):
     with pytest.raises(ValueError, match=match):
         models.load(name, weights=weights)
 
 
-def _write_images(folder, count, size=(12, 10), seed=0):
-    from PIL import Image
-
-    gen = torch.Generator().manual_seed(seed)
-    os.makedirs(folder, exist_ok=True)
-    paths = []
-    for i in range(count):
-        pixels = (torch.rand(size[1], size[0], 3, generator=gen) * 255).byte().numpy()
-        path = os.path.join(folder, f"img{i}.png")
-        Image.fromarray(pixels).save(path)
-        paths.append(path)
-    return paths
-
-
-def test_image_folder_layout(tmp_path):
-    _write_images(tmp_path / "b_class", 2)
-    _write_images(tmp_path / "a_class", 3)
+def test_class_subfolders_are_labelled_in_sorted_order(tmp_path):
+    write_images(tmp_path / "b_class", 2)
+    write_images(tmp_path / "a_class", 3)
     ds = datasets.ImageFiles(str(tmp_path), transform=datasets.imagenet_eval_transform(8))
     assert len(ds) == 5
     assert [ds[i].label for i in range(5)] == [0, 0, 0, 1, 1]  # classes in sorted order
     assert ds[0].image.shape == (3, 8, 8) and 0 <= ds[0].image.min() <= ds[0].image.max() <= 1
 
 
-class Constant(torch.nn.Module):
-    """Predicts class 5 for everything; one convolution, so it has an input channel count."""
-
-    def __init__(self, channels=3):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(channels, 1, 1)
-
-    def forward(self, x):
-        return torch.nn.functional.one_hot(torch.full((len(x),), 5), 10).float()
-
-
 def test_flat_folder_with_labels_csv_and_corrupt_image(tmp_path):
-    paths = _write_images(tmp_path, 3)
+    paths = write_images(tmp_path, 3)
     (tmp_path / "broken.png").write_bytes(b"not a png")
     rows = ["filename,label"] + [f"{os.path.basename(p)},{i + 4}" for i, p in enumerate(paths)]
     (tmp_path / "labels.csv").write_text("\n".join(rows + ["broken.png,1"]) + "\n")
@@ -118,7 +110,7 @@ def test_flat_folder_with_labels_csv_and_corrupt_image(tmp_path):
     assert [r["path"] for r in chosen.skipped] == [str(tmp_path / "broken.png")]
 
 
-def test_missing_folder_and_bad_csv(tmp_path):
+def test_missing_folder_a_file_and_bad_labels_csv_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         datasets.ImageFiles(str(tmp_path / "nope"))
     (tmp_path / "file").write_text("x")
@@ -133,7 +125,7 @@ def test_missing_folder_and_bad_csv(tmp_path):
 
 
 def test_labels_csv_with_bom_and_out_of_range_labels(tmp_path):
-    paths = _write_images(tmp_path, 2)
+    paths = write_images(tmp_path, 2)
     names = [os.path.basename(p) for p in paths]
     (tmp_path / "labels.csv").write_bytes(f"\ufeff{names[0]},1\n{names[1]},2\n".encode())
     ds = datasets.ImageFiles(str(tmp_path), transform=datasets.imagenet_eval_transform(8))
@@ -145,7 +137,7 @@ def test_labels_csv_with_bom_and_out_of_range_labels(tmp_path):
 def test_bad_files_are_skipped_with_their_name(tmp_path):
     from PIL import Image
 
-    _write_images(tmp_path / "a", 1)
+    write_images(tmp_path / "a", 1)
     Image.new("L", (20000, 20000)).save(tmp_path / "a" / "bomb.png")  # 400 MP: a bomb
     odd = os.fsencode(str(tmp_path / "a")) + b"/caf\xe9.png"
     with open(odd, "wb") as f:
@@ -158,7 +150,7 @@ def test_bad_files_are_skipped_with_their_name(tmp_path):
 
 
 def test_grey_model_reads_colour_files_as_grey(tmp_path):
-    _write_images(tmp_path / "cls", 2)
+    write_images(tmp_path / "cls", 2)
     source = selection.source_for(Constant(channels=1), str(tmp_path), image_size=8)
     assert source[0].image.shape == (1, 8, 8)
 

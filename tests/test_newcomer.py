@@ -90,3 +90,41 @@ def test_compile_on_the_cpu_prints_no_cuda_warning(tmp_path, capfd):
     assert cli.main(["attack", "--compile", "default", "--n", "2", "--iterations", "2",
                      "--out", str(tmp_path / "r"), "--quiet"]) == 0
     assert "CUDA_HOME" not in capfd.readouterr().err
+
+
+def _rgb_folder(root):
+    from PIL import Image
+    import numpy as np
+
+    (root / "cat").mkdir(parents=True)
+    Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype("uint8")).save(
+        root / "cat" / "a.png")
+    return root
+
+
+def test_a_model_that_does_not_fit_the_folder_is_one_line_before_any_work(tmp_path, capsys,
+                                                                          digits):
+    folder = _rgb_folder(tmp_path / "imgs")
+    out = tmp_path / "r"
+    code = cli.main(["attack", "--data", str(folder), "--n", "1", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "cannot take 1x224x224 images" in err and "grey 8x8 images (--image-size 8)" in err
+    assert not out.exists()
+    # what it says to do works: the digits model on the folder at image size 8
+    assert cli.main(["attack", "--data", str(folder), "--image-size", "8", "--n", "1",
+                     "--out", str(out), "--quiet"]) in (0, 2)
+
+
+def test_a_missing_folder_is_the_error_reported_first(tmp_path, capsys):
+    code = cli.main(["attack", "--data", str(tmp_path / "nowhere"), "--out",
+                     str(tmp_path / "r"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "nowhere does not exist" in err and "cannot take" not in err
+
+
+def test_a_missing_weights_file_is_called_missing(tmp_path, capsys):
+    code = cli.main(["attack", "--weights", str(tmp_path / "w.safetensors"), "--out",
+                     str(tmp_path / "r"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "w.safetensors does not exist" in err

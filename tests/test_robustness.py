@@ -19,7 +19,7 @@ import advfast
 from advfast import cli, data, models
 from advfast.attacks import BaseAttack, Eq11
 from advfast.experiments import table1
-from advfast.io import datasets, files, selection, shards
+from advfast.io import datasets, files, selection
 from advfast.tools import generate
 from test_attack import small_model
 

@@ -48,7 +48,7 @@ def test_gradients_match_finite_differences(trained):
             assert g["logit"][i, k].item() == pytest.approx(numeric.item(), rel=1e-5, abs=1e-9)
 
 
-def test_theorem_iv2_on_the_grid(trained):
+def test_theorem_iv2_holds_on_the_grid(trained):
     model, _, _ = trained
     check = toy.theorem_check(toy.grids(model, steps=61))
     assert check["points"]["D1"] > 0 and check["points"]["D3"] > 0

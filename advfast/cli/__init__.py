@@ -26,6 +26,11 @@ from advfast.engine.runtime import set_threads  # noqa: E402
 from advfast.errors import UserError  # noqa: E402
 
 COMMANDS = (table1, attack, generate, bench, detect, toy)
+# The library names its parameters; the command line shows them as its flags.
+FLAGS = {"overwrite=True": "--overwrite", "resume=True": "--resume", "out folder": "--out",
+         "(num_classes)": "(--num-classes)", "as weights": "with --weights",
+         "generate, resumed,": "generate --resume", "(image size ": "(--image-size ",
+         "(model name such as ": "(--model "}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"advfast {args.command}: interrupted", file=sys.stderr)
         return 130
     except (UserError, OSError) as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"advfast {args.command}: error: {message}", file=sys.stderr)
+        print(f"advfast {args.command}: error: {as_flags(err)}", file=sys.stderr)
         return 2
+
+
+def as_flags(err: BaseException) -> str:
+    """The error's message on one line, with the library's parameter names as flags."""
+    message = " ".join(str(err).split()) or type(err).__name__
+    for name, flag in FLAGS.items():
+        message = message.replace(name, flag)
+    return message

@@ -17,6 +17,7 @@ from advfast.cli.options import (EQ11_OPTIONS, add_attack_options, add_input_opt
 from advfast.engine.runtime import resolve_device
 from advfast.errors import FolderRefused
 from advfast.experiments import detect
+from advfast.io import models
 from advfast.io.files import (FolderLock, OutputFolder, check_resumable, first_difference,
                               read_json_object, write_json)
 from advfast.io.reader import AdversarialDataset
@@ -49,16 +50,22 @@ def register(sub) -> None:
     g.add_argument("--lr", type=number(positive=True), nargs="+", default=[1e-5, 1e-4, 1e-3],
                    help="Adam learning rates tried; the best on validation is kept")
     g.add_argument("--epochs", type=int_at_least(1), default=20, help="epochs per detector")
+    g.add_argument("--seeds", type=int_at_least(1), default=1,
+                   help="train each detector with seeds SEED .. SEED+N-1; report the mean and "
+                        "per-seed values")
+    g.add_argument("--no-lattice", dest="lattice", action="store_false",
+                   help="skip the lattice control (adversarial examples rounded to the genuine "
+                        "images' value lattice, as saved images would be)")
     add_run_options(de, names=("device", "batch_size", "threads", "quiet"))
     add_out_options(de, default=os.path.join("runs", "detect"), reuse="resume")
     de.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    digits = args.data is None and args.model == "digits"
-    detectors = tuple(args.detectors or (detect.LADDER if digits else detect.PAPER_DETECTORS))
+    builtin = args.model if args.data is None and args.model in models.BUILTIN else None
+    detectors = tuple(args.detectors or (detect.LADDER if builtin else detect.PAPER_DETECTORS))
     for name in detectors:  # before hours of generation, not after
-        detect.check_detector(name, 1 if args.model == "digits" else 3)
+        detect.check_detector(name, 1 if args.model in models.BUILTIN else 3)
     for folder in dict(args.sources or {}).values():  # before anything is written
         AdversarialDataset(folder)
     present = check_resumable(args.out, args.resume, "detect.json", "detect")
@@ -69,19 +76,20 @@ def run(args: argparse.Namespace) -> int:
     config = detect.DetectConfig(
         out=args.out, sources=sources, detectors=detectors, weights=args.detector_weights,
         lrs=tuple(args.lr), epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-        device=str(resolve_device(args.device)), quiet=args.quiet)
+        seeds=args.seeds, lattice=args.lattice, device=str(resolve_device(args.device)),
+        quiet=args.quiet)
     lock = FolderLock(args.out)
     try:
         _claim(config, present, lock)
-        return _detect(args, config, losses, digits)
+        return _detect(args, config, losses, builtin)
     finally:
         lock.release()
 
 
 def _detect(args: argparse.Namespace, config: detect.DetectConfig, losses: list[str],
-            digits: bool) -> int:
+            builtin: str | None) -> int:
     for loss in losses:  # the paper's four losses on the fly, on the same inputs and targets
-        _generate(args, loss, config.sources[loss], digits)
+        _generate(args, loss, config.sources[loss], builtin)
     bar = None if args.quiet else (lambda total: tqdm(total=total, unit="epoch",
                                                       desc="detectors"))
     results = detect.run(config, bar)
@@ -122,9 +130,9 @@ def _identity(config: detect.DetectConfig) -> dict:
     return identity
 
 
-def _generate(args: argparse.Namespace, loss: str, folder: str, digits: bool) -> None:
+def _generate(args: argparse.Namespace, loss: str, folder: str, builtin: str | None) -> None:
     params = specs.resolve("eq11", {**{n: getattr(args, n) for n in EQ11_OPTIONS},
-                                    "loss": loss}, digits)
+                                    "loss": loss}, builtin)
     config = GenerateConfig(
         out=folder, model=args.model, weights=args.weights, num_classes=args.num_classes,
         data=args.data, labels_csv=args.labels_csv, image_size=args.image_size,

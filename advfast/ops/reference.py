@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# The stats columns, owned by csrc/stats.h (tests/test_op_stats_names.py checks these against
+# torch.ops.advfast.head_stat_names() / step_stat_names()).
 HEAD_STATS: tuple[str, ...] = ("pred", "max_prob", "target_prob", "target_logit", "source_prob",
                                "source_logit", "runner_up", "margin", "subspace", "hit",
                                "target_logprob", "finite")
@@ -86,7 +88,7 @@ def perturb_step_(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, *, sign
     """
     batch = x.shape[0]
     if x.numel() == 0:
-        return x.new_zeros((batch, 4))
+        return x.new_zeros((batch, len(STEP_STATS)))
     p = grad.float().reshape(batch, -1)
     p = torch.where(torch.isfinite(p), p, torch.zeros_like(p))
     if sign:
@@ -123,7 +125,7 @@ def adam_tanh_step_(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, x: torch.
     sample's step count, x = (tanh(w) + 1) / 2.  Returns STEP_STATS [B, 4]."""
     batch = w.shape[0]
     if w.numel() == 0:
-        return w.new_zeros((batch, 4))
+        return w.new_zeros((batch, len(STEP_STATS)))
     shape = (batch,) + (1,) * (w.dim() - 1)
     g = grad.float()
     g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))

@@ -119,7 +119,8 @@ def _timing_params(config: BenchConfig) -> dict:
     if config.attack == "lbfgs":
         given.update(binary_search_steps=1)
     given["iterations"] = config.iterations
-    return specs.resolve(config.attack, given, config.model == "digits")
+    return specs.resolve(config.attack, given,
+                         config.model if config.model in models.BUILTIN else None)
 
 
 def ours(attack, x, target, source, record: bool, measured: Measured) -> Callable[[], None]:

@@ -82,16 +82,17 @@ class GenerateConfig:
         for name, value in self.params.items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise InvalidValue(f"{name} must be a finite number, got {value}")
-        if self.data is None and self.model != "digits":
+        if self.data is None and self.model not in models.BUILTIN:
             raise InvalidValue(f"model {self.model} needs an image folder (data); only the "
-                             "digits model has built-in inputs")
+                             "digits and mnist models have built-in inputs")
         choices = {"dtype": tuple(DTYPES), "format": FORMATS, "targets": selection.TARGET_RULES,
                    "split": selection.DIGITS_SPLITS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise InvalidValue(f"unknown {name} {getattr(self, name)!r}; choose one of "
                                  f"{', '.join(allowed)}")
-        self.params.update(specs.resolve(self.attack, self.params, self.data is None))
+        builtin = self.model if self.data is None and self.model in models.BUILTIN else None
+        self.params.update(specs.resolve(self.attack, self.params, builtin))
         specs.build(self.attack, torch.nn.Identity(), self.params)  # its own checks, now
 
     def identity(self) -> dict:
@@ -177,7 +178,8 @@ def _model_and_source(config: GenerateConfig, ranks: Ranks):
                         num_classes=config.num_classes)
     source = selection.source_for(model, config.data, split=config.split,
                                   labels_csv=config.labels_csv, image_size=config.image_size,
-                                  device=ranks.device)
+                                  device=ranks.device,
+                                  builtin=config.model if config.data is None else "digits")
     return model, source
 
 
@@ -290,7 +292,8 @@ def _read_selection(path: str, source: selection.Source) -> selection.Selection:
 
 
 class Feeder:
-    """``feed(k)`` for :meth:`advfast.attacks.BaseAttack.stream`: the next k samples of this rank's work,
+    """``feed(k)`` for :meth:`advfast.attacks.BaseAttack.stream`: the next k samples of this
+    rank's work,
     loaded ahead by DataLoader workers into pinned memory.  Inputs that cannot be read any
     more are recorded in the rank's skipped part."""
 

@@ -1,21 +1,13 @@
-// CPU Adam step in tanh space for Carlini-Wagner L2: the gradient of ||X' - X0||^2 - c * O
-// w.r.t. w, the Adam update of w and its moments, and X' = (tanh(w) + 1) / 2 with its L1/L2/Linf
-// distance to X0, in one pass.  The body lives in adam_tanh_step_kernel.h.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
+// CPU entry point of adam_tanh_step_: checks the arguments and the per-sample contents
+// (checks.h), lays the operands out flat per sample, then runs the kernel copy for this CPU
+// (kernels/adam_tanh_step.cpp).
 #include <torch/library.h>
 
-#include <cmath>
-#include <vector>
-
 #include "../checks.h"
-#include "isa.h"
+#include "kernels.h"
 
 namespace advfast {
 namespace {
-
-#define ADVFAST_KERNEL_BODY "adam_tanh_step_kernel.h"
-#include "isa_copies.h"
 
 at::Tensor adam_tanh_step_cpu(at::Tensor w, at::Tensor m, at::Tensor v, at::Tensor x,
                               const at::Tensor& grad, const at::Tensor& x0, const at::Tensor& c,
@@ -23,17 +15,17 @@ at::Tensor adam_tanh_step_cpu(at::Tensor w, at::Tensor m, at::Tensor v, at::Tens
                               double lr, double beta1, double beta2, double eps) {
   check_adam_tanh_args(w, m, v, x, grad, x0, c, step, active, lr, beta1, beta2, eps);
   const int64_t B = w.size(0);
-  at::Tensor stats = at::zeros({B, kStepStats}, w.options());
-  if (w.numel() == 0) return stats;
+  if (w.numel() == 0) return at::zeros({B, kStepStats}, w.options());
+  // Every element is written by the kernel.
+  at::Tensor stats = at::empty({B, kStepStats}, w.options());
   AdamOperands op = adam_operands(w, m, v, x, grad, x0, c, step, active);
-  ADVFAST_DISPATCH_FLOATS(grad.scalar_type(), "adam_tanh_step_cpu", [&] {
-    ADVFAST_BEST(adam_tanh_step_kernel<scalar_t>)(
-        op.w.data_ptr<float>(), op.m.data_ptr<float>(), op.v.data_ptr<float>(),
-        op.x.data_ptr<float>(), op.grad.const_data_ptr<scalar_t>(),
-        op.x0.const_data_ptr<float>(), op.c.const_data_ptr<float>(),
-        op.step.const_data_ptr<int64_t>(), op.active_ptr(), B, w.numel() / B, lr,
-        adam_config(beta1, beta2, eps), stats.data_ptr<float>());
-  });
+  check_adam_tanh_contents_cpu(op.c, op.step, op.active_ptr());
+  ADVFAST_CPU_KERNEL(adam_tanh_step_kernel)(AdamArgs{
+      op.w.data_ptr<float>(), op.m.data_ptr<float>(), op.v.data_ptr<float>(),
+      op.x.data_ptr<float>(), op.grad.const_data_ptr(), elem_of(grad.scalar_type()),
+      op.x0.const_data_ptr<float>(), op.c.const_data_ptr<float>(),
+      op.step.const_data_ptr<int64_t>(), op.active_ptr(), B, w.numel() / B, lr,
+      adam_config(beta1, beta2, eps), stats.data_ptr<float>()});
   op.write_back(w, m, v, x);
   return stats;
 }

@@ -1,13 +1,21 @@
 // Per-sample chunked reductions shared by the CPU kernel bodies that update images in place
-// (perturb_step_kernel.h, adam_tanh_step_kernel.h).  Included inside each body's per-ISA
-// namespace, so no include guard on purpose.
+// (kernels/perturb_step.cpp, kernels/adam_tanh_step.cpp), in the namespace of the capability
+// being compiled (capability.h, included before this).
 //
 // Every sample of N elements is cut into fixed chunks of kChunk (one task each), so results do
 // not depend on the thread count; each chunk keeps kLanes partial sums that the compiler
 // vectorises, and the chunks of a sample are combined in order.
+#pragma once
 
-constexpr int64_t kChunk = 1 << 15;
-constexpr int kLanes = 16;
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "kernels.h"
+
+namespace advfast {
+namespace ADVFAST_CPU_NS {
 
 // Sample b, first element and length of task `task` of a [B, N] buffer in chunks per sample.
 inline void chunk_range(int64_t task, int64_t chunks, int64_t N, int64_t* b, int64_t* begin,
@@ -17,7 +25,7 @@ inline void chunk_range(int64_t task, int64_t chunks, int64_t N, int64_t* b, int
   *n = std::min(kChunk, (*b + 1) * N - *begin);
 }
 
-// Partial sums of one chunk: [p_l1, delta_l1, delta_l2^2, delta_linf].
+// Partial sums of one chunk, by StepStat column (kDeltaL2 holds the sum of squares).
 struct Partial {
   float v[kStepStats];
 };
@@ -37,16 +45,16 @@ struct Lanes {
   Partial total() const {
     Partial out{};
     for (int l = 0; l < kLanes; ++l) {
-      out.v[0] += p[l];
-      out.v[1] += l1[l];
-      out.v[2] += l2[l];
-      out.v[3] = max_of(out.v[3], linf[l]);
+      out.v[kPL1] += p[l];
+      out.v[kDeltaL1] += l1[l];
+      out.v[kDeltaL2] += l2[l];
+      out.v[kDeltaLinf] = max_of(out.v[kDeltaLinf], linf[l]);
     }
     return out;
   }
 };
 
-Partial delta_chunk(const float* __restrict__ x, const float* __restrict__ x0, int64_t n) {
+inline Partial delta_chunk(const float* __restrict__ x, const float* __restrict__ x0, int64_t n) {
   Lanes acc;
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -77,15 +85,16 @@ inline void combine_chunks(const Partial* partial, int64_t B, int64_t chunks, fl
     float out[kStepStats] = {};
     for (int64_t k = 0; k < chunks; ++k) {
       const Partial& p = partial[b * chunks + k];
-      out[0] += p.v[0];
-      out[1] += p.v[1];
-      out[2] += p.v[2];
-      out[3] = max_of(out[3], p.v[3]);
+      for (int s : {kPL1, kDeltaL1, kDeltaL2}) out[s] += p.v[s];
+      out[kDeltaLinf] = max_of(out[kDeltaLinf], p.v[kDeltaLinf]);
     }
     float* st = stats + b * kStepStats;
-    st[0] = out[0];
-    st[1] = out[1];
-    st[2] = std::sqrt(out[2]);
-    st[3] = linf_of(out[3], out[1]);
+    st[kPL1] = out[kPL1];
+    st[kDeltaL1] = out[kDeltaL1];
+    st[kDeltaL2] = std::sqrt(out[kDeltaL2]);
+    st[kDeltaLinf] = linf_of(out[kDeltaLinf], out[kDeltaL1]);
   }
 }
+
+}  // namespace ADVFAST_CPU_NS
+}  // namespace advfast

@@ -23,10 +23,13 @@ __global__ void adam_tanh_kernel(float* __restrict__ w, float* __restrict__ m,
   __shared__ float smem[kThreads / kWarp];
   __shared__ AdamScalars scalars;
   const ChunkRange r = chunk_range(N, chunks);
-  const bool stepping = active == nullptr || active[r.sample];
-  if (threadIdx.x == 0 && stepping) scalars = adam_scalars(lr, cfg.beta1, cfg.beta2, t[r.sample]);
-  __syncthreads();
   const float cs = c[r.sample];
+  const int64_t ts = t[r.sample];
+  // The CPU entry point refuses step < 1 and a non-finite c; here that would need a host sync,
+  // so such a sample is left as it is (not stepped, p_l1 = 0) rather than made NaN.
+  const bool stepping = (active == nullptr || active[r.sample]) && ts >= 1 && isfinite(cs);
+  if (threadIdx.x == 0 && stepping) scalars = adam_scalars(lr, cfg.beta1, cfg.beta2, ts);
+  __syncthreads();
   ThreadSums sums;
   for (int64_t i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {
     float xi = x[i];
@@ -56,8 +59,9 @@ at::Tensor adam_tanh_step_cuda(at::Tensor w, at::Tensor m, at::Tensor v, at::Ten
   check_adam_tanh_args(w, m, v, x, grad, x0, c, step, active, lr, beta1, beta2, eps);
   const c10::cuda::CUDAGuard guard(w.device());
   const int64_t B = w.size(0);
-  at::Tensor stats = at::zeros({B, kStepStats}, w.options());
-  if (w.numel() == 0) return stats;
+  if (w.numel() == 0) return at::zeros({B, kStepStats}, w.options());
+  // Every element is written by launch_combine_chunks (and every partial row by the kernel).
+  at::Tensor stats = at::empty({B, kStepStats}, w.options());
   AdamOperands op = adam_operands(w, m, v, x, grad, x0, c, step, active);
   const int64_t N = w.numel() / B;
   const int64_t chunks = (N + kChunk - 1) / kChunk;

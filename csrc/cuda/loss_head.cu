@@ -68,7 +68,7 @@ __global__ void loss_head_kernel(const scalar_t* __restrict__ logits, int64_t s0
     write_head_stats(st, row_state.sm, row_state.best, row_state.runner_up,
                      static_cast<float>(row[c * s1]), static_cast<float>(row[src * s1]), c,
                      threshold);
-    weight = kappa_weight(st[7], kappa, mode);
+    weight = kappa_weight(st[kMargin], kappa, mode);
   }
   __syncthreads();
   for (int64_t i = threadIdx.x; i < M; i += blockDim.x) {

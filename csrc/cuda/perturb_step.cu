@@ -1,6 +1,6 @@
 // CUDA fused step, mirroring csrc/cpu/perturb_step.cpp: every sample is cut into fixed chunks,
-// one block per chunk.  (1) equal perturbation only: sum|P| per chunk; (2) update the chunk and
-// reduce its delta norms; (3) combine the chunks of each sample into stats.  Fixed chunking and
+// one block per chunk.  (1) equal perturbation only: sum|P| per chunk, then per sample; (2)
+// update the chunk and reduce its delta norms; (3) combine the chunks of each sample into stats.  Fixed chunking and
 // ordered combination keep the result deterministic (no atomics).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAStream.h>
@@ -26,7 +26,7 @@ __global__ void abs_sum_kernel(const g_t* __restrict__ g, const bool* __restrict
   __shared__ float smem[kThreads / kWarp];
   const ChunkRange r = chunk_range(N, chunks);
   if (active != nullptr && !active[r.sample]) {
-    if (threadIdx.x == 0) partial[blockIdx.x * kStepStats] = 0.f;
+    if (threadIdx.x == 0) chunk_partial(partial)[kPL1] = 0.f;
     return;
   }
   float acc = 0.f;
@@ -34,28 +34,21 @@ __global__ void abs_sum_kernel(const g_t* __restrict__ g, const bool* __restrict
     acc += fabsf(perturbation<SIGN>(g[i]));
   }
   acc = block_reduce(acc, Sum{}, smem);
-  if (threadIdx.x == 0) partial[blockIdx.x * kStepStats] = acc;
+  if (threadIdx.x == 0) chunk_partial(partial)[kPL1] = acc;
 }
 
 template <bool SIGN, typename g_t>
 __global__ void update_kernel(float* __restrict__ x, const g_t* __restrict__ g,
                               const float* __restrict__ x0, const bool* __restrict__ active,
-                              int64_t N, int64_t chunks, bool equal_perturbation, float alpha,
-                              float beta, float lo, float hi, bool use_eps, float eps,
-                              float* __restrict__ partial) {
+                              int64_t N, int64_t chunks, const float* __restrict__ sample_p_l1,
+                              float alpha, float beta, float lo, float hi, bool use_eps,
+                              float eps, float* __restrict__ partial) {
   __shared__ float smem[kThreads / kWarp];
-  __shared__ float sample_p_l1;
   const ChunkRange r = chunk_range(N, chunks);
   const bool stepping = active == nullptr || active[r.sample];
-  if (threadIdx.x == 0) {
-    float total = 0.f;
-    if (equal_perturbation) {
-      for (int64_t k = 0; k < chunks; ++k) total += partial[(r.sample * chunks + k) * kStepStats];
-    }
-    sample_p_l1 = total;
-  }
-  __syncthreads();
-  const float p_l1 = sample_p_l1;
+  // Equal perturbation: the sample's sum|P| from sample_p_l1_kernel; else null (alpha rule).
+  const bool equal_perturbation = sample_p_l1 != nullptr;
+  const float p_l1 = equal_perturbation ? sample_p_l1[r.sample] : 0.f;
   const StepScale st = step_scale(equal_perturbation, alpha, beta, p_l1);
   ThreadSums sums;
   for (int64_t i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {
@@ -70,8 +63,8 @@ __global__ void update_kernel(float* __restrict__ x, const g_t* __restrict__ g,
     }
     sums.add(p_abs, v - v0);
   }
-  // Equal perturbation: the chunk's sum|P| is already in place (abs_sum_kernel) and the other
-  // chunks of the sample read it; it is not written again.
+  // Equal perturbation: the chunk's sum|P| is already in place (abs_sum_kernel); the block
+  // reduction is not done twice.
   write_chunk_partial(sums, smem, partial, equal_perturbation);
 }
 
@@ -82,8 +75,9 @@ at::Tensor perturb_step_cuda(at::Tensor x, const at::Tensor& grad, const at::Ten
   check_perturb_step_args(x, grad, x0, active, alpha, beta, lo, hi, eps);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0);
-  at::Tensor stats = at::zeros({B, kStepStats}, x.options());
-  if (x.numel() == 0) return stats;
+  if (x.numel() == 0) return at::zeros({B, kStepStats}, x.options());
+  // Every element is written by launch_combine_chunks (and every partial row by the kernels).
+  at::Tensor stats = at::empty({B, kStepStats}, x.options());
   const StepOperands op = step_operands(x, grad, x0, active);
   const int64_t N = op.per_sample;
   const int64_t chunks = (N + kChunk - 1) / kChunk;
@@ -91,6 +85,7 @@ at::Tensor perturb_step_cuda(at::Tensor x, const at::Tensor& grad, const at::Ten
   TORCH_CHECK(blocks < (int64_t{1} << 31), "advfast.perturb_step_: input too large");
   at::Tensor partial = at::empty({blocks, kStepStats}, x.options());
   const bool equal_perturbation = beta.has_value();
+  at::Tensor p_l1 = equal_perturbation ? at::empty({B}, x.options()) : at::Tensor();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   ADVFAST_DISPATCH_FLOATS(
       grad.scalar_type(), "perturb_step_cuda", [&] {
@@ -102,10 +97,12 @@ at::Tensor perturb_step_cuda(at::Tensor x, const at::Tensor& grad, const at::Ten
             abs_sum_kernel<SIGN, scalar_t><<<grid, kThreads, 0, stream>>>(
                 op.grad.const_data_ptr<scalar_t>(), act_ptr, N, chunks, partial.data_ptr<float>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
+            launch_sample_p_l1(partial, B, chunks, p_l1, stream);
           }
           update_kernel<SIGN, scalar_t><<<grid, kThreads, 0, stream>>>(
               op.x.data_ptr<float>(), op.grad.const_data_ptr<scalar_t>(), op.x0.const_data_ptr<float>(),
-              act_ptr, N, chunks, equal_perturbation, static_cast<float>(alpha.value_or(0.0)),
+              act_ptr, N, chunks, equal_perturbation ? p_l1.const_data_ptr<float>() : nullptr,
+              static_cast<float>(alpha.value_or(0.0)),
               static_cast<float>(beta.value_or(0.0)), static_cast<float>(lo),
               static_cast<float>(hi), eps.has_value(), static_cast<float>(eps.value_or(0.0)),
               partial.data_ptr<float>());

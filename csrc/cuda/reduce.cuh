@@ -73,9 +73,14 @@ struct ThreadSums {
   }
 };
 
-// Reduces the block's per-thread sums and writes them as this chunk's row of partial
-// [tasks, 4]: sum p (unless keep_p: the column already holds it and other blocks read it),
-// sum |d|, sum d^2, max |d|.
+// This block's row of partial [B * chunks, kStepStats] (64-bit: blocks * kStepStats may not fit
+// in the 32-bit product of blockIdx.x).
+__device__ __forceinline__ float* chunk_partial(float* partial) {
+  return partial + static_cast<int64_t>(blockIdx.x) * kStepStats;
+}
+
+// Reduces the block's per-thread sums and writes them as this chunk's row of partial:
+// sum p (unless keep_p: the column already holds it), sum |d|, sum d^2, max |d|.
 __device__ __forceinline__ void write_chunk_partial(ThreadSums t, float* smem, float* partial,
                                                     bool keep_p = false) {
   const float l1 = block_reduce(t.l1, Sum{}, smem);
@@ -83,40 +88,68 @@ __device__ __forceinline__ void write_chunk_partial(ThreadSums t, float* smem, f
   const float linf = block_reduce(t.linf, Max{}, smem);
   const float p = keep_p ? 0.f : block_reduce(t.p, Sum{}, smem);
   if (threadIdx.x == 0) {
-    float* out = partial + blockIdx.x * kStepStats;
-    if (!keep_p) out[0] = p;
-    out[1] = l1;
-    out[2] = l2;
-    out[3] = linf;
+    float* out = chunk_partial(partial);
+    if (!keep_p) out[kPL1] = p;
+    out[kDeltaL1] = l1;
+    out[kDeltaL2] = l2;
+    out[kDeltaLinf] = linf;
   }
 }
 
-// stats[b] = [sum p, sum |d|, sqrt(sum d^2), max |d|] over sample b's chunks, in order.
-// (static: every .cu that includes this header gets its own copy of the kernel.)
-static __global__ void combine_chunks_kernel(const float* __restrict__ partial, int64_t B,
-                                      int64_t chunks, float* __restrict__ stats) {
+// The index of this thread's sample when one thread handles one sample; -1 past the batch.
+__device__ __forceinline__ int64_t sample_of_thread(int64_t B) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= B) return;
+  return b < B ? b : -1;
+}
+
+// p_l1[b] = sum over sample b's chunks of partial[., kPL1], in chunk order (deterministic).
+// Run once per sample between the sum|P| pass and the update, so that no block of the update
+// re-sums the chunks of its sample.  (static: each .cu that includes this has its own copy.)
+static __global__ void sample_p_l1_kernel(const float* __restrict__ partial, int64_t B,
+                                          int64_t chunks, float* __restrict__ p_l1) {
+  const int64_t b = sample_of_thread(B);
+  if (b < 0) return;
+  float total = 0.f;
+  for (int64_t k = 0; k < chunks; ++k) total += partial[(b * chunks + k) * kStepStats + kPL1];
+  p_l1[b] = total;
+}
+
+// stats[b] = [sum p, sum |d|, sqrt(sum d^2), max |d|] over sample b's chunks, in order.
+static __global__ void combine_chunks_kernel(const float* __restrict__ partial, int64_t B,
+                                             int64_t chunks, float* __restrict__ stats) {
+  const int64_t b = sample_of_thread(B);
+  if (b < 0) return;
   float out[kStepStats] = {0.f, 0.f, 0.f, 0.f};
   for (int64_t k = 0; k < chunks; ++k) {
     const float* p = partial + (b * chunks + k) * kStepStats;
-    out[0] += p[0];
-    out[1] += p[1];
-    out[2] += p[2];
-    out[3] = max_of(out[3], p[3]);
+    out[kPL1] += p[kPL1];
+    out[kDeltaL1] += p[kDeltaL1];
+    out[kDeltaL2] += p[kDeltaL2];
+    out[kDeltaLinf] = max_of(out[kDeltaLinf], p[kDeltaLinf]);
   }
   float* st = stats + b * kStepStats;
-  st[0] = out[0];
-  st[1] = out[1];
-  st[2] = sqrtf(out[2]);
-  st[3] = linf_of(out[3], out[1]);
+  st[kPL1] = out[kPL1];
+  st[kDeltaL1] = out[kDeltaL1];
+  st[kDeltaL2] = sqrtf(out[kDeltaL2]);
+  st[kDeltaLinf] = linf_of(out[kDeltaLinf], out[kDeltaL1]);
+}
+
+inline unsigned int per_sample_blocks(int64_t B) {
+  return static_cast<unsigned int>((B + kThreads - 1) / kThreads);
+}
+
+// p_l1 [B] from the sum|P| column of partial (see sample_p_l1_kernel).
+inline void launch_sample_p_l1(const at::Tensor& partial, int64_t B, int64_t chunks,
+                               const at::Tensor& p_l1, cudaStream_t stream) {
+  sample_p_l1_kernel<<<per_sample_blocks(B), kThreads, 0, stream>>>(
+      partial.const_data_ptr<float>(), B, chunks, p_l1.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 inline void launch_combine_chunks(const at::Tensor& partial, int64_t B, int64_t chunks,
                                   const at::Tensor& stats, cudaStream_t stream) {
-  combine_chunks_kernel<<<static_cast<unsigned int>((B + kThreads - 1) / kThreads), kThreads, 0,
-                          stream>>>(partial.const_data_ptr<float>(), B, chunks,
-                                    stats.data_ptr<float>());
+  combine_chunks_kernel<<<per_sample_blocks(B), kThreads, 0, stream>>>(
+      partial.const_data_ptr<float>(), B, chunks, stats.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

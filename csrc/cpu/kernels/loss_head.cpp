@@ -1,11 +1,19 @@
-// Body of the CPU loss head, compiled once per instruction set (see isa.h): included by
-// csrc/cpu/loss_head.cpp inside one namespace per ISA.  No include guard on purpose.
-//
-// One reading pass per row keeps kLanes independent running states (online softmax, argmax,
-// runner-up c*) that the compiler vectorises; the lanes merge with ties going to the smaller
-// index, so the result is torch.argmax's first maximum.  Then one pass writes the seed row.
+// CPU loss head, one translation unit compiled once per capability (kernels.h): per row, one
+// reading pass keeps kLanes independent running states (online softmax, argmax, runner-up c*)
+// that the compiler vectorises; the lanes merge with ties going to the smaller index, so the
+// result is torch.argmax's first maximum.  Then one pass writes the seed row.  Parallel over
+// rows.
+#include <ATen/Parallel.h>
 
-constexpr int kLanes = 16;
+#include <algorithm>
+#include <limits>
+
+#include "../kernels.h"
+#include "../capability.h"
+
+namespace advfast {
+namespace ADVFAST_CPU_NS {
+namespace {
 
 template <typename scalar_t>
 void reduce_row(const scalar_t* __restrict__ row, int64_t s1, int64_t M, int64_t c,
@@ -55,8 +63,7 @@ template <typename scalar_t>
 void write_seed(const scalar_t* __restrict__ row, int64_t s1, int64_t M, int64_t c,
                 int64_t runner_up, Loss loss, float w, OnlineSoftmax sm, float* __restrict__ out) {
   switch (loss) {
-    case Loss::CE:
-    case Loss::CE_SIGN: {
+    case Loss::CE: {
       // seed_of's formula, with the one-hot term added at the target alone.
       const float inv = inverse_sum(sm);
       for (int64_t i = 0; i < M; ++i) {
@@ -75,22 +82,30 @@ void write_seed(const scalar_t* __restrict__ row, int64_t s1, int64_t M, int64_t
 }
 
 template <typename scalar_t>
-void loss_head_rows(const scalar_t* logits, int64_t s0, int64_t s1, const int64_t* target,
-                    const int64_t* source, float* seed, float* stats, int64_t B, int64_t M,
-                    Loss loss, float kappa, KappaMode mode, float threshold) {
+void loss_head_rows(const scalar_t* logits, const HeadArgs& a) {
+  const int64_t s0 = a.s0, s1 = a.s1, M = a.M;
   const int64_t grain = std::max<int64_t>(1, 32768 / M);
-  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.B, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const scalar_t* row = logits + b * s0;
-      const int64_t c = target[b];
+      const int64_t c = a.target[b];
       OnlineSoftmax sm;
       ArgMax best, runner_up;
       reduce_row(row, s1, M, c, &sm, &best, &runner_up);
-      float* st = stats + b * kHeadStats;
+      float* st = a.stats + b * kHeadStats;
       write_head_stats(st, sm, best, runner_up, static_cast<float>(row[c * s1]),
-                       static_cast<float>(row[source[b] * s1]), c, threshold);
-      write_seed(row, s1, M, c, runner_up.index, loss, kappa_weight(st[7], kappa, mode), sm,
-                 seed + b * M);
+                       static_cast<float>(row[a.source[b] * s1]), c, a.threshold);
+      write_seed(row, s1, M, c, runner_up.index, a.loss, kappa_weight(st[kMargin], a.kappa, a.mode),
+                 sm, a.seed + b * M);
     }
   });
 }
+
+}  // namespace
+
+void loss_head_kernel(const HeadArgs& a) {
+  with_elem(a.elem, a.logits, [&](const auto* logits) { loss_head_rows(logits, a); });
+}
+
+}  // namespace ADVFAST_CPU_NS
+}  // namespace advfast

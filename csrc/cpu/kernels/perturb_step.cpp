@@ -1,11 +1,21 @@
-// Body of the CPU fused step, compiled once per instruction set: csrc/cpu/perturb_step.cpp
-// includes this file inside one namespace per ISA under `#pragma GCC target`, and picks one at
-// run time.  No include guard on purpose; it declares nothing outside its enclosing namespace.
-//
+// CPU fused step, one translation unit compiled once per capability (kernels.h): P = sign(grad)
+// or grad -> per-sample scale -> box clip -> eps ball, plus the L1/L2/Linf of x - x0, in one
+// pass over x and x0 (and a first pass over grad for sum|P| in the equal perturbation rule).
 // Work is split into fixed chunks of every sample (sample_chunks.h), so results do not depend
 // on the thread count; lanes of partial sums let the compiler vectorise the reductions.
+#include <ATen/Parallel.h>
 
-#include "sample_chunks.h"
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../kernels.h"
+#include "../capability.h"
+#include "../sample_chunks.h"
+
+namespace advfast {
+namespace ADVFAST_CPU_NS {
+namespace {
 
 template <bool SIGN, typename g_t>
 inline float perturbation(g_t g) {
@@ -61,35 +71,53 @@ Partial update_chunk_dispatch(float* x, const g_t* g, const float* x0, int64_t n
 }
 
 template <bool SIGN, typename g_t>
-void perturb_step_kernel(float* x, const g_t* g, const float* x0, const bool* active, int64_t B,
-                         int64_t N, bool equal_perturbation, float alpha, float beta, float lo,
-                         float hi, bool use_eps, float eps, float* stats) {
+void perturb_step_rows(const g_t* g, const StepArgs& a) {
+  const int64_t B = a.B, N = a.N;
+  float* x = a.x;
+  const float* x0 = a.x0;
+  const bool* active = a.active;
   const int64_t chunks = (N + kChunk - 1) / kChunk;
   std::vector<Partial> partial(B * chunks);
   std::vector<float> p_l1(B, 0.f);
-  if (equal_perturbation) {
+  if (a.equal_perturbation) {
     at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t task = t0; task < t1; ++task) {
         int64_t b, begin, n;
         chunk_range(task, chunks, N, &b, &begin, &n);
-        partial[task].v[0] = (active == nullptr || active[b]) ? abs_sum<SIGN>(g + begin, n) : 0.f;
+        partial[task].v[kPL1] =
+            (active == nullptr || active[b]) ? abs_sum<SIGN>(g + begin, n) : 0.f;
       }
     });
     for (int64_t b = 0; b < B; ++b) {
-      for (int64_t k = 0; k < chunks; ++k) p_l1[b] += partial[b * chunks + k].v[0];
+      for (int64_t k = 0; k < chunks; ++k) p_l1[b] += partial[b * chunks + k].v[kPL1];
     }
   }
   update_chunks(B, N, chunks, active, x, x0, partial.data(), [&](int64_t b, int64_t begin,
                                                                  int64_t n) {
-    const StepScale st = step_scale(equal_perturbation, alpha, beta, p_l1[b]);
-    return equal_perturbation
+    const StepScale st = step_scale(a.equal_perturbation, a.alpha, a.beta, p_l1[b]);
+    return a.equal_perturbation
                ? update_chunk_dispatch<SIGN, false>(x + begin, g + begin, x0 + begin, n, st,
-                                                    p_l1[b], lo, hi, use_eps, eps)
+                                                    p_l1[b], a.lo, a.hi, a.use_eps, a.eps)
                : update_chunk_dispatch<SIGN, true>(x + begin, g + begin, x0 + begin, n, st,
-                                                   p_l1[b], lo, hi, use_eps, eps);
+                                                   p_l1[b], a.lo, a.hi, a.use_eps, a.eps);
   });
-  combine_chunks(partial.data(), B, chunks, stats);
-  if (equal_perturbation) {
-    for (int64_t b = 0; b < B; ++b) stats[b * kStepStats] = p_l1[b];
+  combine_chunks(partial.data(), B, chunks, a.stats);
+  if (a.equal_perturbation) {
+    for (int64_t b = 0; b < B; ++b) a.stats[b * kStepStats + kPL1] = p_l1[b];
   }
 }
+
+}  // namespace
+
+void perturb_step_kernel(const StepArgs& a) {
+  with_elem(a.elem, a.grad, [&](const auto* g) {
+    if (a.sign) {
+      perturb_step_rows<true>(g, a);
+    } else {
+      perturb_step_rows<false>(g, a);
+    }
+  });
+}
+
+}  // namespace ADVFAST_CPU_NS
+}  // namespace advfast
