@@ -199,12 +199,12 @@ def _load_builtin(name: str, weights: str | None) -> nn.Module:
     on first use."""
     from safetensors.torch import save_file
 
-    if weights is not None and not os.path.exists(weights):
-        raise MissingFile(f"weights file {weights} does not exist (the {name} model takes a "
-                          ".safetensors or .pt file)")
     if weights is not None and not os.path.isfile(weights):
-        raise InvalidValue(f"{weights} is not a file (the {name} model takes a .safetensors or "
-                           ".pt file)")
+        if os.sep in weights or weights.endswith((".pt", ".pth", ".safetensors")):
+            raise MissingFile(f"weights file {weights} does not exist (the {name} model takes a "
+                              ".safetensors or .pt file)")
+        raise InvalidValue(f"the {name} model takes a weights file (.safetensors or .pt); "
+                           f"{weights} is not one")
     net, file, train, seconds = {"digits": (DigitsNet, DIGITS_FILE, train_digits, "10 s"),
                                  "mnist": (MnistNet, MNIST_FILE, train_mnist, "15 s")}[name]
     path = weights or os.path.join(cache_dir(), file)
