@@ -45,3 +45,22 @@ def test_nsys_missing_is_a_clear_error(capsys):
 def test_options_that_would_change_nothing_are_refused(capsys):
     assert cli.main(["bench", "--stop", "flip", "--iterations", "1"]) == 2
     assert "--stop would change nothing" in capsys.readouterr().err
+
+
+def test_bench_shows_every_configuration_against_the_fp32_eager_floor(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--iterations", "2", "--repeats", "2", "--batch-size", "4",
+                     "--amp", "bf16", "--channels-last", "--peers", "none", "--quiet",
+                     "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    configs = report["results"][0]["configs"]
+    fp32 = configs["floor, fp32 eager"]
+    assert fp32["ratio_to_fp32_floor"] == pytest.approx(1.0)
+    for name, row in configs.items():  # each against its own floor and against fp32's
+        assert row["ratio_to_fp32_floor"] == pytest.approx(
+            row["ms_per_iteration"] / fp32["ms_per_iteration"])
+        assert row["ratio_to_floor"] == pytest.approx(
+            row["ms_per_iteration"] / configs["floor"]["ms_per_iteration"])
+    assert report["hardware"]["cpu_bf16"] in ("amx", "avx512_bf16", "none", "unknown")
+    assert "vs fp32 floor" in printed and "bf16:" in printed

@@ -18,6 +18,7 @@ Times are CUDA events on GPUs (perf_counter on the CPU); each cell is the median
 from __future__ import annotations
 
 import contextlib
+import copy
 import platform
 import statistics
 import time
@@ -33,6 +34,7 @@ from advfast.io import models
 from advfast.tools import specs
 from advfast.errors import InvalidValue
 
+FP32_FLOOR = "floor, fp32 eager"
 PEERS = ("torchattacks", "foolbox", "art")
 
 
@@ -216,6 +218,10 @@ def run(config: BenchConfig, progress: Callable[[str], None] = lambda s: None) -
         runs: dict[str, tuple[Measured, Callable[[], object]]] = {}
         floor_run = floor(model, x, config.iterations, config.amp)
         runs["floor"] = (Measured("floor"), floor_run)
+        if config.amp or config.channels_last:  # what a user runs today: fp32, contiguous
+            plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+            runs[FP32_FLOOR] = (Measured(FP32_FLOOR), floor(plain, x.contiguous(),
+                                                            config.iterations, None))
         for mode in config.compile:
             attack = specs.build(config.attack, model, _timing_params(config), amp=config.amp,
                                    compile=None if mode == "none" else mode,
@@ -243,18 +249,23 @@ def run(config: BenchConfig, progress: Callable[[str], None] = lambda s: None) -
                 # a search may run to its next compaction point: divide by what really ran
                 ran = m.iterations[-1] if m.iterations else config.iterations
                 m.samples.append(1e3 * seconds / max(ran, 1))
+        fp32 = runs.get(FP32_FLOOR, runs["floor"])[0].median
         results.append({"batch": batch, "input": list(size), "notes": notes,
-                        "configs": {n: _summary(m, runs["floor"][0].median, batch)
+                        "configs": {n: _summary(m, runs["floor"][0].median, batch, fp32)
                                     for n, (m, _) in runs.items()}})
     return {"config": {**asdict(config), "device": str(device)}, "results": results,
-            "hardware": {**hardware_info(device), "cpu_model": _cpu_model()},
+            "hardware": {**hardware_info(device), "cpu_model": _cpu_model(),
+                         "cpu_bf16": cpu_bf16()},
             "versions": _versions()}
 
 
-def _summary(m: Measured, floor_ms: float, batch: int) -> dict:
+def _summary(m: Measured, floor_ms: float, batch: int, fp32_floor_ms: float) -> dict:
+    """One configuration's row: against its own-precision floor and against the fp32 eager
+    floor (what the user runs without --amp / --channels-last)."""
     med = m.median
     out = {"ms_per_iteration": med, "min": min(m.samples), "max": max(m.samples),
            "samples": m.samples, "ratio_to_floor": med / floor_ms,
+           "ratio_to_fp32_floor": med / fp32_floor_ms,
            "image_iterations_per_s": 1e3 * batch / med}
     if m.phases:
         phases = {k: statistics.median(v) for k, v in m.phases.items()}
@@ -264,6 +275,18 @@ def _summary(m: Measured, floor_ms: float, batch: int) -> dict:
         out["loop_ms_per_iteration"] = loop
         out["loop_ratio_to_floor"] = loop / floor_ms
     return out
+
+
+def cpu_bf16() -> str:
+    """The CPU's bfloat16 hardware, from /proc/cpuinfo's flags: "amx" (AMX tiles),
+    "avx512_bf16" (AVX-512 BF16 dot products) or "none" (bf16 then runs emulated, slower)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "none"
 
 
 def _cpu_model() -> str:
@@ -293,14 +316,14 @@ def _versions() -> dict:
 def format_results(report: dict) -> str:
     """The measured table as Markdown, with the hardware and versions."""
     hw, ver = report["hardware"], report["versions"]
-    where = (hw.get("gpu") or f"{report['hardware']['cpu_model']}, "
-             f"{hw.get('threads')} threads")
+    where = (hw.get("gpu") or f"{report['hardware']['cpu_model']} (bf16: "
+             f"{hw.get('cpu_bf16')}), {hw.get('threads')} threads")
     lines = [f"advfast bench: {report['config']['model']} on {where}; "
              + ", ".join(f"{k} {v}" for k, v in ver.items()), ""]
     lines.append("| batch | configuration | ms / iteration (min–max) | image-iterations/s | "
-                 "vs floor | in the loop: vs floor | forward / head / backward / update ms | "
-                 "advfast's own work |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+                 "vs floor | vs fp32 floor | in the loop: vs floor | "
+                 "forward / head / backward / update ms | advfast's own work |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for result in report["results"]:
         for name, s in result["configs"].items():
             phases = s.get("phases_ms")
@@ -310,14 +333,17 @@ def format_results(report: dict) -> str:
             loop = f"{s['loop_ratio_to_floor']:.3f}x" if phases else ""
             lines.append(f"| {result['batch']} | {name} | {s['ms_per_iteration']:.3f} "
                          f"({s['min']:.3f}–{s['max']:.3f}) | {s['image_iterations_per_s']:.0f} | "
-                         f"{s['ratio_to_floor']:.3f}x | {loop} | {shown} | {own} |")
+                         f"{s['ratio_to_floor']:.3f}x | {s['ratio_to_fp32_floor']:.3f}x | "
+                         f"{loop} | {shown} | {own} |")
         for name, why in result["notes"].items():
-            lines.append(f"| {result['batch']} | {name} | skipped: {why} | | | | | |")
+            lines.append(f"| {result['batch']} | {name} | skipped: {why} | | | | | | |")
     lines.append("")
     lines.append("ms / iteration: a whole call (set-up and, for advfast, the final forward that "
                  "observes the last images) divided by the iterations; in the loop: advfast's "
                  "own per-iteration time (timing.per_iteration_ms); own work: loss head and "
-                 "update (everything but the model's forward and backward).")
+                 "update (everything but the model's forward and backward); vs fp32 floor: "
+                 "against a bare fp32 eager forward + backward in contiguous format (with "
+                 "--amp or --channels-last, the speed-up over what runs without them).")
     return "\n".join(lines)
 
 
