@@ -7,7 +7,11 @@ gradient / its sign) it times, in one process:
   * torch.compile of that chain,
   * one ``x.copy_(grad)``: the memory floor (read one tensor, write one),
 and ``loss_head`` against its eager reference on [B, 1000] logits.  Ratios are to the copy
-(step) or to eager (head), all measured in the same run.
+(step) or to eager (head), all measured in the same run.  Then the exact equal perturbation
+(``exact_l1=True``) against the paper's rule on the same inputs, in the open (x0 uniform in
+[0, 1]) and at the box (half the pixels at 0 or 1): on the CPU in per-thread CPU time
+(``time.thread_time``) with one thread, the two alternating, so that other load on the machine
+does not count; on CUDA in synchronised wall-clock time.
 
     python bench/bench_ops.py [--device cpu|cuda] [--json out.json]
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import time
 
 import torch
 from torch.utils import benchmark
@@ -29,6 +34,8 @@ TINY_SHAPES = [(2, 3, 16, 16)]  # --tiny: the same steps in seconds (the GPU che
 VARIANTS = {"alpha": dict(sign=False, alpha=5e-4), "beta": dict(sign=False, beta=5.0),
             "alpha-sign": dict(sign=True, alpha=5e-4), "beta-sign": dict(sign=True, beta=5.0)}
 CLASSES = 1000
+EXACT_VARIANTS = {"beta": dict(sign=False, beta=5.0), "beta-sign": dict(sign=True, beta=5.0)}
+EXACT_ROUNDS = 5  # alternations of the paper's rule and the exact one
 
 
 def _median_ms(fn, min_run_time: float) -> float:
@@ -54,6 +61,71 @@ def bench_step(shape, variant: dict, device: str, min_run_time: float,
     out = {name: _median_ms(fn, min_run_time) for name, fn in rows.items()}
     out.setdefault("compile", float("nan"))
     return out
+
+
+def _step_inputs(shape, device: str, at_box: bool):
+    gen = torch.Generator(device=device).manual_seed(0)
+    x0 = torch.rand(shape, device=device, generator=gen)
+    if at_box:
+        half = torch.rand(shape, device=device, generator=gen) < 0.5
+        x0 = torch.where(half, (x0 > 0.5).float(), x0)
+    return x0, torch.randn(shape, device=device, generator=gen) * 1e-3
+
+
+def _cpu_ms(fn, seconds: float) -> float:
+    """Per-call CPU time of this thread (ms), over at least ``seconds`` of it."""
+    fn()
+    calls, start = 0, time.thread_time()
+    while time.thread_time() - start < seconds or calls < 3:
+        fn()
+        calls += 1
+    return (time.thread_time() - start) * 1e3 / calls
+
+
+def bench_exact(shape, variant: dict, device: str, min_run_time: float, at_box: bool) -> dict:
+    """ms of one step of the paper's rule and of the exact one from the same images (each call
+    restores x first; the restore alone is measured and subtracted), and the L1 each adds."""
+    x0, grad = _step_inputs(shape, device, at_box)
+    x = x0.clone()
+    rows = {"restore": lambda: x.copy_(x0),
+            "paper": lambda: ops.perturb_step_(x.copy_(x0), grad, x0, **variant),
+            "exact": lambda: ops.perturb_step_(x.copy_(x0), grad, x0, exact_l1=True, **variant)}
+    measure = ((lambda fn: _cpu_ms(fn, min_run_time / EXACT_ROUNDS)) if device == "cpu"
+               else (lambda fn: _median_ms(fn, min_run_time / EXACT_ROUNDS)))
+    times = {name: [] for name in rows}
+    for _ in range(EXACT_ROUNDS):  # alternating, so that drifts of the machine hit both
+        for name, fn in rows.items():
+            times[name].append(measure(fn))
+    out = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    for name in ("paper", "exact"):
+        stats = rows[name]()
+        out[f"{name}_step_l1"] = float(stats[:, ops.STEP_STATS.index("step_l1")].mean())
+    out["ratio"] = (out["exact"] - out["restore"]) / (out["paper"] - out["restore"])
+    return out
+
+
+def report_exact(shapes, device: str, min_run_time: float) -> list[dict]:
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    clock = "CPU time, 1 thread" if device == "cpu" else "synchronised wall clock"
+    print(f"\nexact_l1 against the paper's rule, beta = 5 (ms, {clock}; restore of x "
+          "subtracted)\n")
+    print("| shape | rule | inputs | paper | exact | exact/paper | L1 paper | L1 exact |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for shape in shapes:
+        for name, variant in EXACT_VARIANTS.items():
+            for at_box in (False, True):
+                t = bench_exact(shape, variant, device, min_run_time, at_box)
+                where = "at the box" if at_box else "open"
+                print(f"| {'x'.join(map(str, shape))} | {name} | {where} | "
+                      f"{t['paper'] - t['restore']:.3f} | {t['exact'] - t['restore']:.3f} | "
+                      f"{t['ratio']:.2f}x | {t['paper_step_l1']:.3f} | "
+                      f"{t['exact_step_l1']:.3f} |", flush=True)
+                rows.append({"shape": list(shape), "rule": name, "inputs": where, "ms": t})
+    torch.set_num_threads(threads)
+    return rows
 
 
 def bench_head(batch: int, device: str, min_run_time: float) -> dict:
@@ -106,11 +178,12 @@ def main() -> None:
             print(f"| {batch} | {loss} | {t['advfast']:.3f} | {t['eager']:.3f} | "
                   f"{t['eager'] / t['advfast']:.2f}x |", flush=True)
             heads.append({"batch": batch, "loss": loss, "ms": t})
+    exact = report_exact(shapes, args.device, args.min_run_time)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "device_name": device_name,
-                       "backend": ops.backend(), "perturb_step": steps, "loss_head": heads},
-                      f, indent=2)
+                       "backend": ops.backend(), "perturb_step": steps, "loss_head": heads,
+                       "exact_l1": exact}, f, indent=2)
 
 
 if __name__ == "__main__":

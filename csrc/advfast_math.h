@@ -185,7 +185,13 @@ ADVFAST_HD void write_head_stats(float* out, OnlineSoftmax sm, ArgMax best, ArgM
   out[kFinite] = finite ? 1.f : 0.f;
 }
 
-// d(objective)/d(logit_i) for one element of the row, given the row's reductions.
+// How loss_head computes CE's seed at the target, 1 - p_c: "exact" as the sum of the other
+// classes' probabilities (no cancellation where p_c rounds to 1 in float32), "eager" as
+// 1 - p_c in float32, as eager PyTorch's onehot - softmax.
+enum class CeSeed : int64_t { EXACT = 0, EAGER = 1 };
+
+// d(objective)/d(logit_i) for one element of the row, given the row's reductions.  (CE's target
+// element under CeSeed::EXACT is the row's sum of the others' probabilities, see loss_head.)
 ADVFAST_HD float seed_of(Loss loss, float logit, int64_t i, int64_t target, int64_t runner_up,
                          float w, OnlineSoftmax sm) {
   const float onehot_t = i == target ? 1.f : 0.f;
@@ -229,6 +235,44 @@ ADVFAST_HD float updated_value(float x, float step, float x0, float lo, float hi
     v = clamp_to(v, below > lo ? below : lo, above < hi ? above : hi);
   }
   return v;
+}
+
+// ---- Exact equal perturbation (perturb_step_'s exact_l1) ------------------------------------
+// The per-sample scale a with sum_i min(a |P_i|, room_i) = beta, room_i the distance from x_i to
+// the bound it moves towards (the box, intersected with the eps ball), is found without a sort,
+// by Newton's method on that concave, piecewise-linear f(a), taken as repeated update passes:
+// each pass steps the elements that still have room by remaining / S (S = their sum |P|), with
+// the clip of updated_value, then subtracts what it actually added from the remaining beta.
+// Moves are monotone, so the passes add up to one step of the cumulative scale; it stops when
+// a pass saturates no new element (then it added all that remained), when what remains (or
+// what the last pass added) is below kExactTolerance of beta (float32's own rounding of the
+// moves is about that size), when no element has room left (it added all the room there is),
+// or after kExactPasses passes.
+constexpr int kExactPasses = 32;
+constexpr float kExactTolerance = 1e-6f;
+
+// The room of an element moving along p (> 0 up, < 0 down) before the bound updated_value
+// clips it to; 0 for p = 0, for an element at or beyond its bound, and for a NaN x.
+ADVFAST_HD float room_of(float x, float p, float x0, float lo, float hi, bool use_eps,
+                         float eps) {
+  float lo_b = lo, hi_b = hi;
+  if (use_eps) {
+    const float below = x0 - eps, above = x0 + eps;
+    lo_b = below > lo ? below : lo;
+    hi_b = above < hi ? above : hi;
+  }
+  const float r = p > 0.f ? hi_b - x : (p < 0.f ? x - lo_b : 0.f);
+  return r > 0.f ? r : 0.f;
+}
+
+// Whether a sample goes on to another exact pass after one that added `moved`, saturated
+// `newly` elements and left it `remaining` of beta with `s_next` = sum |P| over the elements
+// that still have room.  A pass that moved less than kExactTolerance of beta made no progress
+// (its steps were below float32's resolution of x), and neither would the next.
+ADVFAST_HD bool exact_continues(float moved, float newly, float remaining, float s_next,
+                                float beta) {
+  const float tol = kExactTolerance * beta;
+  return newly > 0.f && remaining > tol && moved > tol && s_next > 0.f;
 }
 
 // ---- Carlini-Wagner L2 (Eqs. 3-4) in tanh space: X' = (tanh(w) + 1) / 2 -------------------

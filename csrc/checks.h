@@ -65,6 +65,13 @@ inline KappaMode parse_kappa_mode(std::string_view mode) {
   return KappaMode::BALANCE;
 }
 
+inline CeSeed parse_ce_seed(std::string_view ce_seed) {
+  if (ce_seed == "exact") return CeSeed::EXACT;
+  TORCH_CHECK_VALUE(ce_seed == "eager", "advfast: unknown ce_seed '", ce_seed,
+                    "' (expected exact or eager)");
+  return CeSeed::EAGER;
+}
+
 inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
@@ -108,7 +115,7 @@ inline void check_perturb_step_args(const at::Tensor& x, const at::Tensor& grad,
                                     const at::Tensor& x0, const std::optional<at::Tensor>& active,
                                     const std::optional<double>& alpha,
                                     const std::optional<double>& beta, double lo, double hi,
-                                    const std::optional<double>& eps) {
+                                    const std::optional<double>& eps, bool exact_l1) {
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "advfast.perturb_step_: x must be float32, got ",
                    x.scalar_type());
   TORCH_CHECK_TYPE(x0.scalar_type() == at::kFloat,
@@ -124,6 +131,9 @@ inline void check_perturb_step_args(const at::Tensor& x, const at::Tensor& grad,
                     "advfast.perturb_step_: x, grad and x0 must be on one device");
   TORCH_CHECK_VALUE(alpha.has_value() != beta.has_value(),
                     "advfast.perturb_step_: give exactly one of alpha or beta");
+  TORCH_CHECK_VALUE(!exact_l1 || beta.has_value(),
+                    "advfast.perturb_step_: exact_l1 is for the equal perturbation rule (beta), "
+                    "not alpha");
   for (const auto& [value, name] : {std::pair{alpha, "alpha"}, std::pair{beta, "beta"},
                                     std::pair{eps, "eps"}}) {
     if (value.has_value()) check_finite(*value, "perturb_step_", name);

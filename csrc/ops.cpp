@@ -60,13 +60,14 @@ TORCH_LIBRARY(advfast, m) {
   // Argument checks of every op: csrc/checks.h.
   m.def(
       "loss_head(Tensor logits, Tensor target, Tensor source, str loss, float kappa, "
-      "str kappa_mode, float threshold) -> (Tensor, Tensor)");
-  // Fused update step, x is updated in place; returns stats [B, 4] float32.
+      "str kappa_mode, float threshold, str ce_seed=\"exact\") -> (Tensor, Tensor)");
+  // Fused update step, x is updated in place; returns stats [B, 5] float32.  exact_l1: the
+  // equal perturbation rule adds exactly beta in L1 where the box (and eps ball) leave room.
   m.def(
       "perturb_step_(Tensor(a!) x, Tensor grad, Tensor x0, Tensor? active, bool sign, "
-      "float? alpha, float? beta, float lo, float hi, float? eps) -> Tensor");
+      "float? alpha, float? beta, float lo, float hi, float? eps, bool exact_l1=False) -> Tensor");
   // Carlini-Wagner L2's Adam step in tanh space: w, its moments m and v, and the image
-  // x = (tanh(w) + 1) / 2 are updated in place; returns stats [B, 4] float32.
+  // x = (tanh(w) + 1) / 2 are updated in place; returns stats [B, 5] float32.
   m.def(
       "adam_tanh_step_(Tensor(a!) w, Tensor(b!) m, Tensor(c!) v, Tensor(d!) x, Tensor grad, "
       "Tensor x0, Tensor c, Tensor step, Tensor? active, float lr, float beta1, float beta2, "

@@ -24,13 +24,15 @@ enum HeadStat : int {
 
 // perturb_step_'s and adam_tanh_step_'s per-sample statistics, the columns of [B, kStepStats].
 // (Between the kernels' passes kDeltaL2 holds the sum of squares; the root is taken last.)
-enum StepStat : int { kPL1, kDeltaL1, kDeltaL2, kDeltaLinf, kStepStats };
+// kStepL1 is the L1 the step itself added, sum |x_new - x_old| (0 for inactive samples); it is
+// last so that index-based users of the first four columns keep working.
+enum StepStat : int { kPL1, kDeltaL1, kDeltaL2, kDeltaLinf, kStepL1, kStepStats };
 
 // The names, in column order, as advfast.ops.HEAD_STATS and STEP_STATS spell them.
 inline constexpr const char* kHeadStatNames[kHeadStats] = {
     "pred",         "max_prob", "target_prob", "target_logit", "source_prob",    "source_logit",
     "runner_up",    "margin",   "subspace",    "hit",          "target_logprob", "finite"};
 inline constexpr const char* kStepStatNames[kStepStats] = {"p_l1", "delta_l1", "delta_l2",
-                                                          "delta_linf"};
+                                                          "delta_linf", "step_l1"};
 
 }  // namespace advfast

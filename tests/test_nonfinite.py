@@ -102,7 +102,8 @@ def _step_both(x, grad, x0, **kw):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sign", [False, True])
-@pytest.mark.parametrize("rule", [dict(alpha=0.01), dict(beta=0.5)], ids=["alpha", "beta"])
+@pytest.mark.parametrize("rule", [dict(alpha=0.01), dict(beta=0.5), dict(beta=0.5, exact_l1=True)],
+                         ids=["alpha", "beta", "exact"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_non_finite_gradient_elements_take_no_step(device, sign, rule, dtype):
     x0 = torch.full((3, 1000), 0.5, device=device)  # far from the box: no clipping
@@ -123,13 +124,28 @@ def test_non_finite_gradient_elements_take_no_step(device, sign, rule, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_all_non_finite_gradient_takes_no_step(device):
+@pytest.mark.parametrize("exact_l1", [False, True])
+def test_all_non_finite_gradient_takes_no_step(device, exact_l1):
     x0 = torch.rand(2, 64, device=device)
     x = x0.clone()
     grad = torch.full((2, 64), NAN, device=device)
     grad[1] = INF
-    stats = _step_both(x, grad, x0, sign=False, beta=1.0)
+    stats = _step_both(x, grad, x0, sign=False, beta=1.0, exact_l1=exact_l1)
     assert torch.equal(x, x0) and (stats == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_images_agree_under_the_exact_rule(device):
+    """A NaN x (only a direct caller can pass one) has no room: it stays NaN, as under the
+    paper's rule, and the sample's step_l1 is NaN, as sum |x_new - x_old|."""
+    x0 = torch.rand(2, 50, device=device)
+    x = x0.clone()
+    x[0, 3] = NAN
+    x0[1, 7] = NAN
+    for exact_l1 in (False, True):
+        stats = _step_both(x.clone(), torch.randn(2, 50, device=device), x0, sign=True,
+                           beta=0.3, eps=0.05, exact_l1=exact_l1)
+        assert torch.isnan(stats[0, ops.STEP_STATS.index("step_l1")])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -168,7 +184,7 @@ def test_disjoint_views_of_one_buffer_are_accepted():
     buf = torch.rand(3, 4, 8)
     x0 = buf[0].clone()
     stats = _step_both(buf[0], buf[1], x0, sign=False, alpha=0.1)
-    assert stats.shape == (4, 4)
+    assert stats.shape == (4, len(ops.STEP_STATS))
 
 
 def test_step_moves_the_version_counter_and_autograd_notices():
@@ -244,3 +260,33 @@ def test_cpu_and_cuda_steps_agree(sign, rule):
     gpu = ops.perturb_step_(x_gpu, grad.cuda(), x0.cuda(), sign=sign, eps=0.05, **rule)
     torch.testing.assert_close(x_gpu.cpu(), x, atol=1e-6, rtol=0)
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-5)
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("sign", [False, True])
+def test_cpu_and_cuda_exact_steps_agree(sign):
+    gen = torch.Generator().manual_seed(7)
+    x0 = torch.rand(4, 3, 33, 35, generator=gen)
+    x0[:, :, :20] = (x0[:, :, :20] > 0.5).float()  # many pixels at the box
+    grad = torch.randn(x0.shape, generator=gen)
+    grad[0, 0, 0, :3] = torch.tensor([NAN, INF, -INF])
+    x, x_gpu = x0.clone(), x0.cuda()
+    for eps in (None, 0.05):
+        cpu = ops.perturb_step_(x, grad, x0, sign=sign, beta=3.0, eps=eps, exact_l1=True)
+        gpu = ops.perturb_step_(x_gpu, grad.cuda(), x0.cuda(), sign=sign, beta=3.0, eps=eps,
+                                exact_l1=True)
+        torch.testing.assert_close(x_gpu.cpu(), x, atol=1e-6, rtol=0)
+        torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-5)
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("ce_seed", ops.CE_SEEDS)
+def test_cpu_and_cuda_ce_seeds_agree(ce_seed):
+    logits, target, source = _random_head_inputs("cpu")
+    logits[4, target[4]] += 40.0  # p_c rounds to 1
+    cpu = ops.loss_head(logits, target, source, "ce", ce_seed=ce_seed)
+    gpu = ops.loss_head(logits.cuda(), target.cuda(), source.cuda(), "ce", ce_seed=ce_seed)
+    for a, b in zip(cpu, gpu):
+        torch.testing.assert_close(b.cpu(), a, atol=1e-6, rtol=1e-5, equal_nan=True)

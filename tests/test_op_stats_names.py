@@ -23,3 +23,11 @@ def test_ops_return_one_column_per_name():
     x = torch.rand(2, 5)
     step = ops.perturb_step_(x, torch.rand(2, 5), x.clone(), sign=True, alpha=0.1)
     assert step.shape == (2, len(ops.STEP_STATS))
+    exact = ops.perturb_step_(x, torch.rand(2, 5), x.clone(), sign=True, beta=0.1, exact_l1=True)
+    assert exact.shape == (2, len(ops.STEP_STATS))
+
+
+def test_step_l1_is_appended_after_the_original_columns():
+    """Index-based users of the first four columns keep working."""
+    assert ops.STEP_STATS[:4] == ("p_l1", "delta_l1", "delta_l2", "delta_linf")
+    assert ops.STEP_STATS[-1] == "step_l1"

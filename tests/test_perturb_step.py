@@ -7,7 +7,8 @@ from advfast import ops
 from advfast.ops import reference
 from conftest import DEVICES
 
-RULES = [dict(alpha=5e-3), dict(beta=2.0)]
+RULES = [dict(alpha=5e-3), dict(beta=2.0), dict(beta=2.0, exact_l1=True)]
+RULE_IDS = ["alpha", "beta", "exact"]
 
 
 def _inputs(shape, device, grad_dtype=torch.float32, grad_scale=1e-3):
@@ -30,7 +31,7 @@ def _compare(x, grad, x0, **kw):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sign", [False, True])
-@pytest.mark.parametrize("rule", RULES, ids=["alpha", "beta"])
+@pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(0, 3, 5, 5), (1, 3, 7, 7), (5, 3, 32, 32), (2, 278011)])
 def test_matches_reference(device, sign, rule, dtype, shape):
@@ -38,7 +39,7 @@ def test_matches_reference(device, sign, rule, dtype, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("rule", RULES, ids=["alpha", "beta"])
+@pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
 def test_non_contiguous_inputs(device, rule):
     x, grad, x0 = _inputs((4, 3, 9, 11), device)
     x_cl = x.to(memory_format=torch.channels_last)
@@ -56,7 +57,7 @@ def test_non_contiguous_inputs(device, rule):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sign", [False, True])
-@pytest.mark.parametrize("rule", RULES, ids=["alpha", "beta"])
+@pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
 def test_zero_gradient_takes_no_step(device, sign, rule):
     x, grad, x0 = _inputs((3, 2, 5, 5), device)
     grad[1] = 0
@@ -87,10 +88,13 @@ def test_equal_perturbation_adds_beta_in_l1(device, sign):
     stats = _compare(x, grad, x0, sign=sign, beta=1.5)
     torch.testing.assert_close(stats[:, 1], torch.full((3,), 1.5, device=device), rtol=1e-5, atol=0)
     torch.testing.assert_close((x - x0).abs().sum((1, 2, 3)), stats[:, 1], rtol=1e-5, atol=0)
+    # from x0 the step's own L1 is the distance
+    torch.testing.assert_close(stats[:, ops.STEP_STATS.index("step_l1")], stats[:, 1], rtol=1e-6,
+                               atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("rule", RULES, ids=["alpha", "beta"])
+@pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
 def test_inactive_samples_untouched(device, rule):
     x, grad, x0 = _inputs((5, 3, 8, 8), device, grad_scale=1.0)
     active = torch.tensor([True, False, True, False, False], device=device)
@@ -104,7 +108,7 @@ def test_inactive_samples_untouched(device, rule):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("rule", RULES, ids=["alpha", "beta"])
+@pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
 def test_eps_ball_and_box(device, rule):
     x, grad, x0 = _inputs((4, 3, 10, 10), device, grad_scale=10.0)
     for _ in range(5):
@@ -140,6 +144,7 @@ def _args(**bad):
         (_args(x0=torch.rand(3, 3, 4)), ValueError),
         (_args(grad=torch.rand(2, 3, 4, device="meta")), ValueError),
         (_args(beta=1.0), ValueError),
+        (_args(exact_l1=True), ValueError),
         (_args(alpha=None), ValueError),
         (_args(lo=1.0, hi=0.0), ValueError),
         (_args(eps=-0.1), ValueError),
@@ -159,7 +164,8 @@ def test_bad_input(bad, error, fallback, monkeypatch):
 
 
 KERNEL_TEST_FILES = ("test_perturb_step.py", "test_loss_head.py", "test_trajectory.py",
-                     "test_adam_tanh_step.py", "test_nonfinite.py")
+                     "test_adam_tanh_step.py", "test_nonfinite.py", "test_exact_l1.py",
+                     "test_ce_seed.py")
 
 
 @pytest.mark.skipif(ops.backend() == "reference", reason="compiled library missing")

@@ -62,6 +62,13 @@ class Eq11(BaseAttack):
         threshold: the D1/D2/D3 confidence threshold (Definition IV.1, 0.9).
         record: keep the per-iteration trajectory (default True here).
         random_start: start from a uniform draw in the eps ball (with eps: PGD).
+        exact_l1: equal perturbation only: each step adds exactly beta in L1 wherever the box
+            (and the eps ball) leave that much room, instead of the paper's rule, whose clip
+            loses the part of the step that points out of the box (see
+            :func:`advfast.ops.perturb_step_`); step_l1 in the trajectory is what each step added.
+        ce_seed: CE's seed at the target, "exact" (the other classes' probabilities summed: no
+            cancellation where p_c rounds to 1) or "eager" (1 - p_c in float32, as eager
+            PyTorch); see :func:`advfast.ops.loss_head`.
         amp, channels_last, compact_every, time_phases, compile: see :class:`BaseAttack`.
 
     With stop="never" every sample runs all iterations and the loop never synchronises with the
@@ -75,13 +82,17 @@ class Eq11(BaseAttack):
                  stop: str = "never", threshold: float = 0.9, record: bool = True,
                  amp: str | None = None, channels_last: bool = False, compact_every: int = 8,
                  time_phases: bool = True, random_start: bool = False,
-                 compile: str | None = None) -> None:
+                 compile: str | None = None, exact_l1: bool = False,
+                 ce_seed: str = "exact") -> None:
         super().__init__(model, record=record, amp=amp, channels_last=channels_last,
                          compact_every=compact_every, time_phases=time_phases, compile=compile)
         choice("loss", loss, ops.LOSSES)
         choice("kappa_mode", kappa_mode, ops.KAPPA_MODES)
         choice("step", step, STEPS)
         choice("stop", stop, STOPS)
+        choice("ce_seed", ce_seed, ops.CE_SEEDS)
+        if exact_l1 and step != "equal-perturbation":
+            raise InvalidValue("exact_l1 is for step='equal-perturbation' (the beta rule)")
         alpha, beta = _step_size(step, alpha, beta)
         if not (isinstance(kappa, (int, float)) and math.isfinite(kappa)):
             raise InvalidValue(f"kappa must be finite, got {kappa!r}")
@@ -97,6 +108,7 @@ class Eq11(BaseAttack):
         self.iterations, self.kappa, self.kappa_mode = iterations, float(kappa), kappa_mode
         self.eps = None if eps is None else float(eps)
         self.threshold, self.random_start = float(threshold), random_start
+        self.exact_l1, self.ce_seed = bool(exact_l1), ce_seed
         self.horizon, self.fixed = iterations, stop == "never" or iterations == 0
         self.parts(deferred=False)  # validates the combination (random_start needs eps)
 
@@ -108,7 +120,8 @@ class Eq11(BaseAttack):
         return short
 
     def parts(self, deferred: bool) -> tuple[Head, Optimizer, Control]:
-        return (Head(self.loss, self.kappa, self.kappa_mode, self.threshold),
+        return (Head(self.loss, self.kappa, self.kappa_mode, self.threshold, self.ce_seed),
                 PaperStep(self.loss == "ce-sign", alpha=self.alpha, beta=self.beta,
-                          eps=self.eps, random_start=self.random_start),
+                          eps=self.eps, random_start=self.random_start,
+                          exact_l1=self.exact_l1),
                 StopRule(self.iterations, self.stop, deferred))

@@ -95,6 +95,14 @@ OPTIONS: dict[str, dict] = {
                             "cw-l2 (1000) and lbfgs (100)"),
     "stop": dict(choices=STOPS, help="eq11/ifgs: stop a sample once it flips, once in D3, or "
                                      "never (None: flip)"),
+    "exact_l1": dict(action="store_const", const=True,
+                     help="eq11 equal-perturbation: each step adds exactly --beta in L1 where "
+                          "the box (and --eps ball) leave room (None: the paper's clipped "
+                          "step)"),
+    "ce_seed": dict(choices=ops.CE_SEEDS,
+                    help="eq11 CE seed at the target: exact (the other classes' probabilities "
+                         "summed) or eager (1 - p_c in float32, 0 where p_c rounds to 1) "
+                         "(None: exact)"),
     "random_start": dict(action="store_const", const=True,
                          help="ifgs: start from a random point in the eps ball (PGD)"),
     "c": dict(type=number(positive=True), help="cw-l2: initial constant (None: 1e-3)"),

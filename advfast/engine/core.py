@@ -36,11 +36,16 @@ from advfast.engine.timing import PhaseTimer
 from advfast.errors import InvalidValue
 
 AMPS = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Per-iteration records: the first seven come from loss_head's stats, p_l1 from the step.
+# Per-iteration records: the first seven come from loss_head's stats, p_l1 and step_l1 (the
+# L1 the step added) from the step.
 TRAJECTORY = ("source_prob", "target_prob", "source_logit", "target_logit", "max_prob",
-              "subspace", "margin", "p_l1")
-HEAD_COLUMNS = [ops.HEAD_STATS.index(name) for name in TRAJECTORY[:-1]]
+              "subspace", "margin", "p_l1", "step_l1")
+HEAD_COLUMNS = [ops.HEAD_STATS.index(name) for name in TRAJECTORY[:-2]]
 COLUMN = {name: i for i, name in enumerate(ops.HEAD_STATS)}
+STEP_STATS = ops.STEP_STATS
+STEP_COLUMNS = [STEP_STATS.index(name) for name in TRAJECTORY[-2:]]
+# The L1, L2 and Linf norms of x - x0 among the step's stats (a slice: a view, no copy).
+NORM_COLUMNS = slice(STEP_STATS.index("delta_l1"), STEP_STATS.index("delta_linf") + 1)
 # Why a sample stopped early, as a code per row (0: it did not).
 FAILURES = ("", "non-finite logits")
 NONFINITE_LOGITS = 1
@@ -56,6 +61,7 @@ class Head:
     kappa: float = 20.0
     kappa_mode: str = "clamp"
     threshold: float = 0.9
+    ce_seed: str = "exact"
 
 
 class Optimizer(Protocol):
@@ -67,7 +73,7 @@ class Optimizer(Protocol):
     def step(self, rows: Rows, grad: torch.Tensor, head: torch.Tensor,
              active: torch.Tensor | None) -> torch.Tensor:
         """Updates ``rows.x`` in place from grad = dO/dx (O the head's objective, maximised);
-        rows where ``active`` is False are left as they are.  Returns [B, 4] float32
+        rows where ``active`` is False are left as they are.  Returns [B, 5] float32
         ``ops.STEP_STATS`` of the updated images."""
 
     def converged(self, rows: Rows) -> torch.Tensor | None:
@@ -132,7 +138,8 @@ def compiled_forward_head(model: nn.Module, head: Head, device: torch.device, am
         with cast:
             logits = model(x)
         seed, stats = ops.loss_head_unchecked(logits.detach(), target, source, head.loss,
-                                              head.kappa, head.kappa_mode, head.threshold)
+                                              head.kappa, head.kappa_mode, head.threshold,
+                                              head.ce_seed)
         return logits, seed, stats
 
     options = {"backend": "aot_eager"} if mode == "aot_eager" else {"mode": mode}
@@ -172,10 +179,11 @@ class Engine:
             if self.compiled is None:
                 h = self.head
                 seed, head = ops.loss_head_unchecked(logits.detach(), rows.target, rows.source,
-                                                     h.loss, h.kappa, h.kappa_mode, h.threshold)
+                                                     h.loss, h.kappa, h.kappa_mode, h.threshold,
+                                                     h.ce_seed)
             record_head(rows, head)
             if self.trajectory is not None:
-                self.trajectory[..., :-1].index_put_((rows.age, rows.key),
+                self.trajectory[..., :-2].index_put_((rows.age, rows.key),
                                                      head.index_select(1, self.head_columns))
         return logits, seed, head
 
@@ -187,7 +195,8 @@ class Engine:
             logits = self.model(images)
         h = self.head
         _, head = ops.loss_head(logits, rows.target, rows.source, h.loss, h.kappa,
-                                h.kappa_mode, h.threshold, validate_indices=False)
+                                h.kappa_mode, h.threshold, validate_indices=False,
+                                ce_seed=h.ce_seed)
         return norms_of(images - rows.x0), head[:, COLUMN["target_prob"]]
 
     def iterate(self, rows: Rows, n: int, controlled: bool = True) -> None:
@@ -205,10 +214,10 @@ class Engine:
             stats = self.optimizer.step(rows, grad, head, active)
             if controlled:
                 self.control.after_step(rows, self.optimizer)
-            rows.norms = stats[:, 1:]
+            rows.norms = stats[:, NORM_COLUMNS]
             if self.trajectory is not None:
-                p_l1 = torch.where(active, stats[:, 0], float("nan"))
-                self.trajectory[..., -1].index_put_((rows.age, rows.key), p_l1)
+                step = torch.where(active[:, None], stats[:, STEP_COLUMNS], float("nan"))
+                self.trajectory[..., -2:].index_put_((rows.age, rows.key), step)
             rows.age = rows.age + active.long()
 
 

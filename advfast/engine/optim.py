@@ -29,6 +29,8 @@ class PaperStep:
         alpha: equal multiplier, a_n = alpha.
         beta: equal perturbation, a_n = beta / sum|P_n| per sample (exactly one of the two).
         eps: Linf radius around the clean image, or None.
+        exact_l1: (beta only) each step adds exactly beta in L1 where the box and the ball
+            leave room (see ``ops.perturb_step_``), instead of the paper's clipped step.
         random_start: start from a uniform draw in the eps ball (PGD) instead of the clean
             image; it uses torch's global random generator, as torchattacks' PGD does.
         lo, hi: the image box (default [0, 1]).
@@ -36,11 +38,13 @@ class PaperStep:
 
     def __init__(self, sign: bool, alpha: float | None = None, beta: float | None = None,
                  eps: float | None = None, random_start: bool = False, lo: float = 0.0,
-                 hi: float = 1.0) -> None:
+                 hi: float = 1.0, exact_l1: bool = False) -> None:
         if random_start and eps is None:
             raise InvalidValue("random_start needs eps (the ball to draw the start from)")
+        if exact_l1 and beta is None:
+            raise InvalidValue("exact_l1 is for the equal perturbation rule (beta), not alpha")
         self.sign, self.alpha, self.beta, self.eps = sign, alpha, beta, eps
-        self.random_start, self.lo, self.hi = random_start, lo, hi
+        self.random_start, self.lo, self.hi, self.exact_l1 = random_start, lo, hi, exact_l1
 
     def _start(self, x0: torch.Tensor) -> torch.Tensor:
         if not self.random_start:
@@ -55,7 +59,8 @@ class PaperStep:
     def step(self, rows: Rows, grad: torch.Tensor, head: torch.Tensor,
              active: torch.Tensor | None) -> torch.Tensor:
         return ops.perturb_step_unchecked(rows.x, grad, rows.x0, self.sign, self.alpha,
-                                          self.beta, self.lo, self.hi, self.eps, active)
+                                          self.beta, self.lo, self.hi, self.eps, active,
+                                          self.exact_l1)
 
     def converged(self, rows: Rows) -> None:
         return None
@@ -221,7 +226,9 @@ class ProjectedLBFGS:
         with torch.no_grad():
             rows.x.copy_(new.view_as(rows.x))
         stats = norms_of(new - rows.x0.flatten(1))
-        return torch.cat([torch.where(active, g.abs().sum(1), 0.0)[:, None], stats], dim=1)
+        step_l1 = torch.where(active, (new - x).abs().sum(1), 0.0)  # ops.STEP_STATS' last
+        return torch.cat([torch.where(active, g.abs().sum(1), 0.0)[:, None], stats,
+                          step_l1[:, None]], dim=1)
 
     def _objective(self, rows: Rows, x: torch.Tensor, grad: torch.Tensor,
                    head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

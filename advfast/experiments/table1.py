@@ -27,6 +27,9 @@ FILES = ("table1.json", "table1.csv", "samples.csv")
 TIME_SPREAD_WARNING = 0.15
 # Iterations of the untimed warm-up run (first-call costs: allocator, kernels, caches).
 WARMUP_ITERATIONS = 3
+# The equal-perturbation cells report the L1 their steps actually added over these first
+# iterations, as a share of beta (step_l1_over_beta).
+STEP_L1_ITERATIONS = 60
 
 
 @dataclass
@@ -41,6 +44,17 @@ class Cell:
     batch_seconds: list[float] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
     per_iteration_ms: list[float] = field(default_factory=list)
+    beta: float | None = None  # the equal-perturbation L1 per step (None: equal multiplier)
+
+    def step_l1_over_beta(self) -> float:
+        """Mean over the first STEP_L1_ITERATIONS iterations and the samples of step_l1 / beta:
+        the share of beta the steps really added (1 for the exact rule where room allows);
+        NaN for the equal-multiplier cells."""
+        if self.beta is None or "step_l1" not in self.trajectory:
+            return math.nan
+        added = self.trajectory["step_l1"][:STEP_L1_ITERATIONS].double()
+        added = added[~torch.isnan(added)]
+        return float(added.mean() / self.beta) if added.numel() else math.nan
 
     def summary(self) -> dict:
         """The cell's row of table1.json.  Time per image: mean and std over batches;
@@ -60,6 +74,7 @@ class Cell:
             "per_iteration_ms": _mean(torch.tensor(self.per_iteration_ms)),
             "images_per_s": sum(self.batch_sizes) / sum(self.batch_seconds),
             **{f"{k}_at_flip_mean": _mean(v[flipped].double()) for k, v in self.at_flip.items()},
+            "step_l1_over_beta": self.step_l1_over_beta(),
         }
 
 
@@ -94,15 +109,19 @@ def warm_up(attacks: list[Eq11], inputs: AttackInputs, batch_size: int,
 
 def run(model: torch.nn.Module, inputs: AttackInputs, *, iterations: int, alpha: float,
         beta: float, batch_size: int, device: torch.device, amp: str | None = None,
-        kappa: float = 20.0, quiet: bool = False, compile: str | None = None) -> list[Cell]:
-    """Runs the 8 configurations after a warm-up; returns one Cell per (step rule, loss)."""
+        kappa: float = 20.0, quiet: bool = False, compile: str | None = None,
+        exact_l1: bool = False, ce_seed: str = "exact") -> list[Cell]:
+    """Runs the 8 configurations after a warm-up; returns one Cell per (step rule, loss).
+    ``exact_l1``: the equal-perturbation cells add exactly beta per step where the box leaves
+    room (the box-aware table); ``ce_seed``: the CE seed (see :class:`Eq11`)."""
     n = len(inputs.labels)
     starts = list(range(0, n, batch_size))
     cells = []
-    rule = {"equal-multiplier": {"alpha": alpha}, "equal-perturbation": {"beta": beta}}
+    rule = {"equal-multiplier": {"alpha": alpha},
+            "equal-perturbation": {"beta": beta, "exact_l1": exact_l1}}
     attacks = {(step, loss): Eq11(model, loss=loss, step=step, **rule[step],
                                   iterations=iterations, kappa=kappa, amp=amp, record=True,
-                                  compile=compile)
+                                  compile=compile, ce_seed=ce_seed)
                for step in STEPS for loss in ops.LOSSES}
     warm_up(list(attacks.values()), inputs, batch_size, device)
     bar = tqdm(total=len(STEPS) * len(ops.LOSSES) * len(starts), desc="Table I", unit="batch",
@@ -111,7 +130,8 @@ def run(model: torch.nn.Module, inputs: AttackInputs, *, iterations: int, alpha:
         for loss in ops.LOSSES:
             attack = attacks[(step, loss)]
             parts = []
-            cell = Cell(step, loss, torch.empty(0), {}, {})
+            cell = Cell(step, loss, torch.empty(0), {}, {},
+                        beta=beta if step == "equal-perturbation" else None)
             for s in starts:
                 x = inputs.images[s:s + batch_size].to(device, non_blocking=True)
                 t = inputs.targets[s:s + batch_size].to(device)
@@ -161,14 +181,23 @@ def format_table(cells: list[Cell], alpha: float, beta: float) -> str:
         lines.append(f"warning: the time per image varies by up to {spread:.0%} between equal "
                      "batches of one cell, so the time columns cannot be compared with each "
                      "other; rerun on an idle machine (or with --threads 1)")
+    lines.append("L1 added per step / beta (equal perturbation, first "
+                 f"{STEP_L1_ITERATIONS} iterations): " + ", ".join(
+                     f"{loss} "
+                     + _plus_minus(by[("equal-perturbation", loss)]["step_l1_over_beta"],
+                                   math.nan, ".3f", "")
+                     for loss in ops.LOSSES))
     return "\n".join(lines)
 
 
-def write(cells: list[Cell], out: OutputFolder, config: dict) -> None:
-    """Writes table1.json (strict JSON: null where a value is missing), table1.csv and
-    samples.csv into ``out``."""
+def write(cells: list[Cell], out: OutputFolder, config: dict,
+          theorem_iv2: dict | None = None) -> None:
+    """Writes table1.json (strict JSON: null where a value is missing; with ``theorem_iv2``,
+    Theorem IV.2 measured along the inputs' trajectories, see
+    :func:`advfast.experiments.theorem.for_table1`), table1.csv and samples.csv into ``out``."""
     summaries = [c.summary() for c in cells]
-    write_json(out.file("table1.json"), {"config": config, "results": summaries})
+    extra = {} if theorem_iv2 is None else {"theorem_iv2": theorem_iv2}
+    write_json(out.file("table1.json"), {"config": config, "results": summaries, **extra})
     write_durably(out.file("table1.csv"), lambda tmp: _write_summaries(tmp, summaries))
     write_durably(out.file("samples.csv"), lambda tmp: _write_samples(tmp, cells))
 

@@ -22,10 +22,10 @@ import torch
 
 from advfast.errors import ClassOutOfRange, InvalidType, InvalidValue, UserError
 from advfast.ops import reference
-from advfast.ops.reference import HEAD_STATS, STEP_STATS
+from advfast.ops.reference import CE_SEEDS, HEAD_STATS, STEP_STATS
 
-__all__ = ["LOSSES", "KAPPA_MODES", "HEAD_STATS", "STEP_STATS", "backend", "loss_head",
-           "perturb_step_", "adam_tanh_step_"]
+__all__ = ["LOSSES", "KAPPA_MODES", "CE_SEEDS", "HEAD_STATS", "STEP_STATS", "backend",
+           "loss_head", "perturb_step_", "adam_tanh_step_"]
 
 LOSSES: tuple[str, ...] = ("ce", "ce-sign", "logit", "m-logit")
 KAPPA_MODES: tuple[str, ...] = ("clamp", "balance")
@@ -95,14 +95,16 @@ def _check_images_meta(images, grad, per_sample, active, owner: str) -> None:
 if _COMPILED:
 
     @torch.library.register_fake("advfast::loss_head")
-    def _loss_head_fake(logits, target, source, loss, kappa, kappa_mode, threshold):
+    def _loss_head_fake(logits, target, source, loss, kappa, kappa_mode, threshold,
+                        ce_seed="exact"):
         _check_head_meta(logits, target, source)
         batch, classes = logits.shape
         return (logits.new_empty((batch, classes), dtype=torch.float32),
                 logits.new_empty((batch, len(HEAD_STATS)), dtype=torch.float32))
 
     @torch.library.register_fake("advfast::perturb_step_")
-    def _perturb_step_fake(x, grad, x0, active, sign, alpha, beta, lo, hi, eps):
+    def _perturb_step_fake(x, grad, x0, active, sign, alpha, beta, lo, hi, eps,
+                           exact_l1=False):
         _check_images_meta((("x", x), ("x0", x0)), grad, (), active, "x")
         return x.new_empty((x.shape[0], len(STEP_STATS)))
 
@@ -187,7 +189,8 @@ def _check_indices(index: torch.Tensor, classes: int, name: str) -> None:
 @_user_errors
 def loss_head(logits: torch.Tensor, target: torch.Tensor, source: torch.Tensor, loss: str,
               kappa: float = 20.0, kappa_mode: str = "clamp", threshold: float = 0.9, *,
-              validate_indices: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+              validate_indices: bool = True,
+              ce_seed: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
     """Seed and statistics of the objective O an attack maximises, from the logits g.
 
     Args:
@@ -203,6 +206,10 @@ def loss_head(logits: torch.Tensor, target: torch.Tensor, source: torch.Tensor, 
             ``balance``: w = 1 below kappa, 0 at kappa, -1 above (Eq. 16 read literally).
         threshold: the confidence that separates D1/D3 from D2 (Definition IV.1).
         validate_indices: check target/source lie in [0, M) (a host sync on GPUs).
+        ce_seed: how CE's target element 1 - p_c is computed: ``exact`` (default) as the sum
+            of the other classes' probabilities, so it stays positive where p_c rounds to 1
+            in float32; ``eager`` as 1 - p_c in float32 (eager PyTorch's onehot - softmax,
+            exactly 0 there).
 
     Returns:
         seed: [B, M] float32, dO/dlogits.
@@ -219,32 +226,36 @@ def loss_head(logits: torch.Tensor, target: torch.Tensor, source: torch.Tensor, 
         _check_head_meta(logits, target, source)
         _check_indices(target, logits.shape[1], "target")
         _check_indices(source, logits.shape[1], "source")
-    return loss_head_unchecked(logits, target, source, loss, kappa, kappa_mode, threshold)
+    return loss_head_unchecked(logits, target, source, loss, kappa, kappa_mode, threshold,
+                               ce_seed)
 
 
 def loss_head_unchecked(logits: torch.Tensor, target: torch.Tensor, source: torch.Tensor,
-                        loss: str, kappa: float, kappa_mode: str,
-                        threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+                        loss: str, kappa: float, kappa_mode: str, threshold: float,
+                        ce_seed: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`loss_head` without the Python-side checks, for the engine's hot loop, whose
     operands are checked once when an attack starts (the C++ checks still run)."""
     if _COMPILED:
         return torch.ops.advfast.loss_head(logits, target, source, loss, kappa, kappa_mode,
-                                           threshold)
+                                           threshold, ce_seed)
     _check_head_meta(logits, target, source)
     _check_scalars({"kappa": kappa, "threshold": threshold},
                    (loss in LOSSES, f"unknown loss {loss!r} (expected {', '.join(LOSSES)})"),
-                   (kappa_mode in KAPPA_MODES, f"unknown kappa_mode {kappa_mode!r}"))
+                   (kappa_mode in KAPPA_MODES, f"unknown kappa_mode {kappa_mode!r}"),
+                   (ce_seed in CE_SEEDS, f"unknown ce_seed {ce_seed!r} (expected exact or "
+                                         "eager)"))
     if not torch.compiler.is_compiling():
         _check_indices(target, logits.shape[1], "target")
         _check_indices(source, logits.shape[1], "source")
-    return reference.loss_head(logits, target, source, loss, kappa, kappa_mode, threshold)
+    return reference.loss_head(logits, target, source, loss, kappa, kappa_mode, threshold,
+                               ce_seed)
 
 
 @_user_errors
 def perturb_step_(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, *, sign: bool,
                   alpha: float | None = None, beta: float | None = None, lo: float = 0.0,
                   hi: float = 1.0, eps: float | None = None,
-                  active: torch.Tensor | None = None) -> torch.Tensor:
+                  active: torch.Tensor | None = None, exact_l1: bool = False) -> torch.Tensor:
     """One fused attack step X <- clip_[lo,hi](X + a * P), in place (paper Eq. 11).
 
     Args:
@@ -259,35 +270,46 @@ def perturb_step_(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, *, sign
         lo, hi: the box the images live in.
         eps: optional Linf radius around x0 (IFGS's Clip_{X,eps}, Eq. 2).
         active: [B] bool, None = all; inactive samples are neither stepped nor written.
+        exact_l1: (beta only) add exactly beta in L1 wherever the box (and the eps ball) leave
+            that much room: the per-sample a with sum_i min(a |P_i|, room_i) = beta, room_i
+            the distance to the bound in P_i's direction; with less room in all, all of it.
+            Found by a few update passes (Newton's method on that piecewise-linear sum, at
+            most 32), no sort.  The default is the paper's rule, whose clip loses the part of
+            the step that points out of the box.
 
     Returns:
-        [B, 4] float32 with columns :data:`STEP_STATS`: sum|P| (0 for inactive samples), then the
-        L1, L2 and Linf norms of x - x0 after the step.
+        [B, 5] float32 with columns :data:`STEP_STATS`: sum|P| (0 for inactive samples), the
+        L1, L2 and Linf norms of x - x0 after the step, and step_l1, the L1 the step actually
+        added, sum |x_new - x_old| (0 for inactive samples).
 
     A non-finite gradient element (NaN, +-inf) contributes no step and nothing to sum|P|, so a
     finite image never becomes NaN.  x must not share memory with grad or x0 (ValueError).
     Autograd sees the in-place update: x's version counter moves, as with ``x.add_``.
     """
     _require_tensors(x=x, grad=grad, x0=x0, **({} if active is None else {"active": active}))
-    return perturb_step_unchecked(x, grad, x0, bool(sign), alpha, beta, lo, hi, eps, active)
+    return perturb_step_unchecked(x, grad, x0, bool(sign), alpha, beta, lo, hi, eps, active,
+                                  bool(exact_l1))
 
 
 def perturb_step_unchecked(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, sign: bool,
                            alpha: float | None, beta: float | None, lo: float, hi: float,
-                           eps: float | None, active: torch.Tensor | None) -> torch.Tensor:
+                           eps: float | None, active: torch.Tensor | None,
+                           exact_l1: bool = False) -> torch.Tensor:
     """:func:`perturb_step_` without the Python-side checks (see
     :func:`loss_head_unchecked`)."""
     if _COMPILED:
         return torch.ops.advfast.perturb_step_(x, grad, x0, active, sign, alpha, beta, lo, hi,
-                                               eps)
+                                               eps, exact_l1)
     _check_images_meta((("x", x), ("x0", x0)), grad, (), active, "x")
     _check_scalars({"alpha": alpha, "beta": beta, "lo": lo, "hi": hi, "eps": eps},
                    ((alpha is None) != (beta is None), "give exactly one of alpha or beta"),
+                   (not exact_l1 or beta is not None,
+                    "exact_l1 is for the equal perturbation rule (beta), not alpha"),
                    (lo <= hi, "lo must not exceed hi"),
                    (eps is None or eps >= 0, "eps must be non-negative"))
     _check_written({"x": x}, {"grad": grad, "x0": x0})
     return reference.perturb_step_(x, grad, x0, sign=sign, alpha=alpha, beta=beta, lo=lo,
-                                   hi=hi, eps=eps, active=active)
+                                   hi=hi, eps=eps, active=active, exact_l1=exact_l1)
 
 
 @_user_errors
@@ -316,8 +338,9 @@ def adam_tanh_step_(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, x: torch.
         active: [B] bool, None = all; inactive samples are neither stepped nor written.
 
     Returns:
-        [B, 4] float32 with columns :data:`STEP_STATS`: sum|dL/dw| (0 for inactive samples),
-        then the L1, L2 and Linf norms of the new X' - X0.
+        [B, 5] float32 with columns :data:`STEP_STATS`: sum|dL/dw| (0 for inactive samples),
+        the L1, L2 and Linf norms of the new X' - X0, and step_l1 = sum |X'_new - X'_old|
+        (0 for inactive samples).
 
     A non-finite element of grad counts as 0.  w, m, v and x must not share memory with each
     other or with grad and x0.  Arguments that would make NaN raise ValueError, the tensors'

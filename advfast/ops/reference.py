@@ -21,7 +21,13 @@ import torch.nn.functional as F
 HEAD_STATS: tuple[str, ...] = ("pred", "max_prob", "target_prob", "target_logit", "source_prob",
                                "source_logit", "runner_up", "margin", "subspace", "hit",
                                "target_logprob", "finite")
-STEP_STATS: tuple[str, ...] = ("p_l1", "delta_l1", "delta_l2", "delta_linf")
+STEP_STATS: tuple[str, ...] = ("p_l1", "delta_l1", "delta_l2", "delta_linf", "step_l1")
+# How loss_head computes CE's target element 1 - p_c (csrc/advfast_math.h CeSeed).
+CE_SEEDS: tuple[str, ...] = ("exact", "eager")
+# The exact equal perturbation's cap on update passes and the share of beta it may leave
+# (csrc/advfast_math.h kExactPasses, kExactTolerance).
+EXACT_PASSES = 32
+EXACT_TOLERANCE = torch.tensor(1e-6, dtype=torch.float32)
 
 
 def kappa_weight(margin: torch.Tensor, kappa: float, kappa_mode: str) -> torch.Tensor:
@@ -35,11 +41,13 @@ def kappa_weight(margin: torch.Tensor, kappa: float, kappa_mode: str) -> torch.T
 
 
 def loss_head(logits: torch.Tensor, target: torch.Tensor, source: torch.Tensor, loss: str,
-              kappa: float = 20.0, kappa_mode: str = "clamp",
-              threshold: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+              kappa: float = 20.0, kappa_mode: str = "clamp", threshold: float = 0.9,
+              ce_seed: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
     """Seed dO/dlogits [B, M] and HEAD_STATS [B, 12] of the objective O the attack maximises.
 
-    ce, ce-sign: O = log softmax(g)_c, seed = onehot(c) - softmax(g)
+    ce, ce-sign: O = log softmax(g)_c, seed = onehot(c) - softmax(g); its target element
+                 1 - p_c is the sum of the other classes' probabilities with ce_seed="exact"
+                 (no cancellation where p_c rounds to 1), 1 - p_c in float32 with "eager"
     logit:       O = g_c,              seed = onehot(c)
     m-logit:     O = w * (g_c - g_c*), seed = w * (onehot(c) - onehot(c*)), c* = argmax_{i != c} g_i
     """
@@ -64,6 +72,9 @@ def loss_head(logits: torch.Tensor, target: torch.Tensor, source: torch.Tensor, 
     onehot = F.one_hot(target, classes).float()
     if loss in ("ce", "ce-sign"):
         seed = onehot - prob
+        if ce_seed == "exact":
+            others = prob.masked_fill(onehot.bool(), 0.0).sum(dim=1)
+            seed = torch.where(onehot.bool(), others[:, None], seed)
     elif loss == "logit":
         seed = onehot
     else:
@@ -78,13 +89,15 @@ def loss_head(logits: torch.Tensor, target: torch.Tensor, source: torch.Tensor, 
 
 def perturb_step_(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, *, sign: bool,
                   alpha: float | None = None, beta: float | None = None, lo: float = 0.0,
-                  hi: float = 1.0, eps: float | None = None,
-                  active: torch.Tensor | None = None) -> torch.Tensor:
-    """One step X <- clip(X + a * P) in place (paper Eq. 11); returns STEP_STATS [B, 4].
+                  hi: float = 1.0, eps: float | None = None, active: torch.Tensor | None = None,
+                  exact_l1: bool = False) -> torch.Tensor:
+    """One step X <- clip(X + a * P) in place (paper Eq. 11); returns STEP_STATS [B, 5].
 
     P = sign(grad) or grad; a = alpha (equal multiplier) or beta / sum|P| per sample (equal
     perturbation; no step where sum|P| = 0).  Then clip to [lo, hi] and, with eps, to the
-    Linf ball around x0 (Eq. 2).  Inactive samples are not stepped and report p_l1 = 0.
+    Linf ball around x0 (Eq. 2).  exact_l1 (beta only): the scale with sum min(a|P|, room) =
+    beta, by the passes of csrc/advfast_math.h.  Inactive samples are not stepped and report
+    p_l1 = step_l1 = 0.
     """
     batch = x.shape[0]
     if x.numel() == 0:
@@ -94,26 +107,83 @@ def perturb_step_(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, *, sign
     if sign:
         p = torch.sign(p)
     p_l1 = p.abs().sum(dim=1)
-    if beta is None:
-        step = alpha * p
-    else:
-        scale = beta / p_l1
-        # beta / sum overflows only for a denormal sum; divide element-wise there instead.
-        step = torch.where(torch.isinf(scale)[:, None], beta * (p / p_l1[:, None]),
-                           scale[:, None] * p)
-        step = torch.where((p_l1 == 0)[:, None], torch.zeros_like(step), step)
     xf = x.reshape(batch, -1)
     x0f = x0.reshape(batch, -1)
-    new = torch.clamp(xf + step, lo, hi)
-    if eps is not None:
-        new = torch.minimum(torch.maximum(new, (x0f - eps).clamp_min(lo)), (x0f + eps).clamp_max(hi))
-    if active is not None:
-        new = torch.where(active[:, None], new, xf)
-        p_l1 = torch.where(active, p_l1, torch.zeros_like(p_l1))
+    act = torch.ones(batch, dtype=torch.bool, device=x.device) if active is None else active
+    if exact_l1:
+        new, step_l1 = _exact_step(xf, p, x0f, beta, lo, hi, eps, act)
+    else:
+        step = alpha * p if beta is None else _scaled(p, torch.full_like(p_l1, beta), p_l1)
+        new = torch.where(act[:, None], _updated(xf, step, x0f, lo, hi, eps), xf)
+        step_l1 = (new - xf).abs().sum(dim=1)
+    p_l1 = torch.where(act, p_l1, torch.zeros_like(p_l1))
     x.copy_(new.view_as(x))
     delta = new - x0f
     return torch.stack([p_l1, delta.abs().sum(dim=1), delta.square().sum(dim=1).sqrt(),
-                        delta.abs().amax(dim=1)], dim=1)
+                        delta.abs().amax(dim=1), step_l1], dim=1)
+
+
+def _scaled(p: torch.Tensor, beta: torch.Tensor, p_l1: torch.Tensor) -> torch.Tensor:
+    """beta / sum|P| * P per sample (beta [B]), 0 where the sum is 0; beta / sum overflows only
+    for a denormal sum, which divides element-wise instead (advfast_math.h step_scale)."""
+    scale = beta / p_l1
+    step = torch.where(torch.isinf(scale)[:, None], beta[:, None] * (p / p_l1[:, None]),
+                       scale[:, None] * p)
+    return torch.where((p_l1 == 0)[:, None], torch.zeros_like(step), step)
+
+
+def _bounds(x0f: torch.Tensor, lo: float, hi: float,
+            eps: float | None) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """The bounds updated_value clips to, as advfast_math.h room_of compares them."""
+    if eps is None:
+        return lo, hi
+    below, above = x0f - eps, x0f + eps
+    return torch.where(below > lo, below, lo), torch.where(above < hi, above, hi)
+
+
+def _updated(xf, step, x0f, lo: float, hi: float, eps: float | None) -> torch.Tensor:
+    """advfast_math.h updated_value: the box clip, then the ball's (a NaN x0 leaves the box's
+    bounds, as the kernels' comparisons do)."""
+    new = torch.clamp(xf + step, lo, hi)
+    if eps is not None:
+        lo_b, hi_b = _bounds(x0f, lo, hi, eps)
+        new = torch.clamp(new, lo_b, hi_b)
+    return new
+
+
+def _room(xf, p, bounds) -> torch.Tensor:
+    """advfast_math.h room_of: the distance to the bound P moves towards, 0 where there is
+    none (p = 0, at or beyond the bound, NaN)."""
+    lo_b, hi_b = bounds
+    r = torch.where(p > 0, hi_b - xf, torch.where(p < 0, xf - lo_b, torch.zeros_like(xf)))
+    return torch.where(r > 0, r, torch.zeros_like(r))
+
+
+def _exact_step(xf, p, x0f, beta: float, lo: float, hi: float, eps: float | None,
+                act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact equal perturbation's passes (csrc/advfast_math.h): (new x [B, N], step_l1)."""
+    bounds = _bounds(x0f, lo, hi, eps)
+    room = _room(xf, p, bounds)
+    s = torch.where(room > 0, p.abs(), 0.0).sum(dim=1)
+    remaining = torch.full_like(s, beta)
+    step_l1 = torch.zeros_like(s)
+    todo, x = act.clone(), xf.clone()
+    for _ in range(EXACT_PASSES):
+        if not bool(todo.any()):
+            break
+        step = torch.where(room > 0, _scaled(p, remaining, s), 0.0)
+        new = torch.where(todo[:, None], _updated(x, step, x0f, lo, hi, eps), x)
+        moved = (new - x).abs().sum(dim=1)
+        left = _room(new, p, bounds)
+        newly = ((room > 0) & ~(left > 0)).sum(dim=1)
+        s_next = torch.where(left > 0, p.abs(), 0.0).sum(dim=1)
+        step_l1 = torch.where(todo, step_l1 + moved, step_l1)
+        remaining = torch.where(todo, remaining - moved, remaining)
+        s = torch.where(todo, s_next, s)
+        tol = EXACT_TOLERANCE * beta
+        todo = todo & (newly > 0) & (remaining > tol) & (moved > tol) & (s_next > 0)
+        x, room = new, left
+    return x, step_l1
 
 
 def adam_tanh_step_(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
@@ -122,7 +192,7 @@ def adam_tanh_step_(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, x: torch.
                     active: torch.Tensor | None = None) -> torch.Tensor:
     """Carlini-Wagner's Adam step in tanh space, in place (see advfast.ops.adam_tanh_step_):
     dL/dw = (2 (x - x0) - c * grad) (1 - tanh(w)^2) / 2, torch.optim.Adam's update with each
-    sample's step count, x = (tanh(w) + 1) / 2.  Returns STEP_STATS [B, 4]."""
+    sample's step count, x = (tanh(w) + 1) / 2.  Returns STEP_STATS [B, 5]."""
     batch = w.shape[0]
     if w.numel() == 0:
         return w.new_zeros((batch, len(STEP_STATS)))
@@ -138,11 +208,14 @@ def adam_tanh_step_(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, x: torch.
     new_v = v * beta2 + (1 - beta2) * gw * gw
     new_w = w - step_size * (new_m / (new_v.sqrt() / bc2_sqrt + eps))
     new_x = (torch.tanh(new_w) + 1) * 0.5
+    old_x = x.clone()
     keep = (torch.ones(batch, dtype=torch.bool, device=w.device) if active is None
             else active).view(shape)
     for old, new in ((w, new_w), (m, new_m), (v, new_v), (x, new_x)):
         old.copy_(torch.where(keep, new, old))
     delta = (x - x0).reshape(batch, -1)
     p_l1 = torch.where(keep.view(-1), gw.abs().reshape(batch, -1).sum(1), torch.zeros(batch, device=w.device))
+    step_l1 = torch.where(keep.view(-1), (new_x - old_x).abs().reshape(batch, -1).sum(1),
+                          torch.zeros(batch, device=w.device))
     return torch.stack([p_l1, delta.abs().sum(1), delta.square().sum(1).sqrt(),
-                        delta.abs().amax(1)], dim=1)
+                        delta.abs().amax(1), step_l1], dim=1)

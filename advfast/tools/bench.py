@@ -215,13 +215,7 @@ def run(config: BenchConfig, progress: Callable[[str], None] = lambda s: None) -
         source = logits.argmax(1)
         target = (source + 1 + torch.randint(0, logits.shape[1] - 1, (batch,),
                                              generator=gen).to(device)) % logits.shape[1]
-        runs: dict[str, tuple[Measured, Callable[[], object]]] = {}
-        floor_run = floor(model, x, config.iterations, config.amp)
-        runs["floor"] = (Measured("floor"), floor_run)
-        if config.amp or config.channels_last:  # what a user runs today: fp32, contiguous
-            plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
-            runs[FP32_FLOOR] = (Measured(FP32_FLOOR), floor(plain, x.contiguous(),
-                                                            config.iterations, None))
+        runs = _floors(model, x, config)
         for mode in config.compile:
             attack = specs.build(config.attack, model, _timing_params(config), amp=config.amp,
                                    compile=None if mode == "none" else mode,
@@ -257,6 +251,17 @@ def run(config: BenchConfig, progress: Callable[[str], None] = lambda s: None) -
             "hardware": {**hardware_info(device), "cpu_model": _cpu_model(),
                          "cpu_bf16": cpu_bf16()},
             "versions": _versions()}
+
+
+def _floors(model, x, config: BenchConfig) -> dict[str, tuple[Measured, Callable[[], None]]]:
+    """The floor in the configuration's precision and layout and, with --amp or
+    --channels-last, the fp32 eager floor in contiguous format (what a user runs today)."""
+    runs = {"floor": (Measured("floor"), floor(model, x, config.iterations, config.amp))}
+    if config.amp or config.channels_last:
+        plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+        runs[FP32_FLOOR] = (Measured(FP32_FLOOR), floor(plain, x.contiguous(),
+                                                        config.iterations, None))
+    return runs
 
 
 def _summary(m: Measured, floor_ms: float, batch: int, fp32_floor_ms: float) -> dict:

@@ -40,7 +40,7 @@ ATTACKS = ("eq11", "ifgs", "cw-l2", "lbfgs")
 PARAMETERS: dict[str, dict[str, object]] = {
     "eq11": {"loss": "ce", "step": "equal-perturbation", "alpha": None, "beta": None,
              "kappa": 20.0, "kappa_mode": "clamp", "eps": None, "iterations": 250,
-             "stop": "flip"},
+             "stop": "flip", "exact_l1": False, "ce_seed": "exact"},
     "ifgs": {"eps": None, "alpha": None, "iterations": 10, "random_start": False,
              "stop": "flip"},
     "cw-l2": {"c": 1e-3, "kappa": 0.0, "iterations": 1000, "lr": 1e-2,

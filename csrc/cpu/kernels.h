@@ -52,6 +52,7 @@ struct HeadArgs {
   float kappa;
   KappaMode mode;
   float threshold;
+  CeSeed ce_seed;  // CE's target element: the others' probabilities summed, or 1 - p_c
 };
 
 struct StepArgs {
@@ -62,6 +63,7 @@ struct StepArgs {
   const bool* active;   // [B] or null (all)
   int64_t B, N;
   bool sign, equal_perturbation, use_eps;
+  bool exact_l1;  // equal perturbation only: add exactly beta in L1 where there is room
   float alpha, beta, lo, hi, eps;
   float* stats;  // [B, kStepStats]
 };

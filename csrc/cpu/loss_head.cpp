@@ -20,9 +20,10 @@ std::tuple<at::Tensor, at::Tensor> loss_head_cpu(const at::Tensor& logits,
                                                  const at::Tensor& target,
                                                  const at::Tensor& source, c10::string_view loss,
                                                  double kappa, c10::string_view kappa_mode,
-                                                 double threshold) {
+                                                 double threshold, c10::string_view ce_seed) {
   check_loss_head_args(logits, target, source, kappa, threshold);
   const Loss loss_code = parse_loss(loss);
+  const CeSeed seed_mode = parse_ce_seed(ce_seed);
   const KappaMode mode = parse_kappa_mode(kappa_mode);
   auto [seed, stats] = empty_head_outputs(logits);
   if (logits.size(0) == 0) return {seed, stats};
@@ -34,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor> loss_head_cpu(const at::Tensor& logits,
       logits.const_data_ptr(), elem_of(logits.scalar_type()), logits.stride(0), logits.stride(1),
       logits.size(0), logits.size(1), t.const_data_ptr<int64_t>(), s.const_data_ptr<int64_t>(),
       seed.data_ptr<float>(), stats.data_ptr<float>(), loss_code, static_cast<float>(kappa),
-      mode, static_cast<float>(threshold)});
+      mode, static_cast<float>(threshold), seed_mode});
   return {seed, stats};
 }
 

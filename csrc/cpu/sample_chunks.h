@@ -30,16 +30,18 @@ struct Partial {
   float v[kStepStats];
 };
 
-// Lane-wise accumulators of the delta norms (and sum|P|), kept in registers by the compiler.
+// Lane-wise accumulators of the delta norms, sum|P| and the L1 the step added (|x_new - x_old|
+// summed), kept in registers by the compiler.
 struct Lanes {
-  float p[kLanes] = {}, l1[kLanes] = {}, l2[kLanes] = {}, linf[kLanes] = {};
+  float p[kLanes] = {}, l1[kLanes] = {}, l2[kLanes] = {}, linf[kLanes] = {}, moved[kLanes] = {};
 
-  void add(int l, float p_abs, float d) {
+  void add(int l, float p_abs, float d, float moved_abs = 0.f) {
     const float a = std::fabs(d);
     p[l] += p_abs;
     l1[l] += a;
     l2[l] += d * d;
     linf[l] = max_of(linf[l], a);
+    moved[l] += moved_abs;
   }
 
   Partial total() const {
@@ -49,6 +51,7 @@ struct Lanes {
       out.v[kDeltaL1] += l1[l];
       out.v[kDeltaL2] += l2[l];
       out.v[kDeltaLinf] = max_of(out.v[kDeltaLinf], linf[l]);
+      out.v[kStepL1] += moved[l];
     }
     return out;
   }
@@ -79,13 +82,14 @@ void update_chunks(int64_t B, int64_t N, int64_t chunks, const bool* active, con
   });
 }
 
-// stats[b] = [sum of p, sum |d|, sqrt(sum d^2), max |d|] of sample b's chunks (in order).
+// stats[b] = [sum of p, sum |d|, sqrt(sum d^2), max |d|, sum |x_new - x_old|] of sample b's
+// chunks (in order).
 inline void combine_chunks(const Partial* partial, int64_t B, int64_t chunks, float* stats) {
   for (int64_t b = 0; b < B; ++b) {
     float out[kStepStats] = {};
     for (int64_t k = 0; k < chunks; ++k) {
       const Partial& p = partial[b * chunks + k];
-      for (int s : {kPL1, kDeltaL1, kDeltaL2}) out[s] += p.v[s];
+      for (int s : {kPL1, kDeltaL1, kDeltaL2, kStepL1}) out[s] += p.v[s];
       out[kDeltaLinf] = max_of(out[kDeltaLinf], p.v[kDeltaLinf]);
     }
     float* st = stats + b * kStepStats;
@@ -93,6 +97,7 @@ inline void combine_chunks(const Partial* partial, int64_t B, int64_t chunks, fl
     st[kDeltaL1] = out[kDeltaL1];
     st[kDeltaL2] = std::sqrt(out[kDeltaL2]);
     st[kDeltaLinf] = linf_of(out[kDeltaLinf], out[kDeltaL1]);
+    st[kStepL1] = out[kStepL1];
   }
 }
 

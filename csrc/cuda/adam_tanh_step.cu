@@ -34,20 +34,22 @@ __global__ void adam_tanh_kernel(float* __restrict__ w, float* __restrict__ m,
   for (int64_t i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {
     float xi = x[i];
     const float x0i = x0[i];
-    float gw_abs = 0.f;
+    float gw_abs = 0.f, moved = 0.f;
     if (stepping) {
       const float gw = cw_grad_w(xi, x0i, static_cast<float>(g[i]), cs, tanhf(w[i]));
       float mi = m[i], vi = v[i];
       const float wi = adam_update(w[i], gw, &mi, &vi, cfg, scalars.step_size,
                                    scalars.bc2_sqrt);
+      const float x_old = xi;
       xi = tanh_image(tanhf(wi));
+      moved = fabsf(xi - x_old);
       m[i] = mi;
       v[i] = vi;
       w[i] = wi;
       x[i] = xi;
       gw_abs = fabsf(gw);
     }
-    sums.add(gw_abs, xi - x0i);
+    sums.add(gw_abs, xi - x0i, moved);
   }
   write_chunk_partial(sums, smem, partial);
 }

@@ -34,8 +34,9 @@ __global__ void loss_head_kernel(const scalar_t* __restrict__ logits, int64_t s0
                                  const int64_t* __restrict__ target,
                                  const int64_t* __restrict__ source, float* __restrict__ seed,
                                  float* __restrict__ stats, int64_t M, Loss loss, float kappa,
-                                 KappaMode mode, float threshold) {
+                                 KappaMode mode, float threshold, CeSeed ce_seed) {
   __shared__ RowState partial[kThreads];
+  __shared__ float others[kThreads];
   __shared__ float weight;
   const int64_t b = blockIdx.x;
   const scalar_t* row = logits + b * s0;
@@ -71,19 +72,32 @@ __global__ void loss_head_kernel(const scalar_t* __restrict__ logits, int64_t s0
     weight = kappa_weight(st[kMargin], kappa, mode);
   }
   __syncthreads();
+  float other = 0.f;  // this thread's share of the sum of the others' probabilities
   for (int64_t i = threadIdx.x; i < M; i += blockDim.x) {
-    seed[b * M + i] = seed_of(loss, static_cast<float>(row[i * s1]), i, c,
-                              row_state.runner_up.index, weight, row_state.sm);
+    const float v = seed_of(loss, static_cast<float>(row[i * s1]), i, c,
+                            row_state.runner_up.index, weight, row_state.sm);
+    seed[b * M + i] = v;
+    other -= i == c ? 0.f : v;
   }
+  if (loss != Loss::CE || ce_seed != CeSeed::EXACT) return;  // uniform over the block
+  others[threadIdx.x] = other;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) others[threadIdx.x] += others[threadIdx.x + stride];
+    __syncthreads();
+  }
+  // CeSeed::EXACT: 1 - p_c as the others' probabilities summed (no cancellation).
+  if (threadIdx.x == 0) seed[b * M + c] = others[0];
 }
 
 std::tuple<at::Tensor, at::Tensor> loss_head_cuda(const at::Tensor& logits,
                                                   const at::Tensor& target,
                                                   const at::Tensor& source, c10::string_view loss,
                                                   double kappa, c10::string_view kappa_mode,
-                                                  double threshold) {
+                                                  double threshold, c10::string_view ce_seed) {
   check_loss_head_args(logits, target, source, kappa, threshold);
   const Loss loss_code = parse_loss(loss);
+  const CeSeed seed_mode = parse_ce_seed(ce_seed);
   const KappaMode mode = parse_kappa_mode(kappa_mode);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t B = logits.size(0);
@@ -99,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> loss_head_cuda(const at::Tensor& logits,
             logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1),
             t.const_data_ptr<int64_t>(), s.const_data_ptr<int64_t>(), seed.data_ptr<float>(),
             stats.data_ptr<float>(), M, loss_code, static_cast<float>(kappa), mode,
-            static_cast<float>(threshold));
+            static_cast<float>(threshold), seed_mode);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   return {seed, stats};

@@ -1,7 +1,9 @@
 // CUDA fused step, mirroring csrc/cpu/perturb_step.cpp: every sample is cut into fixed chunks,
 // one block per chunk.  (1) equal perturbation only: sum|P| per chunk, then per sample; (2)
 // update the chunk and reduce its delta norms; (3) combine the chunks of each sample into stats.  Fixed chunking and
-// ordered combination keep the result deterministic (no atomics).
+// ordered combination keep the result deterministic (no atomics).  exact_l1 (advfast_math.h):
+// one block per sample runs the first pass and every update pass, with block reductions in
+// between, then the delta norms of the final x.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -54,25 +56,95 @@ __global__ void update_kernel(float* __restrict__ x, const g_t* __restrict__ g,
   for (int64_t i = r.begin + threadIdx.x; i < r.end; i += blockDim.x) {
     float v = x[i];
     const float v0 = x0[i];
-    float p_abs = 0.f;
+    float p_abs = 0.f, moved = 0.f;
     if (stepping) {
       const float p = perturbation<SIGN>(g[i]);
+      const float old = v;
       v = updated_value(v, step_of(st, p, p_l1), v0, lo, hi, use_eps, eps);
       x[i] = v;
       p_abs = fabsf(p);
+      moved = fabsf(v - old);
     }
-    sums.add(p_abs, v - v0);
+    sums.add(p_abs, v - v0, moved);
   }
   // Equal perturbation: the chunk's sum|P| is already in place (abs_sum_kernel); the block
   // reduction is not done twice.
   write_chunk_partial(sums, smem, partial, equal_perturbation);
 }
 
+// One exact pass of a sample over its elements [begin, end) (see advfast_math.h): returns the
+// block's (added L1, sum |P| of the elements with room left, elements saturated).
+template <bool SIGN, typename g_t>
+__device__ float3 exact_pass(float* __restrict__ x, const g_t* __restrict__ g,
+                             const float* __restrict__ x0, int64_t begin, int64_t end,
+                             StepScale sc, float s, float lo, float hi, bool use_eps, float eps,
+                             float* smem) {
+  float moved = 0.f, s_next = 0.f, newly = 0.f;
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const float p = perturbation<SIGN>(g[i]);
+    const float old = x[i], x0i = x0[i];
+    const float room = room_of(old, p, x0i, lo, hi, use_eps, eps);
+    const float step = room > 0.f ? step_of(sc, p, s) : 0.f;
+    const float v = updated_value(old, step, x0i, lo, hi, use_eps, eps);
+    x[i] = v;
+    const float left = room_of(v, p, x0i, lo, hi, use_eps, eps);
+    s_next += left > 0.f ? fabsf(p) : 0.f;
+    newly += (room > 0.f && !(left > 0.f)) ? 1.f : 0.f;
+    moved += fabsf(v - old);
+  }
+  const float m = block_reduce(moved, Sum{}, smem);
+  const float sn = block_reduce(s_next, Sum{}, smem);
+  return make_float3(m, sn, block_reduce(newly, Sum{}, smem));
+}
+
+// exact_l1: one block per sample; writes the sample's stats row.
+template <bool SIGN, typename g_t>
+__global__ void exact_kernel(float* __restrict__ x, const g_t* __restrict__ g,
+                             const float* __restrict__ x0, const bool* __restrict__ active,
+                             int64_t N, float beta, float lo, float hi, bool use_eps, float eps,
+                             float* __restrict__ stats) {
+  __shared__ float smem[kThreads / kWarp];
+  const int64_t b = blockIdx.x;
+  const int64_t begin = b * N, end = begin + N;
+  float p_l1 = 0.f, step_l1 = 0.f;
+  if (active == nullptr || active[b]) {
+    float pa = 0.f, sa = 0.f;
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      const float p = perturbation<SIGN>(g[i]);
+      pa += fabsf(p);
+      sa += room_of(x[i], p, x0[i], lo, hi, use_eps, eps) > 0.f ? fabsf(p) : 0.f;
+    }
+    p_l1 = block_reduce(pa, Sum{}, smem);
+    float s = block_reduce(sa, Sum{}, smem), remaining = beta;
+    for (int pass = 0; pass < kExactPasses; ++pass) {
+      const float3 r = exact_pass<SIGN>(x, g, x0, begin, end, step_scale(true, 0.f, remaining, s),
+                                        s, lo, hi, use_eps, eps, smem);
+      step_l1 += r.x;
+      remaining -= r.x;
+      s = r.y;
+      if (!exact_continues(r.x, r.z, remaining, s, beta)) break;
+    }
+  }
+  ThreadSums sums;
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) sums.add(0.f, x[i] - x0[i]);
+  const float l1 = block_reduce(sums.l1, Sum{}, smem);
+  const float l2 = block_reduce(sums.l2, Sum{}, smem);
+  const float linf = block_reduce(sums.linf, Max{}, smem);
+  if (threadIdx.x == 0) {
+    float* st = stats + b * kStepStats;
+    st[kPL1] = p_l1;
+    st[kDeltaL1] = l1;
+    st[kDeltaL2] = sqrtf(l2);
+    st[kDeltaLinf] = linf_of(linf, l1);
+    st[kStepL1] = step_l1;
+  }
+}
+
 at::Tensor perturb_step_cuda(at::Tensor x, const at::Tensor& grad, const at::Tensor& x0,
                              const std::optional<at::Tensor>& active, bool sign,
                              std::optional<double> alpha, std::optional<double> beta, double lo,
-                             double hi, std::optional<double> eps) {
-  check_perturb_step_args(x, grad, x0, active, alpha, beta, lo, hi, eps);
+                             double hi, std::optional<double> eps, bool exact_l1) {
+  check_perturb_step_args(x, grad, x0, active, alpha, beta, lo, hi, eps, exact_l1);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0);
   if (x.numel() == 0) return at::zeros({B, kStepStats}, x.options());
@@ -93,6 +165,15 @@ at::Tensor perturb_step_cuda(at::Tensor x, const at::Tensor& grad, const at::Ten
           constexpr bool SIGN = decltype(sign_tag)::value;
           const bool* act_ptr = op.active.defined() ? op.active.const_data_ptr<bool>() : nullptr;
           const auto grid = static_cast<unsigned int>(blocks);
+          if (exact_l1) {
+            exact_kernel<SIGN, scalar_t><<<static_cast<unsigned int>(B), kThreads, 0, stream>>>(
+                op.x.data_ptr<float>(), op.grad.const_data_ptr<scalar_t>(),
+                op.x0.const_data_ptr<float>(), act_ptr, N, static_cast<float>(*beta),
+                static_cast<float>(lo), static_cast<float>(hi), eps.has_value(),
+                static_cast<float>(eps.value_or(0.0)), stats.data_ptr<float>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            return;
+          }
           if (equal_perturbation) {
             abs_sum_kernel<SIGN, scalar_t><<<grid, kThreads, 0, stream>>>(
                 op.grad.const_data_ptr<scalar_t>(), act_ptr, N, chunks, partial.data_ptr<float>());
@@ -114,7 +195,7 @@ at::Tensor perturb_step_cuda(at::Tensor x, const at::Tensor& grad, const at::Ten
           run(std::false_type{});
         }
       });
-  launch_combine_chunks(partial, B, chunks, stats, stream);
+  if (!exact_l1) launch_combine_chunks(partial, B, chunks, stats, stream);
   if (!op.x.is_same(x)) x.copy_(op.x);
   return stats;
 }

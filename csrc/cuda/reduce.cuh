@@ -61,15 +61,17 @@ __device__ T block_reduce(T v, Op op, T* smem) {
   return smem[0];
 }
 
-// One thread's running sums over its elements of a chunk: sum p, and the norms of d = x - x0.
+// One thread's running sums over its elements of a chunk: sum p, the norms of d = x - x0 and
+// the L1 the step added (sum |x_new - x_old|).
 struct ThreadSums {
-  float p = 0.f, l1 = 0.f, l2 = 0.f, linf = 0.f;
+  float p = 0.f, l1 = 0.f, l2 = 0.f, linf = 0.f, moved = 0.f;
 
-  __device__ __forceinline__ void add(float p_abs, float d) {
+  __device__ __forceinline__ void add(float p_abs, float d, float moved_abs = 0.f) {
     p += p_abs;
     l1 += fabsf(d);
     l2 += d * d;
     linf = max_of(linf, fabsf(d));
+    moved += moved_abs;
   }
 };
 
@@ -80,12 +82,13 @@ __device__ __forceinline__ float* chunk_partial(float* partial) {
 }
 
 // Reduces the block's per-thread sums and writes them as this chunk's row of partial:
-// sum p (unless keep_p: the column already holds it), sum |d|, sum d^2, max |d|.
+// sum p (unless keep_p: the column already holds it), sum |d|, sum d^2, max |d|, sum moved.
 __device__ __forceinline__ void write_chunk_partial(ThreadSums t, float* smem, float* partial,
                                                     bool keep_p = false) {
   const float l1 = block_reduce(t.l1, Sum{}, smem);
   const float l2 = block_reduce(t.l2, Sum{}, smem);
   const float linf = block_reduce(t.linf, Max{}, smem);
+  const float moved = block_reduce(t.moved, Sum{}, smem);
   const float p = keep_p ? 0.f : block_reduce(t.p, Sum{}, smem);
   if (threadIdx.x == 0) {
     float* out = chunk_partial(partial);
@@ -93,6 +96,7 @@ __device__ __forceinline__ void write_chunk_partial(ThreadSums t, float* smem, f
     out[kDeltaL1] = l1;
     out[kDeltaL2] = l2;
     out[kDeltaLinf] = linf;
+    out[kStepL1] = moved;
   }
 }
 
@@ -114,24 +118,27 @@ static __global__ void sample_p_l1_kernel(const float* __restrict__ partial, int
   p_l1[b] = total;
 }
 
-// stats[b] = [sum p, sum |d|, sqrt(sum d^2), max |d|] over sample b's chunks, in order.
+// stats[b] = [sum p, sum |d|, sqrt(sum d^2), max |d|, sum moved] over sample b's chunks, in
+// order.
 static __global__ void combine_chunks_kernel(const float* __restrict__ partial, int64_t B,
                                              int64_t chunks, float* __restrict__ stats) {
   const int64_t b = sample_of_thread(B);
   if (b < 0) return;
-  float out[kStepStats] = {0.f, 0.f, 0.f, 0.f};
+  float out[kStepStats] = {};
   for (int64_t k = 0; k < chunks; ++k) {
     const float* p = partial + (b * chunks + k) * kStepStats;
     out[kPL1] += p[kPL1];
     out[kDeltaL1] += p[kDeltaL1];
     out[kDeltaL2] += p[kDeltaL2];
     out[kDeltaLinf] = max_of(out[kDeltaLinf], p[kDeltaLinf]);
+    out[kStepL1] += p[kStepL1];
   }
   float* st = stats + b * kStepStats;
   st[kPL1] = out[kPL1];
   st[kDeltaL1] = out[kDeltaL1];
   st[kDeltaL2] = sqrtf(out[kDeltaL2]);
   st[kDeltaLinf] = linf_of(out[kDeltaLinf], out[kDeltaL1]);
+  st[kStepL1] = out[kStepL1];
 }
 
 inline unsigned int per_sample_blocks(int64_t B) {

@@ -24,7 +24,8 @@ Partial adam_chunk(float* __restrict__ w, float* __restrict__ m, float* __restri
                    AdamScalars sc) {
   Lanes acc;
   auto element = [&](int64_t i, int l) {
-    const float gw = cw_grad_w(x[i], x0[i], static_cast<float>(g[i]), c, std::tanh(w[i]));
+    const float x_old = x[i];
+    const float gw = cw_grad_w(x_old, x0[i], static_cast<float>(g[i]), c, std::tanh(w[i]));
     float mi = m[i], vi = v[i];
     const float wi = adam_update(w[i], gw, &mi, &vi, cfg, sc.step_size, sc.bc2_sqrt);
     const float xi = tanh_image(std::tanh(wi));
@@ -32,7 +33,7 @@ Partial adam_chunk(float* __restrict__ w, float* __restrict__ m, float* __restri
     v[i] = vi;
     w[i] = wi;
     x[i] = xi;
-    acc.add(l, std::fabs(gw), xi - x0[i]);
+    acc.add(l, std::fabs(gw), xi - x0[i], std::fabs(xi - x_old));
   };
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {

@@ -58,10 +58,25 @@ void reduce_row(const scalar_t* __restrict__ row, int64_t s1, int64_t M, int64_t
   *runner_out = runner;
 }
 
+// CeSeed::EXACT's target element: the sum of the other classes' probabilities, from a seed row
+// that holds -p_i everywhere (the target's own element is left out).
+inline float others_sum(const float* __restrict__ out, int64_t M, int64_t c) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= M; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] -= (i + l == c) ? 0.f : out[i + l];
+  }
+  for (int l = 0; i < M; ++i, ++l) acc[l] -= i == c ? 0.f : out[i];
+  float total = 0.f;
+  for (int l = 0; l < kLanes; ++l) total += acc[l];
+  return total;
+}
+
 // The seed row, one loop per loss so that each is a plain vectorisable loop.
 template <typename scalar_t>
 void write_seed(const scalar_t* __restrict__ row, int64_t s1, int64_t M, int64_t c,
-                int64_t runner_up, Loss loss, float w, OnlineSoftmax sm, float* __restrict__ out) {
+                int64_t runner_up, Loss loss, float w, OnlineSoftmax sm, CeSeed ce_seed,
+                float* __restrict__ out) {
   switch (loss) {
     case Loss::CE: {
       // seed_of's formula, with the one-hot term added at the target alone.
@@ -69,7 +84,9 @@ void write_seed(const scalar_t* __restrict__ row, int64_t s1, int64_t M, int64_t
       for (int64_t i = 0; i < M; ++i) {
         out[i] = -softmax_term(static_cast<float>(row[i * s1]), sm.max) * inv;
       }
-      out[c] = seed_of(loss, static_cast<float>(row[c * s1]), c, c, runner_up, w, sm);
+      out[c] = ce_seed == CeSeed::EXACT
+                   ? others_sum(out, M, c)
+                   : seed_of(loss, static_cast<float>(row[c * s1]), c, c, runner_up, w, sm);
       break;
     }
     case Loss::LOGIT:
@@ -96,7 +113,7 @@ void loss_head_rows(const scalar_t* logits, const HeadArgs& a) {
       write_head_stats(st, sm, best, runner_up, static_cast<float>(row[c * s1]),
                        static_cast<float>(row[a.source[b] * s1]), c, a.threshold);
       write_seed(row, s1, M, c, runner_up.index, a.loss, kappa_weight(st[kMargin], a.kappa, a.mode),
-                 sm, a.seed + b * M);
+                 sm, a.ce_seed, a.seed + b * M);
     }
   });
 }
