@@ -457,3 +457,19 @@ def test_table1_time_columns_say_how_trustworthy_they_are():
     assert "warning" not in table1.format_table(steady, 0.1, 0.2)
     assert "warning: the time per image varies by up to 71%" in table1.format_table(noisy, 0.1,
                                                                                     0.2)
+
+
+def test_table1_paired_differences_follow_the_samples():
+    nan = {k: torch.full((4,), math.nan) for k in ("l1", "l2", "linf")}
+    flips = {"ce": [10, 12, 11, 13], "logit": [20, 21, 22, 23], "m-logit": [20, 22, 21, 24],
+             "ce-sign": [5, -1, 6, 7]}
+    cells = [table1.Cell(step, loss, torch.tensor(flips[loss]), nan, {}, [0.1], [4], [1.0])
+             for step in ("equal-multiplier", "equal-perturbation") for loss in flips]
+    rows = {(r["step"], r["a"], r["b"]): r for r in table1.paired_differences(cells)}
+    first = rows[("equal-perturbation", "ce", "logit")]
+    assert first["n"] == 4 and first["mean"] == pytest.approx(10.0)
+    assert first["se"] == pytest.approx(torch.tensor([10., 9, 11, 10]).std().item() / 2)
+    assert first["verdict"] == "as the paper"
+    assert rows[("equal-perturbation", "logit", "m-logit")]["verdict"] == "tie"
+    last = rows[("equal-perturbation", "m-logit", "ce-sign")]
+    assert last["n"] == 3 and last["verdict"] == "reversed"  # the unflipped sample left out

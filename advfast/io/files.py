@@ -179,6 +179,13 @@ class FolderLock:
             os.close(self._fd)  # closing drops the lock
             self._fd = None
 
+    def remove(self) -> None:
+        """Releases the lock and removes its file (a finished command's folder keeps only its
+        results); the file is unlinked while still held, so no other run can take it first."""
+        if self._fd is not None:
+            os.remove(self.path)
+        self.release()
+
 
 class OutputFolder:
     """The ``--out`` folder of ``table1``, ``attack``, ``toy`` and ``detect``'s tables: checked
@@ -282,7 +289,7 @@ class OutputFolder:
             if os.path.isfile(full):
                 os.remove(full)
         write_json(os.path.join(self.path, RECORD), {"files": sorted(set(self.written))})
-        self.lock.release()
+        self.lock.remove()
 
 
 def check_resumable(out: str, resume: bool, marker: str, command: str) -> bool:
