@@ -14,8 +14,16 @@ set -euo pipefail
 
 out="${1:?usage: bench/check_gpu_stack.sh OUT}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
-py312="${PYTHON312:-$(command -v python3.12 || true)}"
-[ -n "$py312" ] || { echo "check_gpu_stack: no python3.12 found (set PYTHON312)" >&2; exit 2; }
+# the first interpreter that really is Python 3.12 (a pyenv shim may exist and refuse to run)
+py312=""
+for candidate in "${PYTHON312:-}" python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12 \
+                 /usr/bin/python3.12; do
+  if [ -n "$candidate" ] && "$candidate" -c \
+      "import sys; sys.exit(sys.version_info[:2] != (3, 12))" > /dev/null 2>&1; then
+    py312="$candidate"; break
+  fi
+done
+[ -n "$py312" ] || { echo "check_gpu_stack: no Python 3.12 found (set PYTHON312)" >&2; exit 2; }
 venv="${ADVFAST_STACK_VENV:-$HOME/.cache/advfast/venv-gpu-stack}"
 [ -x "$venv/bin/python" ] || "$py312" -m venv "$venv"
 py="$venv/bin/python"
