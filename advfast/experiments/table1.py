@@ -217,8 +217,11 @@ def paired_differences(cells: list[Cell]) -> list[dict]:
 
 
 def format_paired(row: dict) -> str:
-    return (f"{row['step']}: {row['b']} - {row['a']} = {row['mean']:+.1f} ± {row['se']:.1f} "
-            f"iterations (paired SE, n = {row['n']}): {row['verdict']}")
+    pair = f"{row['step']}: {row['b']} - {row['a']}"
+    if math.isnan(row["se"]):
+        return f"{pair}: n/a (n = {row['n']} samples flipped under both)"
+    return (f"{pair} = {row['mean']:+.1f} ± {row['se']:.1f} iterations (paired SE, "
+            f"n = {row['n']}): {row['verdict']}")
 
 
 def write(cells: list[Cell], out: OutputFolder, config: dict,
