@@ -195,3 +195,19 @@ def labelled_folder(root, model, count=6, size=16, seed=1):
         with torch.no_grad():
             rows.append(f"{i}.png,{int(model(x).argmax())}")
     return folder, rows
+
+
+def step_both(x, grad, x0, **kw):
+    """perturb_step_ by the op and by the reference on copies of x: both images and stats must
+    agree (NaN where NaN); returns the op's stats."""
+    import torch
+
+    from advfast import ops
+    from advfast.ops import reference
+
+    x_ref = x.clone()
+    stats = ops.perturb_step_(x, grad, x0, **kw)
+    ref = reference.perturb_step_(x_ref, grad, x0, **kw)
+    torch.testing.assert_close(x, x_ref, atol=1e-6, rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(stats, ref, atol=1e-5, rtol=1e-4, equal_nan=True)
+    return stats

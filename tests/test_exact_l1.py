@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from advfast import ops
-from advfast.ops import reference
 from conftest import DEVICES
+from fixtures import step_both
 
 STEP_L1 = ops.STEP_STATS.index("step_l1")
 
@@ -135,15 +135,6 @@ def test_exact_step_in_the_eps_ball(device, case):
     assert (x.cpu() - x0).abs().max() <= 0.01 + 1e-6
 
 
-def _compare(x, grad, x0, **kw):
-    x_ref = x.clone()
-    stats = ops.perturb_step_(x, grad, x0, **kw)
-    ref = reference.perturb_step_(x_ref, grad, x0, **kw)
-    torch.testing.assert_close(x, x_ref, atol=1e-6, rtol=1e-5, equal_nan=True)
-    torch.testing.assert_close(stats, ref, atol=1e-5, rtol=1e-4, equal_nan=True)
-    return stats
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("sign", [False, True])
@@ -154,11 +145,11 @@ def test_kernel_matches_reference(device, case, sign, eps):
     active = torch.ones(len(x0), dtype=torch.bool, device=device)
     active[1] = False
     before = x0.clone()
-    stats = _compare(x0.clone(), grad, x0, sign=sign, beta=0.5, eps=eps, exact_l1=True,
+    stats = step_both(x0.clone(), grad, x0, sign=sign, beta=0.5, eps=eps, exact_l1=True,
                      active=active)
     assert stats[1, STEP_L1] == 0 and stats[1, 0] == 0
     x = x0.clone()
-    _compare(x, grad, before, sign=sign, beta=0.5, eps=eps, exact_l1=True, active=active)
+    step_both(x, grad, before, sign=sign, beta=0.5, eps=eps, exact_l1=True, active=active)
     assert torch.equal(x[1], before[1])
 
 
@@ -170,7 +161,7 @@ def test_non_finite_gradient_and_denormal_sum(device):
     grad[0, 250], grad[0, 260], grad[1, 270] = float("nan"), float("inf"), -float("inf")
     grad[2] = 0.0
     grad[2, 210:214] = 1e-45  # beta / sum|P| overflows: each element divides instead
-    stats = _compare(x0.clone(), grad, x0, sign=False, beta=0.1, exact_l1=True)
+    stats = step_both(x0.clone(), grad, x0, sign=False, beta=0.1, exact_l1=True)
     torch.testing.assert_close(stats[:, STEP_L1], torch.full((3,), 0.1, device=device),
                                rtol=1e-5, atol=0)
 

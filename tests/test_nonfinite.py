@@ -9,6 +9,7 @@ import torch
 from advfast import ops
 from advfast.ops import reference
 from conftest import CUDA, DEVICES
+from fixtures import step_both
 
 INF, NAN = math.inf, math.nan
 COL = {name: i for i, name in enumerate(ops.HEAD_STATS)}
@@ -91,15 +92,6 @@ def test_runner_up_is_never_the_target(device):
     assert stats[:, COL["runner_up"]].tolist() == [1.0, 0.0]
 
 
-def _step_both(x, grad, x0, **kw):
-    x_ref = x.clone()
-    stats = ops.perturb_step_(x, grad, x0, **kw)
-    ref = reference.perturb_step_(x_ref, grad, x0, **kw)
-    torch.testing.assert_close(x, x_ref, atol=1e-6, rtol=1e-5, equal_nan=True)
-    torch.testing.assert_close(stats, ref, atol=1e-5, rtol=1e-4, equal_nan=True)
-    return stats
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sign", [False, True])
 @pytest.mark.parametrize("rule", [dict(alpha=0.01), dict(beta=0.5), dict(beta=0.5, exact_l1=True)],
@@ -112,7 +104,7 @@ def test_non_finite_gradient_elements_take_no_step(device, sign, rule, dtype):
     grad[0, 5], grad[0, 900], grad[1, 0], grad[1, 999] = NAN, INF, -INF, NAN
     grad = grad.to(dtype)
     bad = ~torch.isfinite(grad)
-    stats = _step_both(x, grad, x0, sign=sign, **rule)
+    stats = step_both(x, grad, x0, sign=sign, **rule)
     assert torch.isfinite(x).all() and torch.isfinite(stats).all()
     assert torch.equal(x[bad], x0[bad])  # no step where the gradient is not finite
     clean = torch.where(bad, torch.zeros_like(grad), grad).float()
@@ -130,7 +122,7 @@ def test_all_non_finite_gradient_takes_no_step(device, exact_l1):
     x = x0.clone()
     grad = torch.full((2, 64), NAN, device=device)
     grad[1] = INF
-    stats = _step_both(x, grad, x0, sign=False, beta=1.0, exact_l1=exact_l1)
+    stats = step_both(x, grad, x0, sign=False, beta=1.0, exact_l1=exact_l1)
     assert torch.equal(x, x0) and (stats == 0).all()
 
 
@@ -143,7 +135,7 @@ def test_nan_images_agree_under_the_exact_rule(device):
     x[0, 3] = NAN
     x0[1, 7] = NAN
     for exact_l1 in (False, True):
-        stats = _step_both(x.clone(), torch.randn(2, 50, device=device), x0, sign=True,
+        stats = step_both(x.clone(), torch.randn(2, 50, device=device), x0, sign=True,
                            beta=0.3, eps=0.05, exact_l1=exact_l1)
         assert torch.isnan(stats[0, ops.STEP_STATS.index("step_l1")])
 
@@ -154,7 +146,7 @@ def test_linf_propagates_nan_like_amax(device):
     x0[0, :] = NAN  # a NaN sample (only a direct caller can pass one)
     x0[1, 31] = NAN
     x = torch.rand(2, 40, device=device)
-    stats = _step_both(x, torch.zeros_like(x), x0, sign=False, alpha=0.1)
+    stats = step_both(x, torch.zeros_like(x), x0, sign=False, alpha=0.1)
     assert torch.isnan(stats[:, 3]).all()
 
 
@@ -183,7 +175,7 @@ def test_aliasing_is_rejected(case):
 def test_disjoint_views_of_one_buffer_are_accepted():
     buf = torch.rand(3, 4, 8)
     x0 = buf[0].clone()
-    stats = _step_both(buf[0], buf[1], x0, sign=False, alpha=0.1)
+    stats = step_both(buf[0], buf[1], x0, sign=False, alpha=0.1)
     assert stats.shape == (4, len(ops.STEP_STATS))
 
 
