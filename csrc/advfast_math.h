@@ -238,18 +238,27 @@ ADVFAST_HD float updated_value(float x, float step, float x0, float lo, float hi
 }
 
 // ---- Exact equal perturbation (perturb_step_'s exact_l1) ------------------------------------
-// The per-sample scale a with sum_i min(a |P_i|, room_i) = beta, room_i the distance from x_i to
-// the bound it moves towards (the box, intersected with the eps ball), is found without a sort,
-// by Newton's method on that concave, piecewise-linear f(a), taken as repeated update passes:
-// each pass steps the elements that still have room by remaining / S (S = their sum |P|), with
-// the clip of updated_value, then subtracts what it actually added from the remaining beta.
-// Moves are monotone, so the passes add up to one step of the cumulative scale; it stops when
-// a pass saturates no new element (then it added all that remained), when what remains (or
-// what the last pass added) is below kExactTolerance of beta (float32's own rounding of the
-// moves is about that size), when no element has room left (it added all the room there is),
-// or after kExactPasses passes.
+// The per-sample scale a with f(a) = sum_i min(a u_i, room_i) = beta, u_i = |P_i| and room_i the
+// distance from x_i to the bound it moves towards (the box, intersected with the eps ball), is
+// found without a sort and without touching x: f is concave and piecewise linear, so Newton's
+// method from a_0 = beta / S (S = sum u_i over the elements with room, f's slope at 0) stays
+// below the root and reaches it once no breakpoint is left between.  A round is one read-only
+// pass for S and the total room, read-only evaluations of f and its slope, and one update pass
+// that steps x by a P with the usual clip and measures the L1 it really added.  The Newton step
+// taken after a gap below kExactPredict of beta is not evaluated again (near the root one step
+// nearly always lands on it): the update pass evaluates f there as it steps, and where f falls
+// short by more than kExactCheck of beta another round adds what is missing (at most
+// kExactRounds).  (f, not the measured L1, decides: float32's rounding of small moves, which
+// no further round repairs, is reported in step_l1 and never starts one.)
+// Where the total room is at most beta the step adds all of it; where beta / S overflows (a
+// denormal S) u_i = |P_i| / S and a is in units of beta, as step_scale's divide_each.  Newton
+// stops when what is left of beta is below kExactTolerance of it, when a step no longer moves a,
+// or after kExactPasses evaluations.
 constexpr int kExactPasses = 32;
+constexpr int kExactRounds = 4;
 constexpr float kExactTolerance = 1e-6f;
+constexpr float kExactPredict = 1e-2f;
+constexpr float kExactCheck = 2e-6f;
 
 // The room of an element moving along p (> 0 up, < 0 down) before the bound updated_value
 // clips it to; 0 for p = 0, for an element at or beyond its bound, and for a NaN x.
@@ -265,14 +274,65 @@ ADVFAST_HD float room_of(float x, float p, float x0, float lo, float hi, bool us
   return r > 0.f ? r : 0.f;
 }
 
-// Whether a sample goes on to another exact pass after one that added `moved`, saturated
-// `newly` elements and left it `remaining` of beta with `s_next` = sum |P| over the elements
-// that still have room.  A pass that moved less than kExactTolerance of beta made no progress
-// (its steps were below float32's resolution of x), and neither would the next.
-ADVFAST_HD bool exact_continues(float moved, float newly, float remaining, float s_next,
-                                float beta) {
-  const float tol = kExactTolerance * beta;
-  return newly > 0.f && remaining > tol && moved > tol && s_next > 0.f;
+// One element's share of f(a) and of its right slope f'(a) (u in the rule's units, room >= 0).
+ADVFAST_HD float exact_added(float a, float u, float room) {
+  const float m = a * u;
+  return room < m ? room : m;  // std::min(m, room), as the CPU loop spells it
+}
+ADVFAST_HD float exact_slope(float a, float u, float room) { return a * u < room ? u : 0.f; }
+
+// The exact rule's scale for one sample.
+struct ExactScale {
+  float a;
+  bool divide;     // u = |P| / S and step = a * (P / S): beta / S overflows
+  bool all_room;   // the total room is at most beta: every element moves to its bound
+  bool predicted;  // a is a Newton step not yet evaluated: the update pass checks it
+};
+
+// The start of Newton's method, from the first evaluation: S = f'(0) and the total room.
+ADVFAST_HD ExactScale exact_start(float s, float room_total, float beta) {
+  if (!(room_total > beta)) return ExactScale{0.f, false, true, false};
+  const float a = beta / s;  // s > 0: an element with room has P != 0
+  return !(fabsf(a) <= FLT_MAX) ? ExactScale{beta, true, false, false}
+                                 : ExactScale{a, false, false, false};
+}
+
+// u of an element in the scale's units.
+ADVFAST_HD float exact_unit(ExactScale sc, float p, float s) {
+  return sc.divide ? fabsf(p) / s : fabsf(p);
+}
+
+// One Newton step a <- a + (beta - f(a)) / f'(a); false when the scale is final: a unchanged
+// where the sample is done, the step taken where the gap was below kExactPredict of beta.
+ADVFAST_HD bool exact_newton(float beta, float f, float slope, ExactScale* sc) {
+  const float gap = beta - f;
+  if (!(gap > kExactTolerance * beta) || !(slope > 0.f)) return false;
+  const float next = sc->a + gap / slope;
+  if (!(next > sc->a) || !(next <= FLT_MAX)) return false;
+  sc->a = next;
+  sc->predicted = !(gap > kExactPredict * beta);
+  return !sc->predicted;
+}
+
+// Whether a sample goes on to another round after one that aimed at `remaining` of beta
+// (`total` the whole of it) with a predicted scale at which f is `f_at_a`, and moved `moved`.
+ADVFAST_HD bool exact_another_round(float remaining, float f_at_a, float moved, float total,
+                                    ExactScale sc) {
+  return sc.predicted && remaining - f_at_a > kExactCheck * total && moved > 0.f;
+}
+
+// The step of one element under the scale found (FLT_MAX towards the bound for all the room:
+// the clip of updated_value then lands the element exactly on it); ALL and DIVIDE as the
+// scale's flags, template parameters so that the CPU loop has no branches.
+template <bool ALL, bool DIVIDE>
+ADVFAST_HD float exact_step_of(float a, float p, float s) {
+  if (ALL) return p > 0.f ? FLT_MAX : (p < 0.f ? -FLT_MAX : 0.f);
+  return DIVIDE ? a * (p / s) : a * p;
+}
+
+ADVFAST_HD float exact_step(ExactScale sc, float p, float s) {
+  if (sc.all_room) return exact_step_of<true, false>(sc.a, p, s);
+  return sc.divide ? exact_step_of<false, true>(sc.a, p, s) : exact_step_of<false, false>(sc.a, p, s);
 }
 
 // ---- Carlini-Wagner L2 (Eqs. 3-4) in tanh space: X' = (tanh(w) + 1) / 2 -------------------

@@ -109,6 +109,28 @@ def test_exact_step_adds_beta_where_room_allows(device, case, sign, beta):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sign", [False, True])
+@pytest.mark.parametrize("share", [0.05, 0.3, 0.9])
+def test_exact_step_where_many_elements_clip(device, sign, share):
+    # beta a large share of the room: at beta / S most elements overshoot their bound, so the
+    # scale takes several Newton evaluations (and the predicted last step must be checked).
+    gen = torch.Generator().manual_seed(2)
+    x0 = torch.rand(6, 3000, generator=gen)
+    grad = torch.randn(6, 3000, generator=gen) * torch.rand(6, 3000, generator=gen) ** 4
+    p = grad.sign() if sign else grad
+    room = torch.where(p > 0, 1 - x0, x0).double().sum(1)
+    beta = float(share * room.min())
+    x, stats = _step(x0, grad, device, sign=sign, beta=beta, exact_l1=True)
+    want_x, want_l1 = oracle(x0, p, x0, beta)
+    np.testing.assert_allclose(want_l1, beta, rtol=1e-12)
+    np.testing.assert_allclose(stats[:, STEP_L1].numpy(), beta, rtol=1e-5)
+    # each move is right to the scale's relative accuracy (about 1e-6: what Newton and the
+    # last round's check leave of beta), on top of float32's resolution of x
+    move = np.abs(want_x - x0.flatten(1).numpy())
+    assert (np.abs(x.flatten(1).numpy() - want_x) <= 2e-6 + 1e-5 * move).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("eps", [None, 0.01])
 def test_exact_step_adds_all_the_room_when_there_is_less(device, case, eps):

@@ -24,10 +24,16 @@ HEAD_STATS: tuple[str, ...] = ("pred", "max_prob", "target_prob", "target_logit"
 STEP_STATS: tuple[str, ...] = ("p_l1", "delta_l1", "delta_l2", "delta_linf", "step_l1")
 # How loss_head computes CE's target element 1 - p_c (csrc/advfast_math.h CeSeed).
 CE_SEEDS: tuple[str, ...] = ("exact", "eager")
-# The exact equal perturbation's cap on update passes and the share of beta it may leave
-# (csrc/advfast_math.h kExactPasses, kExactTolerance).
+# The exact equal perturbation's caps on Newton evaluations and rounds, the share of beta Newton
+# may leave, the gap below which its step is taken as final and the shortfall that starts
+# another round (csrc/advfast_math.h kExactPasses, kExactRounds, kExactTolerance,
+# kExactPredict, kExactCheck).
 EXACT_PASSES = 32
+EXACT_ROUNDS = 4
 EXACT_TOLERANCE = torch.tensor(1e-6, dtype=torch.float32)
+EXACT_PREDICT = torch.tensor(1e-2, dtype=torch.float32)
+EXACT_CHECK = torch.tensor(2e-6, dtype=torch.float32)
+FLOAT_MAX = torch.finfo(torch.float32).max
 
 
 def kappa_weight(margin: torch.Tensor, kappa: float, kappa_mode: str) -> torch.Tensor:
@@ -96,7 +102,7 @@ def perturb_step_(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, *, sign
     P = sign(grad) or grad; a = alpha (equal multiplier) or beta / sum|P| per sample (equal
     perturbation; no step where sum|P| = 0).  Then clip to [lo, hi] and, with eps, to the
     Linf ball around x0 (Eq. 2).  exact_l1 (beta only): the scale with sum min(a|P|, room) =
-    beta, by the passes of csrc/advfast_math.h.  Inactive samples are not stepped and report
+    beta, by Newton's method (csrc/advfast_math.h).  Inactive samples are not stepped and report
     p_l1 = step_l1 = 0.
     """
     batch = x.shape[0]
@@ -161,29 +167,56 @@ def _room(xf, p, bounds) -> torch.Tensor:
 
 def _exact_step(xf, p, x0f, beta: float, lo: float, hi: float, eps: float | None,
                 act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exact equal perturbation's passes (csrc/advfast_math.h): (new x [B, N], step_l1)."""
+    """The exact equal perturbation's rounds (csrc/advfast_math.h): (new x [B, N], step_l1)."""
     bounds = _bounds(x0f, lo, hi, eps)
-    room = _room(xf, p, bounds)
-    s = torch.where(room > 0, p.abs(), 0.0).sum(dim=1)
-    remaining = torch.full_like(s, beta)
-    step_l1 = torch.zeros_like(s)
-    todo, x = act.clone(), xf.clone()
-    for _ in range(EXACT_PASSES):
+    remaining = torch.full((len(xf),), beta, dtype=torch.float32, device=xf.device)
+    added = torch.zeros_like(remaining)
+    todo, x = act.clone(), xf
+    for _ in range(EXACT_ROUNDS):
         if not bool(todo.any()):
             break
-        step = torch.where(room > 0, _scaled(p, remaining, s), 0.0)
+        room = _room(x, p, bounds)
+        step, f_at_a, predicted = _exact_scaled_step(p, room, remaining, todo)
         new = torch.where(todo[:, None], _updated(x, step, x0f, lo, hi, eps), x)
         moved = (new - x).abs().sum(dim=1)
-        left = _room(new, p, bounds)
-        newly = ((room > 0) & ~(left > 0)).sum(dim=1)
-        s_next = torch.where(left > 0, p.abs(), 0.0).sum(dim=1)
-        step_l1 = torch.where(todo, step_l1 + moved, step_l1)
-        remaining = torch.where(todo, remaining - moved, remaining)
-        s = torch.where(todo, s_next, s)
-        tol = EXACT_TOLERANCE * beta
-        todo = todo & (newly > 0) & (remaining > tol) & (moved > tol) & (s_next > 0)
-        x, room = new, left
-    return x, step_l1
+        added = added + moved
+        again = predicted & (remaining - f_at_a > EXACT_CHECK * beta) & (moved > 0)
+        remaining = remaining - moved
+        todo, x = todo & again, new
+    return x, added
+
+
+def _exact_scaled_step(p, room, beta: torch.Tensor, todo: torch.Tensor):
+    """One round's step a P by Newton's method on f(a) = sum min(a u, room) = beta [B] (its
+    last step taken unevaluated after a gap below EXACT_PREDICT of beta); (step, f(a) [B],
+    predicted [B]: whether a is such a step)."""
+    q = p.abs()
+    s = torch.where(room > 0, q, 0.0).sum(dim=1)
+    all_room = ~(room.sum(dim=1) > beta)
+    a = beta / s
+    divide = ~(a.abs() <= FLOAT_MAX) & ~all_room
+    a = torch.where(divide, beta, a)
+    u = torch.where(divide[:, None], q / s[:, None], q)
+    newton = todo & ~all_room
+    predicted = torch.zeros_like(todo)
+    for _ in range(EXACT_PASSES):
+        if not bool(newton.any()):
+            break
+        gap = beta - _f(a, u, room)
+        slope = torch.where(a[:, None] * u < room, u, 0.0).sum(dim=1)
+        step = a + gap / slope
+        move = newton & (gap > EXACT_TOLERANCE * beta) & (slope > 0) & (step > a) & (step <= FLOAT_MAX)
+        a = torch.where(move, step, a)
+        predicted = predicted | (move & ~(gap > EXACT_PREDICT * beta))
+        newton = move & (gap > EXACT_PREDICT * beta)
+    step = torch.where(divide[:, None], a[:, None] * (p / s[:, None]), a[:, None] * p)
+    step = torch.where(all_room[:, None], torch.sign(p) * FLOAT_MAX, step)
+    return step, _f(a, u, room), predicted
+
+
+def _f(a: torch.Tensor, u: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
+    """The exact rule's f(a) = sum min(a u, room) per sample."""
+    return torch.minimum(a[:, None] * u, room).sum(dim=1)
 
 
 def adam_tanh_step_(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, x: torch.Tensor,

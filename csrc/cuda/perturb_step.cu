@@ -2,8 +2,8 @@
 // one block per chunk.  (1) equal perturbation only: sum|P| per chunk, then per sample; (2)
 // update the chunk and reduce its delta norms; (3) combine the chunks of each sample into stats.  Fixed chunking and
 // ordered combination keep the result deterministic (no atomics).  exact_l1 (advfast_math.h):
-// one block per sample runs the first pass and every update pass, with block reductions in
-// between, then the delta norms of the final x.
+// one block per sample runs each round's read-only evaluations of Newton's method on the scale
+// and its update pass, with block reductions in between, then the delta norms of the final x.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -72,29 +72,80 @@ __global__ void update_kernel(float* __restrict__ x, const g_t* __restrict__ g,
   write_chunk_partial(sums, smem, partial, equal_perturbation);
 }
 
-// One exact pass of a sample over its elements [begin, end) (see advfast_math.h): returns the
-// block's (added L1, sum |P| of the elements with room left, elements saturated).
+// One evaluation of the exact rule's f(a) and slope over a sample's elements [begin, end)
+// (advfast_math.h); every thread of the block gets the sums.
 template <bool SIGN, typename g_t>
-__device__ float3 exact_pass(float* __restrict__ x, const g_t* __restrict__ g,
+__device__ float2 exact_eval(const float* __restrict__ x, const g_t* __restrict__ g,
                              const float* __restrict__ x0, int64_t begin, int64_t end,
-                             StepScale sc, float s, float lo, float hi, bool use_eps, float eps,
+                             ExactScale sc, float s, float lo, float hi, bool use_eps, float eps,
                              float* smem) {
-  float moved = 0.f, s_next = 0.f, newly = 0.f;
+  float f = 0.f, slope = 0.f;
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     const float p = perturbation<SIGN>(g[i]);
-    const float old = x[i], x0i = x0[i];
-    const float room = room_of(old, p, x0i, lo, hi, use_eps, eps);
-    const float step = room > 0.f ? step_of(sc, p, s) : 0.f;
-    const float v = updated_value(old, step, x0i, lo, hi, use_eps, eps);
-    x[i] = v;
-    const float left = room_of(v, p, x0i, lo, hi, use_eps, eps);
-    s_next += left > 0.f ? fabsf(p) : 0.f;
-    newly += (room > 0.f && !(left > 0.f)) ? 1.f : 0.f;
-    moved += fabsf(v - old);
+    const float room = room_of(x[i], p, x0[i], lo, hi, use_eps, eps);
+    const float u = exact_unit(sc, p, s);
+    f += exact_added(sc.a, u, room);
+    slope += exact_slope(sc.a, u, room);
   }
-  const float m = block_reduce(moved, Sum{}, smem);
-  const float sn = block_reduce(s_next, Sum{}, smem);
-  return make_float3(m, sn, block_reduce(newly, Sum{}, smem));
+  const float total = block_reduce(f, Sum{}, smem);
+  return make_float2(total, block_reduce(slope, Sum{}, smem));
+}
+
+// The exact rule's scale for the sample [begin, end): the first evaluation (sum|P|, S and the
+// total room), then Newton's method; every thread takes the same steps.
+template <bool SIGN, typename g_t>
+__device__ ExactScale exact_scale(const float* __restrict__ x, const g_t* __restrict__ g,
+                                  const float* __restrict__ x0, int64_t begin, int64_t end,
+                                  float beta, float lo, float hi, bool use_eps, float eps,
+                                  float* smem, float* p_l1, float* s) {
+  float pa = 0.f, sa = 0.f, ra = 0.f;
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const float p = perturbation<SIGN>(g[i]);
+    const float room = room_of(x[i], p, x0[i], lo, hi, use_eps, eps);
+    pa += fabsf(p);
+    sa += room > 0.f ? fabsf(p) : 0.f;
+    ra += room;
+  }
+  *p_l1 = block_reduce(pa, Sum{}, smem);
+  *s = block_reduce(sa, Sum{}, smem);
+  ExactScale sc = exact_start(*s, block_reduce(ra, Sum{}, smem), beta);
+  for (int pass = 0; !sc.all_room && pass < kExactPasses; ++pass) {
+    const float2 e = exact_eval<SIGN>(x, g, x0, begin, end, sc, *s, lo, hi, use_eps, eps, smem);
+    if (!exact_newton(beta, e.x, e.y, &sc)) break;
+  }
+  return sc;
+}
+
+// The rounds of the exact rule for the sample [begin, end) (advfast_math.h): returns the L1
+// added; every thread gets it.
+template <bool SIGN, typename g_t>
+__device__ float exact_rounds(float* __restrict__ x, const g_t* __restrict__ g,
+                              const float* __restrict__ x0, int64_t begin, int64_t end,
+                              float beta, float lo, float hi, bool use_eps, float eps,
+                              float* smem, float* p_l1) {
+  float remaining = beta, added = 0.f;
+  for (int round = 0; round < kExactRounds; ++round) {
+    float s = 0.f, moved = 0.f, f_at_a = 0.f;
+    const ExactScale sc = exact_scale<SIGN>(x, g, x0, begin, end, remaining, lo, hi, use_eps,
+                                            eps, smem, p_l1, &s);
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      const float old = x[i], p = perturbation<SIGN>(g[i]);
+      if (sc.predicted) {
+        f_at_a += exact_added(sc.a, exact_unit(sc, p, s),
+                              room_of(old, p, x0[i], lo, hi, use_eps, eps));
+      }
+      const float v = updated_value(old, exact_step(sc, p, s), x0[i], lo, hi, use_eps, eps);
+      x[i] = v;
+      moved += fabsf(v - old);
+    }
+    moved = block_reduce(moved, Sum{}, smem);
+    f_at_a = block_reduce(f_at_a, Sum{}, smem);
+    added += moved;
+    const bool again = exact_another_round(remaining, f_at_a, moved, beta, sc);
+    remaining -= moved;
+    if (!again) break;
+  }
+  return added;
 }
 
 // exact_l1: one block per sample; writes the sample's stats row.
@@ -108,22 +159,7 @@ __global__ void exact_kernel(float* __restrict__ x, const g_t* __restrict__ g,
   const int64_t begin = b * N, end = begin + N;
   float p_l1 = 0.f, step_l1 = 0.f;
   if (active == nullptr || active[b]) {
-    float pa = 0.f, sa = 0.f;
-    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-      const float p = perturbation<SIGN>(g[i]);
-      pa += fabsf(p);
-      sa += room_of(x[i], p, x0[i], lo, hi, use_eps, eps) > 0.f ? fabsf(p) : 0.f;
-    }
-    p_l1 = block_reduce(pa, Sum{}, smem);
-    float s = block_reduce(sa, Sum{}, smem), remaining = beta;
-    for (int pass = 0; pass < kExactPasses; ++pass) {
-      const float3 r = exact_pass<SIGN>(x, g, x0, begin, end, step_scale(true, 0.f, remaining, s),
-                                        s, lo, hi, use_eps, eps, smem);
-      step_l1 += r.x;
-      remaining -= r.x;
-      s = r.y;
-      if (!exact_continues(r.x, r.z, remaining, s, beta)) break;
-    }
+    step_l1 = exact_rounds<SIGN>(x, g, x0, begin, end, beta, lo, hi, use_eps, eps, smem, &p_l1);
   }
   ThreadSums sums;
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) sums.add(0.f, x[i] - x0[i]);

@@ -1,8 +1,8 @@
 // CPU fused step, one translation unit compiled once per capability (kernels.h): P = sign(grad)
 // or grad -> per-sample scale -> box clip -> eps ball, plus the L1/L2/Linf of x - x0 and the L1
 // the step added, in one pass over x and x0 (and a first pass over grad for sum|P| in the
-// equal perturbation rule).  exact_l1: the exact equal perturbation of advfast_math.h, a first
-// pass for sum|P| over the elements with room, then update passes until it has added beta.
+// equal perturbation rule).  exact_l1: the exact equal perturbation of advfast_math.h, read-only
+// passes for Newton's method on the scale, then one update pass.
 // Work is split into fixed chunks of every sample (sample_chunks.h), so results do not depend
 // on the thread count; lanes of partial sums let the compiler vectorise the reductions.
 #include <ATen/Parallel.h>
@@ -112,170 +112,229 @@ void perturb_step_rows(const g_t* g, const StepArgs& a) {
 
 // ---- exact_l1 ------------------------------------------------------------------------------
 
-// The exact rule's first pass on one chunk: sum|P| (the p_l1 column) and S, the sum |P| of the
-// elements that have room (x0 is read only for the eps ball).
-template <bool SIGN, bool EPS, typename g_t>
-void room_sum_chunk(const float* __restrict__ x, const g_t* __restrict__ g,
-                    const float* __restrict__ x0, int64_t n, float lo, float hi, float eps,
-                    float* p_l1, float* s) {
-  float pa[kLanes] = {}, sa[kLanes] = {};
-  // room_of(x, p, ...) > 0, spelled out so that this loop vectorises: p = 0 weighs q = 0.
-  auto element = [&](int64_t i, int l) {
-    const float p = perturbation<SIGN>(g[i]);
-    const float q = std::fabs(p);
-    float lo_b = lo, hi_b = hi;
-    if (EPS) {
-      const float below = x0[i] - eps, above = x0[i] + eps;
-      lo_b = below > lo ? below : lo;
-      hi_b = above < hi ? above : hi;
-    }
-    const float r = p > 0.f ? hi_b - x[i] : x[i] - lo_b;
-    pa[l] += q;
-    sa[l] += r > 0.f ? q : 0.f;
-  };
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) element(i + l, l);
-  }
-  for (int l = 0; i < n; ++i, ++l) element(i, l);
-  *p_l1 = *s = 0.f;
-  for (int l = 0; l < kLanes; ++l) {
-    *p_l1 += pa[l];
-    *s += sa[l];
-  }
-}
-
-// One exact pass over a chunk: its delta norms and added L1 (delta), the sum |P| of the
-// elements with room left (s_next) and how many elements the pass saturated (newly).
-struct ExactPartial {
-  Partial delta;
-  float s_next, newly;
+// One evaluation of the exact rule's f(a) and slope over a chunk (advfast_math.h) and, on the
+// first (a = 0), sum|P| and the total room.  Float lanes over short blocks, blocks summed in
+// double: the Newton step is only as good as f.
+struct ExactEval {
+  double f = 0, slope = 0, p_l1 = 0, room = 0;
 };
 
-template <bool SIGN, bool DIVIDE, bool EPS, typename g_t>
-ExactPartial exact_chunk(float* __restrict__ x, const g_t* __restrict__ g,
-                         const float* __restrict__ x0, int64_t n, StepScale st, float s,
-                         float lo, float hi, float eps) {
-  Lanes acc;
-  float sn[kLanes] = {}, nw[kLanes] = {};
-  auto element = [&](int64_t i, int l) {
-    const float p = perturbation<SIGN>(g[i]);
-    const float old = x[i], x0i = x0[i];
-    const float room = room_of(old, p, x0i, lo, hi, EPS, eps);
-    const float step = room > 0.f ? (DIVIDE ? st.scale * (p / s) : st.scale * p) : 0.f;
-    const float v = updated_value(old, step, x0i, lo, hi, EPS, eps);
-    x[i] = v;
-    const float left = room_of(v, p, x0i, lo, hi, EPS, eps);
-    sn[l] += left > 0.f ? std::fabs(p) : 0.f;
-    nw[l] += (room > 0.f) & !(left > 0.f) ? 1.f : 0.f;
-    acc.add(l, 0.f, v - x0i, std::fabs(v - old));
-  };
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) element(i + l, l);
+// The room of element i and its u in the rule's units: room_of spelled out in forms GCC
+// vectorises (a comparison with a constant in the loop defeats it).  p = 0 has no room; only the
+// first pass's total room needs that said, u = 0 adds nothing to f or its slope.
+template <bool SIGN, bool DIVIDE, bool EPS, bool FIRST, typename g_t>
+inline __attribute__((always_inline)) void exact_element(const float* __restrict__ x,
+                                                         const g_t* __restrict__ g,
+                                                         const float* __restrict__ x0,
+                                                         int64_t i, float s, float lo, float hi,
+                                                         float eps, float* q, float* u,
+                                                         float* room) {
+  const float p = perturbation<SIGN>(g[i]);
+  *q = std::fabs(p);
+  float lo_b = lo, hi_b = hi;
+  if (EPS) {
+    const float below = x0[i] - eps, above = x0[i] + eps;
+    lo_b = below > lo ? below : lo;
+    hi_b = above < hi ? above : hi;
   }
-  for (int l = 0; i < n; ++i, ++l) element(i, l);
-  ExactPartial out{acc.total(), 0.f, 0.f};
-  for (int l = 0; l < kLanes; ++l) {
-    out.s_next += sn[l];
-    out.newly += nw[l];
-  }
-  return out;
+  const float xi = x[i];
+  const float r = std::max(0.f, p > 0.f ? hi_b - xi : xi - lo_b);  // NaN -> 0
+  *room = FIRST ? (*q > 0.f ? r : 0.f) : r;
+  *u = DIVIDE ? *q / s : *q;
 }
 
-template <bool SIGN, typename g_t>
-ExactPartial exact_chunk_dispatch(float* x, const g_t* g, const float* x0, int64_t n,
-                                  StepScale st, float s, const StepArgs& a) {
-  if (st.divide_each) {
-    return a.use_eps ? exact_chunk<SIGN, true, true>(x, g, x0, n, st, s, a.lo, a.hi, a.eps)
-                     : exact_chunk<SIGN, true, false>(x, g, x0, n, st, s, a.lo, a.hi, a.eps);
-  }
-  return a.use_eps ? exact_chunk<SIGN, false, true>(x, g, x0, n, st, s, a.lo, a.hi, a.eps)
-                   : exact_chunk<SIGN, false, false>(x, g, x0, n, st, s, a.lo, a.hi, a.eps);
-}
+// Kept out of interprocedural optimisation: with the first pass's a = 0 folded in as a
+// constant, GCC no longer vectorises the slope's select.
+#if defined(__GNUC__) && !defined(__clang__)
+#define ADVFAST_OPAQUE __attribute__((noipa))
+#else
+#define ADVFAST_OPAQUE __attribute__((noinline))
+#endif
 
-// Per-sample state of the exact rule between passes.
-struct ExactSample {
-  float p_l1 = 0.f, s = 0.f, remaining = 0.f, step_l1 = 0.f;
-  bool todo = false;
-};
-
-template <bool SIGN, typename g_t>
-std::vector<ExactSample> exact_first_pass(const g_t* g, const StepArgs& a, int64_t chunks) {
-  const int64_t B = a.B, N = a.N;
-  std::vector<float> p_part(B * chunks, 0.f), s_part(B * chunks, 0.f);
-  at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t task = t0; task < t1; ++task) {
-      int64_t b, begin, n;
-      chunk_range(task, chunks, N, &b, &begin, &n);
-      if (a.active != nullptr && !a.active[b]) continue;
-      if (a.use_eps) {
-        room_sum_chunk<SIGN, true>(a.x + begin, g + begin, a.x0 + begin, n, a.lo, a.hi, a.eps,
-                                   &p_part[task], &s_part[task]);
-      } else {
-        room_sum_chunk<SIGN, false>(a.x + begin, g + begin, a.x0 + begin, n, a.lo, a.hi, a.eps,
-                                    &p_part[task], &s_part[task]);
+template <bool SIGN, bool DIVIDE, bool EPS, bool FIRST, typename g_t>
+ADVFAST_OPAQUE void exact_eval_chunk(const float* __restrict__ x, const g_t* __restrict__ g,
+                      const float* __restrict__ x0, int64_t n, ExactScale sc, float s, float lo,
+                      float hi, float eps, ExactEval* out) {
+  // Four vectors of partial sums per quantity: the adds' latency, not memory, bounds this loop
+  // when a sample's rows are in cache.
+  constexpr int kWide = 4 * kLanes;
+  constexpr int64_t kBlock = 16 * kWide;
+  const float a = sc.a;  // 0 on the first pass: the slope is then S
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t end = std::min(n, start + kBlock);
+    float fa[kWide] = {}, da[kWide] = {}, pa[kWide] = {}, ra[kWide] = {};
+    int64_t i = start;
+    for (; i + kWide <= end; i += kWide) {
+      for (int l = 0; l < kWide; ++l) {
+        float q, u, r;
+        exact_element<SIGN, DIVIDE, EPS, FIRST>(x, g, x0, i + l, s, lo, hi, eps, &q, &u, &r);
+        if (!FIRST) fa[l] += std::min(a * u, r);
+        da[l] += a * u < r ? u : 0.f;
+        if (FIRST) {
+          pa[l] += q;
+          ra[l] += r;
+        }
       }
     }
-  });
-  std::vector<ExactSample> out(B);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t k = 0; k < chunks; ++k) {
-      out[b].p_l1 += p_part[b * chunks + k];
-      out[b].s += s_part[b * chunks + k];
+    for (; i < end; ++i) {
+      float q, u, r;
+      exact_element<SIGN, DIVIDE, EPS, FIRST>(x, g, x0, i, s, lo, hi, eps, &q, &u, &r);
+      fa[0] += std::min(a * u, r);
+      da[0] += a * u < r ? u : 0.f;
+      pa[0] += q;
+      ra[0] += r;
     }
-    out[b].remaining = a.beta;
-    out[b].todo = a.active == nullptr || a.active[b];
+    for (int l = 0; l < kWide; ++l) {
+      out->f += fa[l];
+      out->slope += da[l];
+      if (FIRST) {
+        out->p_l1 += pa[l];
+        out->room += ra[l];
+      }
+    }
+  }
+}
+
+// f(a) and the rest over the chunks of sample b, in order (so independent of the threads).
+template <bool SIGN, bool FIRST, typename g_t>
+ExactEval exact_eval(const g_t* g, const StepArgs& a, int64_t b, int64_t chunks, ExactScale sc,
+                     float s) {
+  ExactEval out;
+  for (int64_t k = 0; k < chunks; ++k) {
+    int64_t sample, begin, n;
+    chunk_range(b * chunks + k, chunks, a.N, &sample, &begin, &n);
+    const float* x = a.x + begin;
+    const float* x0 = a.x0 + begin;
+    const g_t* gb = g + begin;
+    if (sc.divide) {
+      a.use_eps ? exact_eval_chunk<SIGN, true, true, FIRST>(x, gb, x0, n, sc, s, a.lo, a.hi, a.eps, &out)
+                : exact_eval_chunk<SIGN, true, false, FIRST>(x, gb, x0, n, sc, s, a.lo, a.hi, a.eps, &out);
+    } else {
+      a.use_eps ? exact_eval_chunk<SIGN, false, true, FIRST>(x, gb, x0, n, sc, s, a.lo, a.hi, a.eps, &out)
+                : exact_eval_chunk<SIGN, false, false, FIRST>(x, gb, x0, n, sc, s, a.lo, a.hi, a.eps, &out);
+    }
   }
   return out;
 }
 
+// The scale of sample b for adding `beta` (Newton's method of advfast_math.h); sets its sum|P|
+// and S.
+template <bool SIGN, typename g_t>
+ExactScale exact_scale(const g_t* g, const StepArgs& a, int64_t b, int64_t chunks, float beta,
+                       float* p_l1, float* s) {
+  const ExactEval first =
+      exact_eval<SIGN, true>(g, a, b, chunks, ExactScale{0.f, false, false, false}, 0.f);
+  *p_l1 = static_cast<float>(first.p_l1);
+  *s = static_cast<float>(first.slope);
+  ExactScale sc = exact_start(*s, static_cast<float>(first.room), beta);
+  for (int pass = 0; !sc.all_room && pass < kExactPasses; ++pass) {
+    const ExactEval e = exact_eval<SIGN, false>(g, a, b, chunks, sc, *s);
+    if (!exact_newton(beta, static_cast<float>(e.f), static_cast<float>(e.slope), &sc)) break;
+  }
+  return sc;
+}
+
+// The update pass under the scale found: x, its delta norms and the L1 really added; with CHECK
+// (a predicted scale) also f(a) from the rooms before the step, in the p_l1 slot (the exact rule
+// sets p_l1 itself).
+template <bool SIGN, bool ALL, bool DIVIDE, bool EPS, bool CHECK, typename g_t>
+Partial exact_update_chunk(float* __restrict__ x, const g_t* __restrict__ g,
+                           const float* __restrict__ x0, int64_t n, float a, float s, float lo,
+                           float hi, float eps) {
+  Lanes acc;
+  auto element = [&](int64_t i, int l) {
+    const float old = x[i];
+    const float p = perturbation<SIGN>(g[i]);
+    float f = 0.f;
+    if (CHECK) {
+      float q, u, r;
+      exact_element<SIGN, DIVIDE, EPS, false>(x, g, x0, i, s, lo, hi, eps, &q, &u, &r);
+      f = std::min(a * u, r);
+    }
+    const float v = updated_value(old, exact_step_of<ALL, DIVIDE>(a, p, s), x0[i], lo, hi, EPS,
+                                  eps);
+    x[i] = v;
+    acc.add(l, f, v - x0[i], std::fabs(v - old));
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) element(i + l, l);
+  }
+  for (int l = 0; i < n; ++i, ++l) element(i, l);
+  return acc.total();
+}
+
+template <bool SIGN, bool EPS, typename g_t>
+Partial exact_update_dispatch(float* x, const g_t* g, const float* x0, int64_t n,
+                              ExactScale sc, float s, const StepArgs& a) {
+  const float lo = a.lo, hi = a.hi, eps = a.eps;
+  if (sc.all_room) {
+    return exact_update_chunk<SIGN, true, false, EPS, false>(x, g, x0, n, sc.a, s, lo, hi, eps);
+  }
+  if (sc.predicted) {
+    return sc.divide
+               ? exact_update_chunk<SIGN, false, true, EPS, true>(x, g, x0, n, sc.a, s, lo, hi, eps)
+               : exact_update_chunk<SIGN, false, false, EPS, true>(x, g, x0, n, sc.a, s, lo, hi, eps);
+  }
+  return sc.divide
+             ? exact_update_chunk<SIGN, false, true, EPS, false>(x, g, x0, n, sc.a, s, lo, hi, eps)
+             : exact_update_chunk<SIGN, false, false, EPS, false>(x, g, x0, n, sc.a, s, lo, hi, eps);
+}
+
+// The rounds of sample b (advfast_math.h): partial[k] ends as the delta norms of its chunks;
+// returns the L1 added and sets the sample's sum|P|.
+template <bool SIGN, typename g_t>
+float exact_sample(const g_t* g, const StepArgs& a, int64_t b, int64_t chunks, Partial* partial,
+                   float* p_l1) {
+  float remaining = a.beta, added = 0.f;
+  for (int round = 0; round < kExactRounds; ++round) {
+    float s = 0.f, moved = 0.f, f_at_a = 0.f;
+    const ExactScale sc = exact_scale<SIGN>(g, a, b, chunks, remaining, p_l1, &s);
+    for (int64_t k = 0; k < chunks; ++k) {
+      int64_t sample, begin, n;
+      chunk_range(b * chunks + k, chunks, a.N, &sample, &begin, &n);
+      partial[k] = a.use_eps ? exact_update_dispatch<SIGN, true>(a.x + begin, g + begin,
+                                                                 a.x0 + begin, n, sc, s, a)
+                             : exact_update_dispatch<SIGN, false>(a.x + begin, g + begin,
+                                                                  a.x0 + begin, n, sc, s, a);
+      moved += partial[k].v[kStepL1];
+      f_at_a += partial[k].v[kPL1];
+      partial[k].v[kPL1] = 0.f;
+    }
+    added += moved;
+    const bool again = exact_another_round(remaining, f_at_a, moved, a.beta, sc);
+    remaining -= moved;
+    if (!again) break;
+  }
+  return added;
+}
+
+// Each sample runs all its passes on one thread, back to back, so that its rows stay in cache.
 template <bool SIGN, typename g_t>
 void exact_rows(const g_t* g, const StepArgs& a) {
   const int64_t B = a.B, N = a.N;
   const int64_t chunks = (N + kChunk - 1) / kChunk;
-  std::vector<ExactSample> sample = exact_first_pass<SIGN>(g, a, chunks);
   std::vector<Partial> partial(B * chunks);
-  std::vector<float> s_next(B * chunks), newly(B * chunks);
-  for (int pass = 0; pass < kExactPasses; ++pass) {
-    at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t task = t0; task < t1; ++task) {
-        int64_t b, begin, n;
-        chunk_range(task, chunks, N, &b, &begin, &n);
-        if (!sample[b].todo) {
-          if (pass == 0) partial[task] = delta_chunk(a.x + begin, a.x0 + begin, n);
-          continue;
-        }
-        const StepScale st = step_scale(true, 0.f, sample[b].remaining, sample[b].s);
-        const ExactPartial e = exact_chunk_dispatch<SIGN>(a.x + begin, g + begin, a.x0 + begin,
-                                                          n, st, sample[b].s, a);
-        partial[task] = e.delta;
-        s_next[task] = e.s_next;
-        newly[task] = e.newly;
+  std::vector<float> p_l1(B, 0.f), added(B, 0.f);
+  const int64_t grain = std::max<int64_t>(1, kChunk / std::max<int64_t>(N, 1));
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      Partial* rows = partial.data() + b * chunks;
+      if (a.active == nullptr || a.active[b]) {
+        added[b] = exact_sample<SIGN>(g, a, b, chunks, rows, &p_l1[b]);
+        continue;
       }
-    });
-    bool any = false;
-    for (int64_t b = 0; b < B; ++b) {
-      ExactSample& e = sample[b];
-      if (!e.todo) continue;
-      float moved = 0.f, s = 0.f, saturated = 0.f;
       for (int64_t k = 0; k < chunks; ++k) {
-        moved += partial[b * chunks + k].v[kStepL1];
-        s += s_next[b * chunks + k];
-        saturated += newly[b * chunks + k];
+        int64_t sample, begin, n;
+        chunk_range(b * chunks + k, chunks, N, &sample, &begin, &n);
+        rows[k] = delta_chunk(a.x + begin, a.x0 + begin, n);
       }
-      e.step_l1 += moved;
-      e.remaining -= moved;
-      e.s = s;
-      e.todo = exact_continues(moved, saturated, e.remaining, s, a.beta);
-      any = any || e.todo;
     }
-    if (!any) break;
-  }
+  });
   combine_chunks(partial.data(), B, chunks, a.stats);
   for (int64_t b = 0; b < B; ++b) {
-    a.stats[b * kStepStats + kPL1] = sample[b].p_l1;
-    a.stats[b * kStepStats + kStepL1] = sample[b].step_l1;
+    a.stats[b * kStepStats + kPL1] = p_l1[b];
+    a.stats[b * kStepStats + kStepL1] = added[b];
   }
 }
 
