@@ -179,7 +179,8 @@ class CWSearch(ConstantSearch):
     the last run uses the upper bound (the original's "repeat").
 
     Each run starts its abort check from a previous loss of 1e6 (:data:`PREVIOUS_LOSS`), as
-    Carlini's ``l2_attack.py`` does (``prev = 1e6``), not from infinity: a run whose loss at
+    Carlini's ``l2_attack.py`` did for the paper (``prev = 1e6`` from its first commit, 2017;
+    ``np.inf`` since commit e87e2d2, 2018), not from infinity: a run whose loss at
     its first check (iteration 0) exceeds 0.9999e6 -- in practice once c is large, c > 1e5 or
     so -- ends there without a success, so c keeps growing ten-fold (or moves down its
     bracket) instead of that run being carried out."""
