@@ -25,13 +25,19 @@ inline float perturbation(g_t g) {
 }
 
 template <bool SIGN, typename g_t>
+inline float abs_perturbation(g_t g) {
+  const float v = static_cast<float>(g);
+  return SIGN ? finite_sign_abs(v) : std::fabs(finite_or_zero(v));
+}
+
+template <bool SIGN, typename g_t>
 float abs_sum(const g_t* __restrict__ g, int64_t n) {
   float acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += std::fabs(perturbation<SIGN>(g[i + l]));
+    for (int l = 0; l < kLanes; ++l) acc[l] += abs_perturbation<SIGN>(g[i + l]);
   }
-  for (int l = 0; i < n; ++i, ++l) acc[l] += std::fabs(perturbation<SIGN>(g[i]));
+  for (int l = 0; i < n; ++i, ++l) acc[l] += abs_perturbation<SIGN>(g[i]);
   float total = 0.f;
   for (int l = 0; l < kLanes; ++l) total += acc[l];
   return total;
@@ -46,13 +52,24 @@ Partial update_chunk(float* __restrict__ x, const g_t* __restrict__ g,
                      float hi, float eps) {
   Lanes acc;
   const float scale = st.scale;
+  // With the sign every step is +-(scale * (1 / p_l1)) or +-scale: the same bits as
+  // scale * (p / p_l1) and scale * p for p = +-1, with the magnitude out of the loop.
+  const float magnitude = DIVIDE ? scale * (1.f / p_l1) : scale;
   auto element = [&](int64_t i, int l) {
-    const float p = perturbation<SIGN>(g[i]);
-    const float step = DIVIDE ? scale * (p / p_l1) : scale * p;
+    const float gv = static_cast<float>(g[i]);
+    float step, p_abs = 0.f;
+    if (SIGN) {
+      step = signed_step(gv, magnitude);
+      if (SUM_P) p_abs = finite_sign_abs(gv);
+    } else {
+      const float p = finite_or_zero(gv);
+      step = DIVIDE ? scale * (p / p_l1) : scale * p;
+      if (SUM_P) p_abs = std::fabs(p);
+    }
     const float old = x[i];
     const float v = updated_value(old, step, x0[i], lo, hi, EPS, eps);
     x[i] = v;
-    acc.add(l, SUM_P ? std::fabs(p) : 0.f, v - x0[i], std::fabs(v - old));
+    acc.add(l, p_abs, v - x0[i], std::fabs(v - old));
   };
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
