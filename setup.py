@@ -21,6 +21,8 @@ import tempfile
 from setuptools import setup
 
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+# nvcc's flags beyond torch's own (bench/cuda_resources.py reads this line).
+NVCC_FLAGS = ["-O3", "--fmad=false"]
 
 # CPU capabilities the kernel bodies in csrc/cpu/kernels/ are compiled for, each with the
 # `#pragma GCC target` string csrc/cpu/capability.h applies (PyTorch's CPU_CAPABILITY pattern);
@@ -106,7 +108,7 @@ def _extensions():
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
     return [CUDAExtension("advfast._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
-                          extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--fmad=false"]},
+                          extra_compile_args={"cxx": cxx, "nvcc": NVCC_FLAGS},
                           extra_link_args=["-fopenmp"])]
 
 

@@ -49,11 +49,11 @@ step() {
 # scratch, tiny sizes): generous, it runs in CI.
 declare -A limit
 if [ "$mode" = "cuda" ]; then
-  limit=([environment]=15 [build]=120 [backend]=15 [tests]=90 [bench_resnet50]=70 [bench_ops]=30
-         [bench_digits]=60 [bench_attacks]=30 [bench_generate]=20 [nsys]=25)
+  limit=([environment]=15 [build]=120 [backend]=15 [tests]=80 [bench_resnet50]=70 [bench_ops]=30
+         [bench_digits]=60 [bench_attacks]=30 [bench_generate]=20 [bench_precision]=15 [nsys]=20)
 else
   limit=([environment]=60 [build]=420 [backend]=60 [tests]=300 [bench_resnet50]=240 [bench_ops]=120
-         [bench_digits]=120 [bench_attacks]=240 [bench_generate]=120 [nsys]=60)
+         [bench_digits]=120 [bench_attacks]=240 [bench_generate]=120 [bench_precision]=180 [nsys]=60)
 fi
 
 if [ "$mode" = "cuda" ]; then
@@ -93,6 +93,8 @@ step bench_attacks "${limit[bench_attacks]}" "$py" bench/bench_attacks.py --devi
   --json "$out/bench_attacks.json"
 step bench_generate "${limit[bench_generate]}" "$py" bench/bench_generate.py --device "$dev" "${tiny[@]}" \
   --json "$out/bench_generate.json"
+step bench_precision "${limit[bench_precision]}" "$py" bench/bench_precision.py --device "$dev" --tiny \
+  --json "$out/bench_precision.json"
 if command -v nsys > /dev/null; then
   step nsys "${limit[nsys]}" nsys profile -t cuda,nvtx -o "$out/attack" --force-overwrite true \
     "$py" -m advfast attack --device "$dev" --n 64 --iterations 20 --stop never --quiet \
@@ -103,7 +105,8 @@ fi
 import json, os, sys
 out = sys.argv[1]
 summary = {"steps": [json.loads(line) for line in open(os.path.join(out, "steps.jsonl"))]}
-for name in ("bench_ops", "bench_resnet50", "bench_digits", "bench_attacks", "bench_generate"):
+for name in ("bench_ops", "bench_resnet50", "bench_digits", "bench_attacks", "bench_generate",
+             "bench_precision"):
     path = os.path.join(out, name + ".json")
     if os.path.exists(path):
         summary[name] = json.load(open(path))
