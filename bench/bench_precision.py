@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 import torch
 
 from advfast import attacks, ops
-from advfast.errors import UserError
 from advfast.engine.timing import hardware_info
+from advfast.errors import UserError
 from advfast.io import models, selection
 from advfast.tools.bench import cpu_bf16
 
@@ -115,7 +116,7 @@ def _strict(value):
         return {k: _strict(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_strict(v) for v in value]
-    return None if isinstance(value, float) and value != value else value
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def report(setting: str, name: str, c: dict) -> None:
