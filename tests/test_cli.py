@@ -169,3 +169,14 @@ def test_table1_timing_excludes_start_up(monkeypatch):
     assert len(cells) == 8 and len(times) == 8 * 3
     assert max(times) < 1e3 * STARTUP_S / iterations, times
     assert times == [times[0]] * len(times), times
+
+
+@pytest.mark.parametrize("command", ["attack", "generate"])
+def test_compile_on_the_cpu_says_why_eager_is_the_default(tmp_path, capsys, command):
+    base = [command, "--n", "2", "--iterations", "2", "--device", "cpu"]
+    assert cli.main(base + ["--out", str(tmp_path / "eager")]) == 0
+    assert "torch.compile on the CPU" not in capsys.readouterr().err
+    assert cli.main(base + ["--compile", "aot_eager", "--out", str(tmp_path / "compiled")]) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "torch.compile on the CPU" in line]
+    assert len(notes) == 1 and "--compile none aot_eager" in notes[0]

@@ -9,6 +9,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
+
 from advfast import ops
 from advfast.engine.control import STOPS
 from advfast.engine.core import COMPILE_MODES
@@ -238,12 +240,26 @@ def attack_params(args: argparse.Namespace) -> dict:
     return specs.resolve(args.attack, given, args.model if builtin else None)
 
 
+# Why --compile on a CPU is not the default: measured in advfast bench (docs/benchmarks.md).
+CPU_COMPILE_NOTE = ("note: torch.compile on the CPU ran 1.3-1.9x the eager floor for the models "
+                    "measured (inductor's convolution backward is slower than oneDNN's), "
+                    "which is why eager is the default; compiling as asked ("
+                    "'advfast bench --compile none {mode}' measures your model)")
+
+
+def compile_note(device: torch.device, mode: str | None, quiet: bool) -> None:
+    """The one-line note for --compile on a CPU device."""
+    if mode is not None and device.type == "cpu" and not quiet:
+        print(CPU_COMPILE_NOTE.format(mode=mode), file=sys.stderr)
+
+
 def setup(args: argparse.Namespace):
     """Device, model and inputs of table1/attack; the folder is claimed first by the caller."""
     if args.data is None and args.model not in models.BUILTIN:
         raise InvalidValue(f"--model {args.model} needs --data DIR (only the digits and mnist "
                            "models have built-in inputs)")
     device = resolve_device(args.device)
+    compile_note(device, getattr(args, "compile", None), args.quiet)
     model = models.load(args.model, weights=args.weights, device=device,
                         num_classes=args.num_classes)
     source = selection.source_for(model, args.data, split=args.split, labels_csv=args.labels_csv,
