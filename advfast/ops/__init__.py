@@ -273,9 +273,11 @@ def perturb_step_(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, *, sign
         exact_l1: (beta only) add exactly beta in L1 wherever the box (and the eps ball) leave
             that much room: the per-sample a with sum_i min(a |P_i|, room_i) = beta, room_i
             the distance to the bound in P_i's direction; with less room in all, all of it.
-            Found by a few update passes (Newton's method on that piecewise-linear sum, at
-            most 32), no sort.  The default is the paper's rule, whose clip loses the part of
-            the step that points out of the box.
+            Found by Newton's method on that concave piecewise-linear sum in read-only passes
+            (usually one or two; the last step is checked by the update pass itself, and a
+            shortfall beyond 2e-6 of beta starts another round), no sort: about 2-4x the
+            paper's rule on a CPU.  The default is the paper's rule, whose clip loses the part
+            of the step that points out of the box.
 
     Returns:
         [B, 5] float32 with columns :data:`STEP_STATS`: sum|P| (0 for inactive samples), the
