@@ -57,13 +57,20 @@ struct Lanes {
   }
 };
 
-inline Partial delta_chunk(const float* __restrict__ x, const float* __restrict__ x0, int64_t n) {
-  Lanes acc;
+// Calls element(i, lane) for i in [0, n): full rows of kLanes (lane = i's place in its row, the
+// shape the compiler vectorises), then the tail on lanes 0, 1, ...
+template <typename Element>
+inline __attribute__((always_inline)) void for_each_lane(int64_t n, const Element& element) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc.add(l, 0.f, x[i + l] - x0[i + l]);
+    for (int l = 0; l < kLanes; ++l) element(i + l, l);
   }
-  for (int l = 0; i < n; ++i, ++l) acc.add(l, 0.f, x[i] - x0[i]);
+  for (int l = 0; i < n; ++i, ++l) element(i, l);
+}
+
+inline Partial delta_chunk(const float* __restrict__ x, const float* __restrict__ x0, int64_t n) {
+  Lanes acc;
+  for_each_lane(n, [&](int64_t i, int l) { acc.add(l, 0.f, x[i] - x0[i]); });
   return acc.total();
 }
 

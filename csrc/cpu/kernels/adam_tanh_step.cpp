@@ -35,11 +35,7 @@ Partial adam_chunk(float* __restrict__ w, float* __restrict__ m, float* __restri
     x[i] = xi;
     acc.add(l, std::fabs(gw), xi - x0[i], std::fabs(xi - x_old));
   };
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) element(i + l, l);
-  }
-  for (int l = 0; i < n; ++i, ++l) element(i, l);
+  for_each_lane(n, element);
   return acc.total();
 }
 

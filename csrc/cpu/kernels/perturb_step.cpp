@@ -33,11 +33,7 @@ inline float abs_perturbation(g_t g) {
 template <bool SIGN, typename g_t>
 float abs_sum(const g_t* __restrict__ g, int64_t n) {
   float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += abs_perturbation<SIGN>(g[i + l]);
-  }
-  for (int l = 0; i < n; ++i, ++l) acc[l] += abs_perturbation<SIGN>(g[i]);
+  for_each_lane(n, [&](int64_t i, int l) { acc[l] += abs_perturbation<SIGN>(g[i]); });
   float total = 0.f;
   for (int l = 0; l < kLanes; ++l) total += acc[l];
   return total;
@@ -71,11 +67,7 @@ Partial update_chunk(float* __restrict__ x, const g_t* __restrict__ g,
     x[i] = v;
     acc.add(l, p_abs, v - x0[i], std::fabs(v - old));
   };
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) element(i + l, l);
-  }
-  for (int l = 0; i < n; ++i, ++l) element(i, l);
+  for_each_lane(n, element);
   return acc.total();
 }
 
@@ -273,11 +265,7 @@ Partial exact_update_chunk(float* __restrict__ x, const g_t* __restrict__ g,
     x[i] = v;
     acc.add(l, f, v - x0[i], std::fabs(v - old));
   };
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) element(i + l, l);
-  }
-  for (int l = 0; i < n; ++i, ++l) element(i, l);
+  for_each_lane(n, element);
   return acc.total();
 }
 
