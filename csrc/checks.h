@@ -14,10 +14,13 @@
 #include <cfloat>
 #include <cmath>
 #include <initializer_list>
+#include <iterator>
 #include <optional>
+#include <string>
 #include <string_view>
 
 #include "advfast_math.h"
+#include "observe.h"
 
 // Dispatch over the three floating types the kernels accept (float32, float16, bfloat16):
 // no double kernels are instantiated, since the checks reject double anyway.
@@ -291,6 +294,147 @@ inline AdamOperands adam_operands(const at::Tensor& w, const at::Tensor& m, cons
 inline AdamConfig adam_config(double beta1, double beta2, double eps) {
   return AdamConfig{static_cast<float>(beta1), static_cast<float>(beta2),
                     static_cast<float>(eps)};
+}
+
+// ---- observe_ and advance_ (csrc/observe.h): the engine's bookkeeping ----------------------
+
+inline void check_rows(const at::Tensor& t, at::ScalarType dtype, int64_t B, int64_t width,
+                       const at::Tensor& like, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, "advfast.", op, ": ", name, " must be ", dtype,
+                    ", got ", t.scalar_type());
+  const bool shaped = width == 0 ? t.dim() == 1 && t.size(0) == B
+                                 : t.dim() == 2 && t.size(0) == B && t.size(1) == width;
+  TORCH_CHECK_VALUE(shaped, "advfast.", op, ": ", name, " must be [", B,
+                    width == 0 ? "" : ", ", width == 0 ? std::string() : std::to_string(width),
+                    "], got ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == like.device(), "advfast.", op, ": ", name, " must be on ",
+                    like.device());
+}
+
+inline StopRule parse_stop(std::string_view stop) {
+  if (stop == "never") return StopRule::NEVER;
+  if (stop == "flip") return StopRule::FLIP;
+  TORCH_CHECK_VALUE(stop == "confidence", "advfast.observe_: unknown stop '", stop,
+                    "' (expected never, flip or confidence)");
+  return StopRule::CONFIDENCE;
+}
+
+// The trajectory columns an op copies from its stats (width `stats` columns), in order.
+inline Columns parse_columns(c10::IntArrayRef columns, int64_t stats, const char* op) {
+  TORCH_CHECK_VALUE(columns.size() <= static_cast<size_t>(kMaxColumns), "advfast.", op,
+                    ": at most ", kMaxColumns, " columns, got ", columns.size());
+  Columns out{};
+  out.count = static_cast<int64_t>(columns.size());
+  for (size_t j = 0; j < columns.size(); ++j) {
+    TORCH_CHECK_INDEX(columns[j] >= 0 && columns[j] < stats, "advfast.", op, ": column ",
+                      columns[j], " is outside [0, ", stats, ")");
+    out.index[j] = columns[j];
+  }
+  return out;
+}
+
+// A trajectory [T, Bt, W] float32 with at least `columns` columns and its [B] int64 keys, both
+// or neither; then no written tensor may overlap another or what the op reads.
+inline void check_trajectory(const std::optional<at::Tensor>& trajectory,
+                             const std::optional<at::Tensor>& key, const Columns& columns,
+                             const at::Tensor& like, const char* op) {
+  TORCH_CHECK_VALUE(trajectory.has_value() == key.has_value(), "advfast.", op,
+                    ": give trajectory and key together, or neither");
+  if (!trajectory.has_value()) return;
+  const at::Tensor& t = *trajectory;
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "advfast.", op,
+                   ": trajectory must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 3 && t.size(2) >= columns.count, "advfast.", op,
+                    ": trajectory must be [T, B, W] with W >= ", columns.count, ", got ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(t.device() == like.device(), "advfast.", op, ": trajectory must be on ",
+                    like.device());
+  TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, "advfast.", op,
+                    ": trajectory is updated in place and must not overlap itself");
+  check_rows(*key, at::kLong, like.size(0), 0, like, op, "key");
+}
+
+// Every written tensor against every other operand (read or written).
+inline void check_written_apart(
+    std::initializer_list<std::pair<const at::Tensor*, const char*>> written,
+    std::initializer_list<std::pair<const at::Tensor*, const char*>> read, const char* op) {
+  for (auto w = written.begin(); w != written.end(); ++w) {
+    if (!w->first->defined()) continue;
+    TORCH_CHECK_VALUE(at::has_internal_overlap(*w->first) != at::MemOverlap::Yes, "advfast.",
+                      op, ": ", w->second, " is updated in place and must not overlap itself");
+    for (auto o = std::next(w); o != written.end(); ++o) {
+      if (o->first->defined()) check_no_overlap(*w->first, *o->first, op, w->second, o->second);
+    }
+    for (const auto& r : read) {
+      if (r.first->defined()) check_no_overlap(*w->first, *r.first, op, w->second, r.second);
+    }
+  }
+}
+
+inline void check_observe_args(const at::Tensor& head, const at::Tensor& norms,
+                               const at::Tensor& age, const at::Tensor& paused,
+                               const at::Tensor& first_flip, const at::Tensor& flip_norms,
+                               const at::Tensor& failure, const at::Tensor& done,
+                               const std::optional<at::Tensor>& trajectory,
+                               const std::optional<at::Tensor>& key, const Columns& columns) {
+  constexpr const char* op = "observe_";
+  TORCH_CHECK_TYPE(head.scalar_type() == at::kFloat, "advfast.observe_: head must be float32, got ",
+                   head.scalar_type());
+  TORCH_CHECK_VALUE(head.dim() == 2 && head.size(1) == kHeadStats,
+                    "advfast.observe_: head must be loss_head's [B, ", kHeadStats, "] stats, got ",
+                    head.sizes());
+  const int64_t B = head.size(0);
+  check_rows(norms, at::kFloat, B, 3, head, op, "norms");
+  check_rows(flip_norms, at::kFloat, B, 3, head, op, "flip_norms");
+  check_rows(age, at::kLong, B, 0, head, op, "age");
+  check_rows(first_flip, at::kLong, B, 0, head, op, "first_flip");
+  check_rows(failure, at::kLong, B, 0, head, op, "failure");
+  check_rows(paused, at::kBool, B, 0, head, op, "paused");
+  check_rows(done, at::kBool, B, 0, head, op, "done");
+  check_trajectory(trajectory, key, columns, head, op);
+  const at::Tensor none, traj = trajectory.value_or(none), keys = key.value_or(none);
+  check_written_apart({{&first_flip, "first_flip"}, {&flip_norms, "flip_norms"},
+                       {&failure, "failure"}, {&done, "done"}, {&traj, "trajectory"}},
+                      {{&head, "head"}, {&norms, "norms"}, {&age, "age"}, {&paused, "paused"},
+                       {&keys, "key"}}, op);
+}
+
+inline void check_advance_args(const at::Tensor& stats, const at::Tensor& active,
+                               const at::Tensor& age, const at::Tensor& norms,
+                               const std::optional<at::Tensor>& trajectory,
+                               const std::optional<at::Tensor>& key, const Columns& columns) {
+  constexpr const char* op = "advance_";
+  TORCH_CHECK_TYPE(stats.scalar_type() == at::kFloat,
+                   "advfast.advance_: stats must be float32, got ", stats.scalar_type());
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(1) == kStepStats,
+                    "advfast.advance_: stats must be a step's [B, ", kStepStats, "] stats, got ",
+                    stats.sizes());
+  const int64_t B = stats.size(0);
+  check_rows(active, at::kBool, B, 0, stats, op, "active");
+  check_rows(age, at::kLong, B, 0, stats, op, "age");
+  check_rows(norms, at::kFloat, B, 3, stats, op, "norms");
+  check_trajectory(trajectory, key, columns, stats, op);
+  const at::Tensor none, traj = trajectory.value_or(none), keys = key.value_or(none);
+  check_written_apart({{&age, "age"}, {&norms, "norms"}, {&traj, "trajectory"}},
+                      {{&stats, "stats"}, {&active, "active"}, {&keys, "key"}}, op);
+}
+
+// A written operand as the kernels walk it: contiguous (the caller's tensor itself when it is),
+// copied back into the caller's tensor afterwards when it was not.
+struct Written {
+  at::Tensor caller, used;
+  explicit Written(const at::Tensor& t) : caller(t), used(t.contiguous()) {}
+  template <typename T>
+  T* ptr() { return used.data_ptr<T>(); }
+  void write_back() {
+    if (!used.is_same(caller)) caller.copy_(used);
+  }
+};
+
+inline Trajectory trajectory_of(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return Trajectory{nullptr, 0, 0, 0, 0, 0, 0};
+  return Trajectory{t->data_ptr<float>(), t->stride(0), t->stride(1), t->stride(2),
+                    t->size(0),           t->size(1),   t->size(2)};
 }
 
 }  // namespace advfast

@@ -72,6 +72,18 @@ TORCH_LIBRARY(advfast, m) {
       "adam_tanh_step_(Tensor(a!) w, Tensor(b!) m, Tensor(c!) v, Tensor(d!) x, Tensor grad, "
       "Tensor x0, Tensor c, Tensor step, Tensor? active, float lr, float beta1, float beta2, "
       "float eps) -> Tensor");
+  // The engine's bookkeeping after loss_head (csrc/observe.h): the first flip and the norms
+  // there, failure codes, the stop rule and iteration cap (when controlled), the head columns of
+  // the trajectory row (age, key); returns active [B] bool, the rows that take a step.
+  m.def(
+      "observe_(Tensor head, Tensor norms, Tensor age, Tensor paused, Tensor(a!) first_flip, "
+      "Tensor(b!) flip_norms, Tensor(c!) failure, Tensor(d!) done, Tensor(e!)? trajectory, "
+      "Tensor? key, int[] columns, int iterations, str stop, bool controlled) -> Tensor");
+  // ... and after the step: the norms of x - x0, the step columns of the trajectory row (the
+  // last len(columns) of it; NaN for inactive rows), then age += active.
+  m.def(
+      "advance_(Tensor stats, Tensor active, Tensor(a!) age, Tensor(b!) norms, "
+      "Tensor(c!)? trajectory, Tensor? key, int[] columns) -> ()");
   // The instruction set the CPU kernels run with on this machine.
   m.def("cpu_isa() -> str", &advfast::cpu_isa);
   // The names of loss_head's and of the steps' stats columns (owned by csrc/stats.h).
@@ -83,7 +95,7 @@ TORCH_LIBRARY(advfast, m) {
 // that autograd saved and then stepped raises "modified by an inplace operation" at backward).
 // The Autograd key keeps PyTorch's default for custom ops, which reaches this kernel.
 TORCH_LIBRARY_IMPL(advfast, ADInplaceOrView, m) {
-  for (const char* op : {"perturb_step_", "adam_tanh_step_"}) {
+  for (const char* op : {"perturb_step_", "adam_tanh_step_", "observe_", "advance_"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&advfast::bump_written_arguments>());
   }
 }

@@ -155,13 +155,14 @@ def _record(cls, batch: int, image: tuple[int, ...], gen: torch.Generator):
 
 def _rows(batch=5):
     from advfast.engine.rows import start_rows
+    from advfast.ops import HEAD_STATS
 
     gen = torch.Generator().manual_seed(0)
     x0 = torch.rand(batch, 1, 4, 4, generator=gen)
     rows = start_rows(torch.arange(batch) * 10, x0, torch.randint(0, 10, (batch,), generator=gen),
                       torch.randint(0, 10, (batch,), generator=gen))
     rows.norms = torch.rand(batch, 3, generator=gen)
-    rows.target_prob = torch.rand(batch, generator=gen)
+    rows.head = torch.rand(batch, len(HEAD_STATS), generator=gen)
     rows.constant = torch.rand(batch, generator=gen)
     return rows, gen
 

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from advfast.engine.core import COLUMN, Optimizer
+from advfast import ops
+from advfast.engine.core import COLUMN, NO_CAP, Optimizer
 from advfast.engine.rows import Rows, State, per_sample
 
-STOPS = ("never", "flip", "confidence")
+STOPS = ops.STOP_RULES
 PREVIOUS_LOSS = 1e6  # the loss the abort check of every CW run starts from (the original's)
 
 
@@ -43,11 +44,12 @@ class StopRule:
         """Rows that meet a deferred stop rule and wait for ``accept``."""
         return self.meets(rows) & ~rows.done
 
-    def after_head(self, rows: Rows, head: torch.Tensor) -> None:
-        finished = rows.age >= self.iterations
-        if self.stop != "never" and not self.deferred:
-            finished = finished | self.meets(rows)
-        rows.done = rows.done | finished
+    def stopping(self) -> tuple[int, str]:
+        # the engine's fused observation applies the cap and the rule (a deferred one waits)
+        return self.iterations, "never" if self.deferred else self.stop
+
+    def after_head(self, rows: Rows, head: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        return active
 
     def after_step(self, rows: Rows, optimizer: Optimizer) -> None:
         pass
@@ -134,8 +136,11 @@ class ConstantSearch:
     def next_constant(self, rows: Rows, ended: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def after_head(self, rows: Rows, head: torch.Tensor) -> None:
-        pass
+    def stopping(self) -> tuple[int, str]:
+        return NO_CAP, "never"  # a run ends by the search's own rules
+
+    def after_head(self, rows: Rows, head: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        return active
 
     def after_step(self, rows: Rows, optimizer: Optimizer) -> None:
         converged = optimizer.converged(rows)
@@ -198,9 +203,8 @@ class CWSearch(ConstantSearch):
                        inner_age=torch.zeros(b, dtype=torch.int64, device=device),
                        previous_loss=torch.full((b,), PREVIOUS_LOSS, device=device))
 
-    def after_head(self, rows: Rows, head: torch.Tensor) -> None:
-        s = rows.control
-        live = ~(rows.done | rows.paused)
+    def after_head(self, rows: Rows, head: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        s, live = rows.control, active
         margin = head[:, COLUMN["margin"]]
         # the original's loss: ||X' - X||^2 + c max(kappa - margin, 0)
         loss = rows.norms[:, 1].square() + rows.constant * torch.clamp(self.kappa - margin, min=0)
@@ -212,7 +216,9 @@ class CWSearch(ConstantSearch):
         s.succeeded = s.succeeded | success
         ended = live & (stalled | (s.inner_age + 1 >= self.steps))
         rows.paused = rows.paused | ended
-        s.inner_age = s.inner_age + (live & ~ended).long()
+        stepping = live & ~ended
+        s.inner_age = s.inner_age + stepping.long()
+        return stepping
 
     def next_constant(self, rows: Rows, ended: torch.Tensor) -> torch.Tensor:
         s = rows.control

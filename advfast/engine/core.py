@@ -37,18 +37,18 @@ from advfast.errors import InvalidValue
 
 AMPS = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Per-iteration records: the first seven come from loss_head's stats, p_l1 and step_l1 (the
-# L1 the step added) from the step.
+# L1 the step added) from the step; ops.observe_ and ops.advance_ write them.
 TRAJECTORY = ("source_prob", "target_prob", "source_logit", "target_logit", "max_prob",
               "subspace", "margin", "p_l1", "step_l1")
 HEAD_COLUMNS = [ops.HEAD_STATS.index(name) for name in TRAJECTORY[:-2]]
 COLUMN = {name: i for i, name in enumerate(ops.HEAD_STATS)}
 STEP_STATS = ops.STEP_STATS
 STEP_COLUMNS = [STEP_STATS.index(name) for name in TRAJECTORY[-2:]]
-# The L1, L2 and Linf norms of x - x0 among the step's stats (a slice: a view, no copy).
-NORM_COLUMNS = slice(STEP_STATS.index("delta_l1"), STEP_STATS.index("delta_linf") + 1)
-# Why a sample stopped early, as a code per row (0: it did not).
+# Why a sample stopped early, as a code per row (0: it did not; ops.observe_ sets code
+# ops.NONFINITE_LOGITS = 1).
 FAILURES = ("", "non-finite logits")
-NONFINITE_LOGITS = 1
+# The iteration cap of a control that has none of its own (ops.observe_ compares age with it).
+NO_CAP = 2**62
 # A trajectory buffer larger than this is refused (it is preallocated on the device).
 MAX_TRAJECTORY_BYTES = 2 << 30
 
@@ -93,9 +93,14 @@ class Control(Protocol):
     def begin(self, rows: Rows) -> None:
         """Sets ``rows.control`` (and ``rows.constant``) of new rows."""
 
-    def after_head(self, rows: Rows, head: torch.Tensor) -> None:
-        """Marks in ``rows.done`` (or ``rows.paused``) the rows that take no step from the
-        images just observed."""
+    def stopping(self) -> tuple[int, str]:
+        """(iteration cap, stop rule of ``ops.STOP_RULES``) that the engine's fused observation
+        (``ops.observe_``) applies to every row after the head, marking ``rows.done``."""
+
+    def after_head(self, rows: Rows, head: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Given the rows that would step from the images just observed (``active``: not done,
+        not paused), marks in ``rows.done`` or ``rows.paused`` those that take no step and
+        returns the rows that do."""
 
     def after_step(self, rows: Rows, optimizer: Optimizer) -> None:
         """Takes in what the optimiser reports after its step (its converged rows)."""
@@ -165,10 +170,11 @@ class Engine:
         self.control.begin(rows)
         return rows
 
-    def forward_head(self, rows: Rows, n: int, phase: str) -> tuple[torch.Tensor, torch.Tensor,
-                                                                 torch.Tensor]:
-        """Forward and loss head on the current images; returns (logits, seed, head stats).
-        (Compiled, the two are one graph and their time counts as the forward's.)"""
+    def forward_head(self, rows: Rows, n: int, phase: str,
+                     controlled: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward, loss head and the fused observation (:meth:`observe`) of the current
+        images; returns (logits, seed, active).  (Compiled, the forward and the head are one
+        graph and their time counts as the forward's.)"""
         if self.compiled is not None:
             with self.timer.phase(n, phase):
                 logits, seed, head = self.compiled(rows.x, rows.target, rows.source)
@@ -181,11 +187,20 @@ class Engine:
                 seed, head = ops.loss_head_unchecked(logits.detach(), rows.target, rows.source,
                                                      h.loss, h.kappa, h.kappa_mode, h.threshold,
                                                      h.ce_seed)
-            record_head(rows, head)
-            if self.trajectory is not None:
-                self.trajectory[..., :-2].index_put_((rows.age, rows.key),
-                                                     head.index_select(1, self.head_columns))
-        return logits, seed, head
+            active = self.observe(rows, head, controlled)
+        return logits, seed, active
+
+    def observe(self, rows: Rows, head: torch.Tensor, controlled: bool) -> torch.Tensor:
+        """Takes in loss_head's stats of the images X_age, in one op (``ops.observe_``): the
+        first flip and the norms there, a failure code for non-finite logits, the control's
+        iteration cap and stop rule (``controlled``), the trajectory row.  Returns the rows
+        that step: not done and not paused (controlled), else not failed."""
+        rows.head = head
+        cap, stop = self.control.stopping() if controlled else (NO_CAP, "never")
+        return ops.observe_unchecked(head, rows.norms, rows.age, rows.paused, rows.first_flip,
+                                     rows.flip_norms, rows.failure, rows.done, self.trajectory,
+                                     rows.key if self.trajectory is not None else None,
+                                     HEAD_COLUMNS, cap, stop, controlled)
 
     def measure(self, images: torch.Tensor, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
         """The L1/L2/Linf of images - x0 [B, 3] and the target probability [B] of ``images``
@@ -201,37 +216,22 @@ class Engine:
 
     def iterate(self, rows: Rows, n: int, controlled: bool = True) -> None:
         """Iteration n over ``rows``.  With ``controlled`` the control stops and restarts
-        rows (and stopped rows take no step); without it every row steps (run_fixed)."""
-        logits, seed, head = self.forward_head(rows, n, "forward")
-        with self.timer.phase(n, "head"):
-            if controlled:
-                rows.done = rows.done | (rows.failure > 0)
-                self.control.after_head(rows, head)
-            active = ~(rows.done | rows.paused) if controlled else rows.failure == 0
+        rows (and stopped rows take no step); without it every row steps (run_fixed).  Beside
+        the model, its ops are loss_head, observe_, the optimiser's step and advance_ (with a
+        control of its own in after_head, that control's)."""
+        logits, seed, active = self.forward_head(rows, n, "forward", controlled)
+        if controlled:
+            with self.timer.phase(n, "head"):
+                active = self.control.after_head(rows, rows.head, active)
         with self.timer.phase(n, "backward"):
             (grad,) = torch.autograd.grad(logits, rows.x, seed.to(logits.dtype))
         with self.timer.phase(n, "update"), torch.no_grad():
-            stats = self.optimizer.step(rows, grad, head, active)
+            stats = self.optimizer.step(rows, grad, rows.head, active)
             if controlled:
                 self.control.after_step(rows, self.optimizer)
-            rows.norms = stats[:, NORM_COLUMNS]
-            if self.trajectory is not None:
-                step = torch.where(active[:, None], stats[:, STEP_COLUMNS], float("nan"))
-                self.trajectory[..., -2:].index_put_((rows.age, rows.key), step)
-            rows.age = rows.age + active.long()
-
-
-def record_head(rows: Rows, head: torch.Tensor) -> None:
-    """Takes in loss_head's stats of the current images X_age: the first flip and the norms
-    there, and stops a row whose logits are not finite."""
-    rows.hit = head[:, COLUMN["hit"]] > 0.5
-    rows.subspace = head[:, COLUMN["subspace"]]
-    rows.target_prob = head[:, COLUMN["target_prob"]]
-    nonfinite = head[:, COLUMN["finite"]] < 0.5
-    rows.failure = torch.where(nonfinite & (rows.failure == 0), NONFINITE_LOGITS, rows.failure)
-    newly = rows.hit & (rows.first_flip < 0) & ~nonfinite
-    rows.first_flip = torch.where(newly, rows.age, rows.first_flip)
-    rows.flip_norms = torch.where(newly[:, None], rows.norms, rows.flip_norms)
+            ops.advance_unchecked(stats, active, rows.age, rows.norms, self.trajectory,
+                                  rows.key if self.trajectory is not None else None,
+                                  STEP_COLUMNS)
 
 
 @contextmanager

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from advfast.ops import HEAD_STATS
+
 
 class State:
     """Base of a typed per-sample record: a slotted dataclass whose fields are tensors with the
@@ -78,8 +80,8 @@ class Rows(State):
     first_flip: [B] int64, ``age`` when the prediction first equalled the target (-1: never).
     flip_norms: [B, 3] float32, L1/L2/Linf of x - x0 at the first flip (NaN: no flip).
     norms: [B, 3] float32, L1/L2/Linf of x - x0 now.
-    target_prob, subspace: [B] float32, of the last observed image (subspace 1/2/3, Def. IV.1).
-    hit: [B] bool, the last observed image is predicted as the target.
+    head: [B, 12] float32, ``ops.loss_head``'s stats of the last observed image (NaN: none
+        yet); ``hit``, ``target_prob`` and ``subspace`` read it.
     failure: [B] int64, why a sample stopped early (0: it did not; see ``engine.FAILURES``).
     done: [B] bool, finished: the sample leaves the batch at the next compaction.
     paused: [B] bool, its inner run is over (decided by the control): it takes no step and
@@ -98,9 +100,7 @@ class Rows(State):
     first_flip: torch.Tensor
     flip_norms: torch.Tensor
     norms: torch.Tensor
-    target_prob: torch.Tensor
-    subspace: torch.Tensor
-    hit: torch.Tensor
+    head: torch.Tensor
     failure: torch.Tensor
     done: torch.Tensor
     paused: torch.Tensor
@@ -110,6 +110,21 @@ class Rows(State):
 
     def __len__(self) -> int:
         return len(self.key)
+
+    @property
+    def hit(self) -> torch.Tensor:
+        """[B] bool: the last observed image is predicted as the target."""
+        return self.head[:, HEAD_STATS.index("hit")] > 0.5
+
+    @property
+    def target_prob(self) -> torch.Tensor:
+        """[B] float32: the target's probability at the last observed image."""
+        return self.head[:, HEAD_STATS.index("target_prob")]
+
+    @property
+    def subspace(self) -> torch.Tensor:
+        """[B] float32: the last observed image's subspace 1/2/3 (Definition IV.1)."""
+        return self.head[:, HEAD_STATS.index("subspace")]
 
     def take(self, index: torch.Tensor, like: torch.Tensor | None = None) -> Rows:
         """The rows at ``index``, every field (nested records too) gathered with that one
@@ -136,8 +151,9 @@ def start_rows(key: torch.Tensor, x0: torch.Tensor, target: torch.Tensor,
         constant=nan, age=zeros, first_flip=torch.full((b,), -1, dtype=torch.int64,
                                                         device=device),
         flip_norms=torch.full((b, 3), float("nan"), device=device),
-        norms=torch.zeros((b, 3), device=device), target_prob=nan.clone(),
-        subspace=nan.clone(), hit=false, failure=zeros.clone(), done=false.clone(),
+        norms=torch.zeros((b, 3), device=device),
+        head=torch.full((b, len(HEAD_STATS)), float("nan"), device=device),
+        failure=zeros.clone(), done=false.clone(),
         paused=false.clone(), ghost=false.clone())
 
 

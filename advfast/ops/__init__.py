@@ -22,10 +22,12 @@ import torch
 
 from advfast.errors import ClassOutOfRange, InvalidType, InvalidValue, UserError
 from advfast.ops import reference
-from advfast.ops.reference import CE_SEEDS, HEAD_STATS, STEP_STATS
+from advfast.ops.reference import (CE_SEEDS, HEAD_STATS, NONFINITE_LOGITS, STEP_STATS,
+                                   STOP_RULES)
 
-__all__ = ["LOSSES", "KAPPA_MODES", "CE_SEEDS", "HEAD_STATS", "STEP_STATS", "backend",
-           "loss_head", "perturb_step_", "adam_tanh_step_"]
+__all__ = ["LOSSES", "KAPPA_MODES", "CE_SEEDS", "HEAD_STATS", "STEP_STATS", "STOP_RULES",
+           "NONFINITE_LOGITS", "backend", "loss_head", "perturb_step_", "adam_tanh_step_",
+           "observe_", "advance_"]
 
 LOSSES: tuple[str, ...] = ("ce", "ce-sign", "logit", "m-logit")
 KAPPA_MODES: tuple[str, ...] = ("clamp", "balance")
@@ -113,6 +115,36 @@ if _COMPILED:
         _check_images_meta(tuple(zip("w m v x x0".split(), (w, m, v, x, x0))), grad,
                            ((c, torch.float32, "c"), (step, torch.int64, "step")), active, "w")
         return w.new_empty((w.shape[0], len(STEP_STATS)))
+
+    @torch.library.register_fake("advfast::observe_")
+    def _observe_fake(head, norms, age, paused, first_flip, flip_norms, failure, done,
+                      trajectory, key, columns, iterations, stop, controlled):
+        _check_bookkeeping_meta(head, len(HEAD_STATS), "head",
+                                (norms, torch.float32, 3, "norms"), (age, torch.int64, 0, "age"),
+                                (paused, torch.bool, 0, "paused"),
+                                (first_flip, torch.int64, 0, "first_flip"),
+                                (flip_norms, torch.float32, 3, "flip_norms"),
+                                (failure, torch.int64, 0, "failure"),
+                                (done, torch.bool, 0, "done"))
+        return paused.new_empty(paused.shape)
+
+    @torch.library.register_fake("advfast::advance_")
+    def _advance_fake(stats, active, age, norms, trajectory, key, columns):
+        _check_bookkeeping_meta(stats, len(STEP_STATS), "stats",
+                                (active, torch.bool, 0, "active"), (age, torch.int64, 0, "age"),
+                                (norms, torch.float32, 3, "norms"))
+
+
+def _check_bookkeeping_meta(stats, width: int, name: str, *rows) -> None:
+    """stats: [B, width] float32; rows: (tensor, dtype, width (0: [B]), name)."""
+    torch._check_type(stats.dtype == torch.float32, lambda: f"{name} must be float32")
+    torch._check_value(stats.dim() == 2 and stats.shape[1] == width,
+                       lambda: f"{name} must be [B, {width}], got {tuple(stats.shape)}")
+    for t, dtype, k, what in rows:
+        shape = (stats.shape[0], k) if k else (stats.shape[0],)
+        torch._check_value(t.dtype == dtype and tuple(t.shape) == shape
+                           and t.device == stats.device,
+                           lambda: f"{what} must be {dtype} {list(shape)} on {stats.device}")
 
 
 # ---- The reference fallback's checks (without the compiled library only) -------------------
@@ -378,3 +410,104 @@ def adam_tanh_step_unchecked(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
     _check_written({"w": w, "m": m, "v": v, "x": x}, {"grad": grad, "x0": x0})
     return reference.adam_tanh_step_(w, m, v, x, grad, x0, c, step, lr=lr, beta1=beta1,
                                      beta2=beta2, eps=eps, active=active)
+
+
+def observe_(head: torch.Tensor, norms: torch.Tensor, age: torch.Tensor, paused: torch.Tensor,
+             first_flip: torch.Tensor, flip_norms: torch.Tensor, failure: torch.Tensor,
+             done: torch.Tensor, *, trajectory: torch.Tensor | None = None,
+             key: torch.Tensor | None = None, columns: tuple[int, ...] = (),
+             iterations: int = 2**62, stop: str = "never",
+             controlled: bool = True) -> torch.Tensor:
+    """The attack engine's bookkeeping after :func:`loss_head`, one fused pass over the rows.
+
+    Per row, from loss_head's stats of the images X_age: a row whose logits are not finite
+    gets failure code :data:`NONFINITE_LOGITS` (where it had none); a row predicted as its
+    target (``hit``) for the first time, with finite logits, gets ``first_flip = age`` and
+    ``flip_norms = norms``.  With ``controlled``, ``done`` also takes in rows that failed,
+    that reached ``iterations`` steps, or that meet ``stop`` (:data:`STOP_RULES`: "flip" is
+    hit, "confidence" is subspace D3, Definition IV.1).  With a trajectory,
+    ``trajectory[age, key, j] = head[:, columns[j]]``.
+
+    Args:
+        head: [B, 12] float32, loss_head's stats.
+        norms: [B, 3] float32, the L1/L2/Linf of X_age - X0.
+        age: [B] int64, steps taken; paused: [B] bool, rows that wait (take no step).
+        first_flip, failure: [B] int64; flip_norms: [B, 3] float32; done: [B] bool; updated
+            in place.
+        trajectory: [T, Bt, W] float32, updated in place, with key [B] int64: every (age, key)
+            must lie inside [T, Bt] (IndexError on the CPU, a device assert on CUDA).
+        columns: the head's columns the trajectory row takes, at most 16.
+
+    Returns:
+        active: [B] bool, the rows that take a step: not done and not paused (controlled),
+        else not failed.
+    """
+    _require_tensors(head=head, norms=norms, age=age, paused=paused, first_flip=first_flip,
+                     flip_norms=flip_norms, failure=failure, done=done)
+    return _user_errors(observe_unchecked)(head, norms, age, paused, first_flip, flip_norms,
+                                           failure, done, trajectory, key, list(columns),
+                                           int(iterations), stop, bool(controlled))
+
+
+def observe_unchecked(head, norms, age, paused, first_flip, flip_norms, failure, done,
+                      trajectory, key, columns: list[int], iterations: int, stop: str,
+                      controlled: bool) -> torch.Tensor:
+    """:func:`observe_` without the Python-side checks, for the engine's hot loop."""
+    args = (head, norms, age, paused, first_flip, flip_norms, failure, done, trajectory, key,
+            columns, iterations, stop, controlled)
+    if _COMPILED:
+        return torch.ops.advfast.observe_(*args)
+    _check_bookkeeping_meta(head, len(HEAD_STATS), "head", (norms, torch.float32, 3, "norms"),
+                            (age, torch.int64, 0, "age"), (paused, torch.bool, 0, "paused"),
+                            (first_flip, torch.int64, 0, "first_flip"),
+                            (flip_norms, torch.float32, 3, "flip_norms"),
+                            (failure, torch.int64, 0, "failure"), (done, torch.bool, 0, "done"))
+    _check_columns(columns, len(HEAD_STATS), trajectory, key)
+    _check_scalars({}, (stop in STOP_RULES, f"unknown stop {stop!r} (expected never, flip or "
+                                            "confidence)"))
+    _check_written({"first_flip": first_flip, "flip_norms": flip_norms, "failure": failure,
+                    "done": done, **({} if trajectory is None else {"trajectory": trajectory})},
+                   {"head": head, "norms": norms, "age": age, "paused": paused,
+                    **({} if key is None else {"key": key})})
+    return reference.observe_(*args)
+
+
+def advance_(stats: torch.Tensor, active: torch.Tensor, age: torch.Tensor, norms: torch.Tensor,
+             *, trajectory: torch.Tensor | None = None, key: torch.Tensor | None = None,
+             columns: tuple[int, ...] = ()) -> None:
+    """The attack engine's bookkeeping after a step, one fused pass over the rows:
+    ``norms = stats[:, delta_l1:delta_linf + 1]``; with a trajectory, its last len(columns)
+    columns of row (age, key) take ``stats[:, columns]`` (NaN where ``active`` is False);
+    then ``age += active``.
+
+    Args:
+        stats: [B, 5] float32, a step's :data:`STEP_STATS`; active: [B] bool.
+        age: [B] int64 and norms: [B, 3] float32, updated in place.
+        trajectory, key, columns: as for :func:`observe_` (the step's columns, at most 16).
+    """
+    _require_tensors(stats=stats, active=active, age=age, norms=norms)
+    _user_errors(advance_unchecked)(stats, active, age, norms, trajectory, key, list(columns))
+
+
+def advance_unchecked(stats, active, age, norms, trajectory, key, columns: list[int]) -> None:
+    """:func:`advance_` without the Python-side checks, for the engine's hot loop."""
+    if _COMPILED:
+        return torch.ops.advfast.advance_(stats, active, age, norms, trajectory, key, columns)
+    _check_bookkeeping_meta(stats, len(STEP_STATS), "stats", (active, torch.bool, 0, "active"),
+                            (age, torch.int64, 0, "age"), (norms, torch.float32, 3, "norms"))
+    _check_columns(columns, len(STEP_STATS), trajectory, key)
+    _check_written({"age": age, "norms": norms,
+                    **({} if trajectory is None else {"trajectory": trajectory})},
+                   {"stats": stats, "active": active, **({} if key is None else {"key": key})})
+    return reference.advance_(stats, active, age, norms, trajectory, key, columns)
+
+
+def _check_columns(columns: list[int], width: int, trajectory, key) -> None:
+    _check_scalars({}, (len(columns) <= 16, "at most 16 columns"),
+                   (all(0 <= c < width for c in columns), f"columns must lie in [0, {width})"),
+                   ((trajectory is None) == (key is None),
+                    "give trajectory and key together, or neither"))
+    if trajectory is not None:
+        torch._check_type(trajectory.dtype == torch.float32, lambda: "trajectory must be float32")
+        _check_scalars({}, (trajectory.dim() == 3 and trajectory.shape[2] >= len(columns),
+                            f"trajectory must be [T, B, W] with W >= {len(columns)}"))

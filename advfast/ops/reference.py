@@ -252,3 +252,58 @@ def adam_tanh_step_(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, x: torch.
                           torch.zeros(batch, device=w.device))
     return torch.stack([p_l1, delta.abs().sum(1), delta.square().sum(1).sqrt(),
                         delta.abs().amax(1), step_l1], dim=1)
+
+
+# The engine's bookkeeping (csrc/observe.h): its stop rules and the failure code of a row whose
+# logits are not finite.
+STOP_RULES: tuple[str, ...] = ("never", "flip", "confidence")
+NONFINITE_LOGITS = 1
+
+
+def _check_cells(trajectory: torch.Tensor, age: torch.Tensor, key: torch.Tensor) -> None:
+    # indexing would wrap a negative age or key around, where the kernels refuse it
+    outside = (age < 0) | (age >= trajectory.shape[0]) | (key < 0) | (key >= trajectory.shape[1])
+    if bool(outside.any()):
+        row = int(outside.nonzero()[0, 0])
+        raise IndexError(f"row {row} writes trajectory[{int(age[row])}, {int(key[row])}], "
+                         f"outside [{trajectory.shape[0]}, {trajectory.shape[1]}]")
+
+
+def observe_(head: torch.Tensor, norms: torch.Tensor, age: torch.Tensor, paused: torch.Tensor,
+             first_flip: torch.Tensor, flip_norms: torch.Tensor, failure: torch.Tensor,
+             done: torch.Tensor, trajectory: torch.Tensor | None, key: torch.Tensor | None,
+             columns: list[int], iterations: int, stop: str, controlled: bool) -> torch.Tensor:
+    """Reference of ``torch.ops.advfast.observe_`` (see :func:`advfast.ops.observe_`)."""
+    col = {name: i for i, name in enumerate(HEAD_STATS)}
+    hit = head[:, col["hit"]] > 0.5
+    finite = ~(head[:, col["finite"]] < 0.5)
+    if trajectory is not None:
+        _check_cells(trajectory, age, key)
+    failure.copy_(torch.where(~finite & (failure == 0), NONFINITE_LOGITS, failure))
+    newly = hit & finite & (first_flip < 0)
+    first_flip.copy_(torch.where(newly, age, first_flip))
+    flip_norms.copy_(torch.where(newly[:, None], norms, flip_norms))
+    if controlled:
+        meets = {"flip": hit, "confidence": head[:, col["subspace"]] == 3}.get(
+            stop, torch.zeros_like(hit))
+        done |= (failure > 0) | (age >= iterations) | meets
+        active = ~(done | paused)
+    else:
+        active = failure == 0
+    if trajectory is not None and columns:
+        trajectory[age, key, :len(columns)] = head[:, list(columns)]
+    return active
+
+
+def advance_(stats: torch.Tensor, active: torch.Tensor, age: torch.Tensor, norms: torch.Tensor,
+             trajectory: torch.Tensor | None, key: torch.Tensor | None,
+             columns: list[int]) -> None:
+    """Reference of ``torch.ops.advfast.advance_`` (see :func:`advfast.ops.advance_`)."""
+    if trajectory is not None:
+        _check_cells(trajectory, age, key)
+    norms.copy_(stats[:, STEP_STATS.index("delta_l1"):STEP_STATS.index("delta_linf") + 1])
+    if trajectory is not None and columns:
+        width = trajectory.shape[2]
+        trajectory[age, key, width - len(columns):] = torch.where(
+            active[:, None], stats[:, list(columns)], float("nan"))
+    age += active.long()

@@ -1,0 +1,96 @@
+// CUDA observe_ and advance_, mirroring csrc/cpu/observe.cpp: one thread per row
+// (csrc/observe.h).  A row whose (age, key) lies outside the trajectory is a device-side assert,
+// where the CPU raises IndexError: checking first would synchronise with the host.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+
+namespace advfast {
+namespace {
+
+constexpr int kRowThreads = 256;
+
+unsigned int row_blocks(int64_t B) {
+  const int64_t blocks = (B + kRowThreads - 1) / kRowThreads;
+  TORCH_CHECK(blocks < (int64_t{1} << 31), "advfast: too many rows");
+  return static_cast<unsigned int>(blocks);
+}
+
+__global__ void observe_kernel(ObserveArgs a) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= a.B) return;
+  if (a.trajectory.data != nullptr) {
+    CUDA_KERNEL_ASSERT(in_trajectory(a.trajectory, a.age[b], a.key[b]));
+  }
+  observe_row(a, b);
+}
+
+__global__ void advance_kernel(AdvanceArgs a) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= a.B) return;
+  if (a.trajectory.data != nullptr) {
+    CUDA_KERNEL_ASSERT(in_trajectory(a.trajectory, a.age[b], a.key[b]));
+  }
+  advance_row(a, b);
+}
+
+at::Tensor observe_cuda(const at::Tensor& head, const at::Tensor& norms, const at::Tensor& age,
+                        const at::Tensor& paused, at::Tensor first_flip, at::Tensor flip_norms,
+                        at::Tensor failure, at::Tensor done,
+                        const std::optional<at::Tensor>& trajectory,
+                        const std::optional<at::Tensor>& key, c10::IntArrayRef columns,
+                        int64_t iterations, c10::string_view stop, bool controlled) {
+  const Columns cols = parse_columns(columns, kHeadStats, "observe_");
+  check_observe_args(head, norms, age, paused, first_flip, flip_norms, failure, done, trajectory,
+                     key, cols);
+  const StopRule rule = parse_stop(stop);
+  const c10::cuda::CUDAGuard guard(head.device());
+  const int64_t B = head.size(0);
+  at::Tensor active = at::empty({B}, paused.options());
+  if (B == 0) return active;
+  const at::Tensor h = head.contiguous(), n = norms.contiguous(), a = age.contiguous(),
+                   p = paused.contiguous(), k = key.has_value() ? key->contiguous() : at::Tensor();
+  Written ff(first_flip), fn(flip_norms), fl(failure), dn(done);
+  const ObserveArgs args{h.const_data_ptr<float>(), n.const_data_ptr<float>(),
+                         a.const_data_ptr<int64_t>(),
+                         k.defined() ? k.const_data_ptr<int64_t>() : nullptr,
+                         p.const_data_ptr<bool>(), ff.ptr<int64_t>(), fl.ptr<int64_t>(),
+                         fn.ptr<float>(), dn.ptr<bool>(), active.data_ptr<bool>(), B,
+                         iterations, rule, controlled, trajectory_of(trajectory), cols};
+  observe_kernel<<<row_blocks(B), kRowThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for (Written* w : {&ff, &fn, &fl, &dn}) w->write_back();
+  return active;
+}
+
+void advance_cuda(const at::Tensor& stats, const at::Tensor& active, at::Tensor age,
+                  at::Tensor norms, const std::optional<at::Tensor>& trajectory,
+                  const std::optional<at::Tensor>& key, c10::IntArrayRef columns) {
+  const Columns cols = parse_columns(columns, kStepStats, "advance_");
+  check_advance_args(stats, active, age, norms, trajectory, key, cols);
+  const c10::cuda::CUDAGuard guard(stats.device());
+  const int64_t B = stats.size(0);
+  if (B == 0) return;
+  const at::Tensor s = stats.contiguous(), on = active.contiguous(),
+                   k = key.has_value() ? key->contiguous() : at::Tensor();
+  Written ag(age), nm(norms);
+  const AdvanceArgs args{s.const_data_ptr<float>(), on.const_data_ptr<bool>(),
+                         k.defined() ? k.const_data_ptr<int64_t>() : nullptr, ag.ptr<int64_t>(),
+                         nm.ptr<float>(), B, trajectory_of(trajectory), cols};
+  advance_kernel<<<row_blocks(B), kRowThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  ag.write_back();
+  nm.write_back();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(advfast, CUDA, m) {
+  m.impl("observe_", &observe_cuda);
+  m.impl("advance_", &advance_cuda);
+}
+
+}  // namespace advfast

@@ -1,0 +1,119 @@
+// The engine's per-iteration bookkeeping, one row at a time, shared by the CPU and CUDA kernels of
+// observe_ and advance_ (csrc/cpu/observe.cpp, csrc/cuda/observe.cu) and mirrored by
+// advfast/ops/reference.py.  It replaces some twenty small tensor ops per iteration (first flip,
+// the norms there, failure codes, stop masks, trajectory rows, the step count) by two passes over
+// B rows: on a GPU two launches instead of twenty.
+#pragma once
+
+#include <cstdint>
+
+#include "advfast_math.h"
+#include "stats.h"
+
+namespace advfast {
+
+// The stop rules observe_ applies (advfast.engine.control.STOPS): "never", "flip" (predicted as
+// the target), "confidence" (in D3, Definition IV.1).
+enum class StopRule : int64_t { NEVER = 0, FLIP = 1, CONFIDENCE = 2 };
+
+// The failure code observe_ gives a row whose logits are not finite (advfast.engine.FAILURES).
+constexpr int64_t kNonfiniteLogits = 1;
+
+// The most trajectory columns one op writes (loss_head has kHeadStats, the steps kStepStats).
+constexpr int kMaxColumns = 16;
+
+// Which stats columns go to the trajectory, in order; passed by value to the CUDA kernels.
+struct Columns {
+  int64_t index[kMaxColumns];
+  int64_t count;
+};
+
+// A [T, Bt, W] float32 trajectory (data null: none) and where in W a row's values start.
+struct Trajectory {
+  float* data;
+  int64_t s0, s1, s2, T, Bt, W;
+};
+
+// observe_'s operands, all [B] or [B, k] contiguous (see the schema in csrc/ops.cpp).
+struct ObserveArgs {
+  const float *head, *norms;  // [B, kHeadStats], [B, 3]
+  const int64_t *age, *key;   // [B]; key null without a trajectory
+  const bool* paused;         // [B]
+  int64_t *first_flip, *failure;
+  float* flip_norms;  // [B, 3]
+  bool *done, *active;
+  int64_t B, iterations;
+  StopRule stop;
+  bool controlled;
+  Trajectory trajectory;
+  Columns columns;
+};
+
+// advance_'s operands: stats [B, kStepStats], active [B] read; age [B] and norms [B, 3] written.
+struct AdvanceArgs {
+  const float* stats;
+  const bool* active;
+  const int64_t* key;
+  int64_t* age;
+  float* norms;
+  int64_t B;
+  Trajectory trajectory;
+  Columns columns;
+};
+
+// Whether (age, key) names a cell of the trajectory.
+ADVFAST_HD bool in_trajectory(const Trajectory& t, int64_t age, int64_t key) {
+  return age >= 0 && age < t.T && key >= 0 && key < t.Bt;
+}
+
+// trajectory[age, key, offset + j] = values[columns[j]] (NaN with `blank`), j < columns.count.
+ADVFAST_HD void write_trajectory(const Trajectory& t, int64_t age, int64_t key, int64_t offset,
+                                 const float* values, const Columns& columns, bool blank) {
+  float* cell = t.data + age * t.s0 + key * t.s1;
+  for (int64_t j = 0; j < columns.count; ++j) {
+    cell[(offset + j) * t.s2] = blank ? NAN : values[columns.index[j]];
+  }
+}
+
+// Row b of observe_: takes in loss_head's stats of the images X_age (the first flip and the norms
+// there; a failure code for non-finite logits), applies the stop rule and the iteration cap when
+// `controlled`, and returns whether the row takes a step: not done and not paused (controlled),
+// else not failed.  A non-finite row never counts as a flip.
+ADVFAST_HD void observe_row(const ObserveArgs& a, int64_t b) {
+  const float* head = a.head + b * kHeadStats;
+  const bool finite = !(head[kFinite] < 0.5f);
+  const bool hit = head[kHit] > 0.5f;
+  const int64_t age = a.age[b];
+  if (!finite && a.failure[b] == 0) a.failure[b] = kNonfiniteLogits;
+  if (hit && finite && a.first_flip[b] < 0) {
+    a.first_flip[b] = age;
+    for (int k = 0; k < 3; ++k) a.flip_norms[3 * b + k] = a.norms[3 * b + k];
+  }
+  if (a.controlled) {
+    const bool meets = a.stop == StopRule::FLIP ? hit
+                       : a.stop == StopRule::CONFIDENCE ? head[kSubspace] == 3.f
+                                                        : false;
+    a.done[b] = a.done[b] || a.failure[b] > 0 || age >= a.iterations || meets;
+    a.active[b] = !(a.done[b] || a.paused[b]);
+  } else {
+    a.active[b] = a.failure[b] == 0;
+  }
+  if (a.trajectory.data != nullptr) {
+    write_trajectory(a.trajectory, age, a.key[b], 0, head, a.columns, false);
+  }
+}
+
+// Row b of advance_: the norms of x - x0 from the step's stats, the step's columns of the
+// trajectory row X_age (NaN where the row took no step), then age += active.
+ADVFAST_HD void advance_row(const AdvanceArgs& a, int64_t b) {
+  const float* stats = a.stats + b * kStepStats;
+  for (int k = 0; k < 3; ++k) a.norms[3 * b + k] = stats[kDeltaL1 + k];
+  const Trajectory& t = a.trajectory;
+  if (t.data != nullptr) {
+    write_trajectory(t, a.age[b], a.key[b], t.W - a.columns.count, stats, a.columns,
+                     !a.active[b]);
+  }
+  a.age[b] += a.active[b] ? 1 : 0;
+}
+
+}  // namespace advfast
