@@ -1,8 +1,9 @@
 // CPU loss head, one translation unit compiled once per capability (kernels.h): per row, one
-// reading pass keeps kLanes independent running states (online softmax, argmax, runner-up c*)
-// that the compiler vectorises; the lanes merge with ties going to the smaller index, so the
-// result is torch.argmax's first maximum.  Then one pass writes the seed row.  Parallel over
-// rows.
+// reading pass keeps kLanes independent running states (maximum, argmax, runner-up c*) that
+// the compiler vectorises; the lanes merge with ties going to the smaller index, so the result
+// is torch.argmax's first maximum.  A second pass takes the softmax terms against that maximum
+// into the seed row (one exp per logit, where an online softmax takes two and more to merge its
+// lanes), a third finishes the seed.  Parallel over rows.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -10,27 +11,28 @@
 
 #include "../kernels.h"
 #include "../capability.h"
+#include "../sample_chunks.h"
 
 namespace advfast {
 namespace ADVFAST_CPU_NS {
 namespace {
 
+// The row's maximum (NaN aside, as softmax_push keeps it), argmax and runner-up c*: kLanes
+// independent running states, merged with ties going to the smaller index.  No exp here: the
+// softmax terms are taken once, against the final maximum (softmax_terms).
 template <typename scalar_t>
 void reduce_row(const scalar_t* __restrict__ row, int64_t s1, int64_t M, int64_t c,
-                OnlineSoftmax* sm_out, ArgMax* best_out, ArgMax* runner_out) {
+                float* max_out, ArgMax* best_out, ArgMax* runner_out) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  float m[kLanes], s[kLanes], bv[kLanes], rv[kLanes];
+  float m[kLanes], bv[kLanes], rv[kLanes];
   int32_t bi[kLanes], ri[kLanes];
   for (int l = 0; l < kLanes; ++l) {
     m[l] = bv[l] = rv[l] = kNegInf;
-    s[l] = 0.f;
     bi[l] = ri[l] = -1;
   }
-  auto element = [&](int64_t i, int l) {
+  for_each_lane(M, [&](int64_t i, int l) {
     const float v = static_cast<float>(row[i * s1]);
-    const OnlineSoftmax next = softmax_push(OnlineSoftmax{m[l], s[l]}, v);
-    m[l] = next.max;
-    s[l] = next.sum;
+    m[l] = v > m[l] ? v : m[l];
     const int32_t idx = static_cast<int32_t>(i);
     // Bitwise, not short-circuit, operators: no branches in the lane loop.  A lane sees its
     // elements in increasing index, so a tie keeps the earlier one.
@@ -40,22 +42,33 @@ void reduce_row(const scalar_t* __restrict__ row, int64_t s1, int64_t M, int64_t
     const bool take_r = (i != c) & (ranks_above(v, rv[l]) | (ri[l] < 0));
     rv[l] = take_r ? v : rv[l];
     ri[l] = take_r ? idx : ri[l];
-  };
-  int64_t i = 0;
-  for (; i + kLanes <= M; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) element(i + l, l);
-  }
-  for (int l = 0; i < M; ++i, ++l) element(i, l);
-  OnlineSoftmax sm{kNegInf, 0.f};
+  });
+  float mx = kNegInf;
   ArgMax best{kNegInf, -1}, runner{kNegInf, -1};
   for (int l = 0; l < kLanes; ++l) {
-    sm = softmax_merge(sm, OnlineSoftmax{m[l], s[l]});
+    mx = m[l] > mx ? m[l] : mx;
     best = argmax_merge(best, ArgMax{bv[l], bi[l]});
     runner = argmax_merge(runner, ArgMax{rv[l], ri[l]});
   }
-  *sm_out = sm;
+  *max_out = mx;
   *best_out = best;
   *runner_out = runner;
+}
+
+// The softmax terms exp(g_i - max) into out (the seed row, which write_seed finishes) and
+// their sum: one exp per logit.
+template <typename scalar_t>
+OnlineSoftmax softmax_terms(const scalar_t* __restrict__ row, int64_t s1, int64_t M, float max,
+                            float* __restrict__ out) {
+  float acc[kLanes] = {};
+  for_each_lane(M, [&](int64_t i, int l) {
+    const float term = softmax_term(static_cast<float>(row[i * s1]), max);
+    out[i] = term;
+    acc[l] += term;
+  });
+  float sum = 0.f;
+  for (int l = 0; l < kLanes; ++l) sum += acc[l];
+  return OnlineSoftmax{max, sum};
 }
 
 // CeSeed::EXACT's target element: the sum of the other classes' probabilities, from a seed row
@@ -79,11 +92,10 @@ void write_seed(const scalar_t* __restrict__ row, int64_t s1, int64_t M, int64_t
                 float* __restrict__ out) {
   switch (loss) {
     case Loss::CE: {
-      // seed_of's formula, with the one-hot term added at the target alone.
+      // seed_of's formula, with the one-hot term added at the target alone; out holds the
+      // softmax terms (softmax_terms).
       const float inv = inverse_sum(sm);
-      for (int64_t i = 0; i < M; ++i) {
-        out[i] = -softmax_term(static_cast<float>(row[i * s1]), sm.max) * inv;
-      }
+      for (int64_t i = 0; i < M; ++i) out[i] = -out[i] * inv;
       out[c] = ce_seed == CeSeed::EXACT
                    ? others_sum(out, M, c)
                    : seed_of(loss, static_cast<float>(row[c * s1]), c, c, runner_up, w, sm);
@@ -106,14 +118,16 @@ void loss_head_rows(const scalar_t* logits, const HeadArgs& a) {
     for (int64_t b = begin; b < end; ++b) {
       const scalar_t* row = logits + b * s0;
       const int64_t c = a.target[b];
-      OnlineSoftmax sm;
+      float max;
       ArgMax best, runner_up;
-      reduce_row(row, s1, M, c, &sm, &best, &runner_up);
+      reduce_row(row, s1, M, c, &max, &best, &runner_up);
+      float* seed = a.seed + b * M;
+      const OnlineSoftmax sm = softmax_terms(row, s1, M, max, seed);
       float* st = a.stats + b * kHeadStats;
       write_head_stats(st, sm, best, runner_up, static_cast<float>(row[c * s1]),
                        static_cast<float>(row[a.source[b] * s1]), c, a.threshold);
       write_seed(row, s1, M, c, runner_up.index, a.loss, kappa_weight(st[kMargin], a.kappa, a.mode),
-                 sm, a.ce_seed, a.seed + b * M);
+                 sm, a.ce_seed, seed);
     }
   });
 }
