@@ -4,7 +4,8 @@
 +-10 % or more.  Here every configuration runs on one thread and is timed with
 ``time.thread_time`` (CPU time of this thread only), round-robin, and the cost of an iteration is
 the difference of two run lengths over their difference in iterations, so that set-up and a
-call's final check forward cancel out: "in the loop".  A whole call of the longer length is
+call's final check forward cancel out: "in the loop".  Ratios to the floor are paired (the
+same repeat), the order shuffled in each repeat.  A whole call of the longer length is
 reported too.  The floor is a bare forward + input backward; advfast is the paper's scheme (CE,
 equal perturbation, every sample all iterations), recording on and off; torchattacks' BIM where
 installed.
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import random
 import statistics
 import sys
 import time
@@ -60,30 +63,46 @@ def configurations(model, x: torch.Tensor, t: torch.Tensor) -> dict[str, Callabl
 
 
 def measure(runs: dict[str, Callable[[int], None]], lengths: tuple[int, int],
-            repeats: int) -> dict[str, dict[str, float]]:
-    """Per configuration: median CPU ms per iteration in the loop and for a whole call."""
+            repeats: int, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Per configuration: median CPU ms per iteration in the loop and for a whole call, and
+    the median over repeats of its ratio to the floor in the same repeat, with a 95 % interval
+    (order statistics).  The order of the configurations is shuffled in every repeat, so that
+    load that drifts or recurs on the machine favours none of them."""
     short, long = lengths
     loop: dict[str, list[float]] = {name: [] for name in runs}
     call: dict[str, list[float]] = {name: [] for name in runs}
     for run in runs.values():  # warm-up
         run(short)
+    order = random.Random(seed)
+    names = list(runs)
     for _ in range(repeats):
-        for name, run in runs.items():
+        order.shuffle(names)
+        for name in names:
             spent = []
             for n in (short, long):
                 begin = time.thread_time()
-                run(n)
+                runs[name](n)
                 spent.append(time.thread_time() - begin)
             loop[name].append(1e3 * (spent[1] - spent[0]) / (long - short))
             call[name].append(1e3 * spent[1] / long)
-    return {name: {"loop_ms": statistics.median(loop[name]),
-                   "loop_ms_iqr": _iqr(loop[name]), "call_ms": statistics.median(call[name])}
-            for name in runs}
+    figures = {}
+    for name in runs:
+        ratios = sorted(a / b for a, b in zip(loop[name], loop["floor"]))
+        figures[name] = {"loop_ms": statistics.median(loop[name]),
+                         "call_ms": statistics.median(call[name]),
+                         "loop_vs_floor": statistics.median(ratios),
+                         "loop_vs_floor_ci95": _median_interval(ratios),
+                         "call_vs_floor": statistics.median(
+                             a / b for a, b in zip(call[name], call["floor"]))}
+    return figures
 
 
-def _iqr(values: list[float]) -> list[float]:
-    q = statistics.quantiles(values, n=4)
-    return [q[0], q[2]]
+def _median_interval(ordered: list[float]) -> list[float]:
+    """A distribution-free 95 % interval of the median: order statistics n/2 -+ 0.98 sqrt(n)."""
+    n = len(ordered)
+    half = 0.98 * math.sqrt(n)
+    lo, hi = max(int(n / 2 - half), 0), min(int(math.ceil(n / 2 + half)), n - 1)
+    return [ordered[lo], ordered[hi]]
 
 
 def main() -> int:
@@ -98,15 +117,13 @@ def main() -> int:
     chosen, _ = selection.prepare(model, selection.DigitsSource("test"), args.batch, seed=0)
     figures = measure(configurations(model, chosen.images, chosen.targets),
                       tuple(args.iterations), args.repeats)
-    floor = figures["floor"]
     print(f"digits, batch {args.batch}, one thread, CPU time, {args.repeats} repeats")
-    print("| configuration | in the loop ms/it (IQR) | vs floor | whole call ms/it | vs floor |")
+    print("| configuration | in the loop ms/it | vs floor (95 % CI) | whole call ms/it "
+          "| vs floor |")
     print("|---|---|---|---|---|")
     for name, f in figures.items():
-        f["loop_vs_floor"] = f["loop_ms"] / floor["loop_ms"]
-        f["call_vs_floor"] = f["call_ms"] / floor["call_ms"]
-        lo, hi = f["loop_ms_iqr"]
-        print(f"| {name} | {f['loop_ms']:.3f} ({lo:.3f}–{hi:.3f}) | {f['loop_vs_floor']:.3f}x "
+        lo, hi = f["loop_vs_floor_ci95"]
+        print(f"| {name} | {f['loop_ms']:.3f} | {f['loop_vs_floor']:.3f}x ({lo:.3f}–{hi:.3f}) "
               f"| {f['call_ms']:.3f} | {f['call_vs_floor']:.3f}x |")
     if args.json:
         with open(args.json, "w") as out:

@@ -33,6 +33,8 @@ LOSSES: tuple[str, ...] = ("ce", "ce-sign", "logit", "m-logit")
 KAPPA_MODES: tuple[str, ...] = ("clamp", "balance")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
+# The wrappers call each op's overload (torch.ops.advfast.NAME.default) rather than its packet:
+# the packet's overload resolution costs microseconds per call in the engine's loop.
 try:
     from advfast import _C  # noqa: F401  (loading it registers torch.ops.advfast.*)
 
@@ -268,8 +270,8 @@ def loss_head_unchecked(logits: torch.Tensor, target: torch.Tensor, source: torc
     """:func:`loss_head` without the Python-side checks, for the engine's hot loop, whose
     operands are checked once when an attack starts (the C++ checks still run)."""
     if _COMPILED:
-        return torch.ops.advfast.loss_head(logits, target, source, loss, kappa, kappa_mode,
-                                           threshold, ce_seed)
+        return torch.ops.advfast.loss_head.default(logits, target, source, loss, kappa,
+                                                   kappa_mode, threshold, ce_seed)
     _check_head_meta(logits, target, source)
     _check_scalars({"kappa": kappa, "threshold": threshold},
                    (loss in LOSSES, f"unknown loss {loss!r} (expected {', '.join(LOSSES)})"),
@@ -332,8 +334,8 @@ def perturb_step_unchecked(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor
     """:func:`perturb_step_` without the Python-side checks (see
     :func:`loss_head_unchecked`)."""
     if _COMPILED:
-        return torch.ops.advfast.perturb_step_(x, grad, x0, active, sign, alpha, beta, lo, hi,
-                                               eps, exact_l1)
+        return torch.ops.advfast.perturb_step_.default(x, grad, x0, active, sign, alpha, beta,
+                                                       lo, hi, eps, exact_l1)
     _check_images_meta((("x", x), ("x0", x0)), grad, (), active, "x")
     _check_scalars({"alpha": alpha, "beta": beta, "lo": lo, "hi": hi, "eps": eps},
                    ((alpha is None) != (beta is None), "give exactly one of alpha or beta"),
@@ -395,8 +397,8 @@ def adam_tanh_step_unchecked(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
     """:func:`adam_tanh_step_` without the Python-side checks (see
     :func:`loss_head_unchecked`)."""
     if _COMPILED:
-        return torch.ops.advfast.adam_tanh_step_(w, m, v, x, grad, x0, c, step, active, lr,
-                                                 beta1, beta2, eps)
+        return torch.ops.advfast.adam_tanh_step_.default(w, m, v, x, grad, x0, c, step, active,
+                                                         lr, beta1, beta2, eps)
     _check_images_meta(tuple(zip("w m v x x0".split(), (w, m, v, x, x0))), grad,
                        ((c, torch.float32, "c"), (step, torch.int64, "step")), active, "w")
     _check_scalars({"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps},
@@ -456,7 +458,7 @@ def observe_unchecked(head, norms, age, paused, first_flip, flip_norms, failure,
     args = (head, norms, age, paused, first_flip, flip_norms, failure, done, trajectory, key,
             columns, iterations, stop, controlled)
     if _COMPILED:
-        return torch.ops.advfast.observe_(*args)
+        return torch.ops.advfast.observe_.default(*args)
     _check_bookkeeping_meta(head, len(HEAD_STATS), "head", (norms, torch.float32, 3, "norms"),
                             (age, torch.int64, 0, "age"), (paused, torch.bool, 0, "paused"),
                             (first_flip, torch.int64, 0, "first_flip"),
@@ -492,7 +494,8 @@ def advance_(stats: torch.Tensor, active: torch.Tensor, age: torch.Tensor, norms
 def advance_unchecked(stats, active, age, norms, trajectory, key, columns: list[int]) -> None:
     """:func:`advance_` without the Python-side checks, for the engine's hot loop."""
     if _COMPILED:
-        return torch.ops.advfast.advance_(stats, active, age, norms, trajectory, key, columns)
+        return torch.ops.advfast.advance_.default(stats, active, age, norms, trajectory, key,
+                                                  columns)
     _check_bookkeeping_meta(stats, len(STEP_STATS), "stats", (active, torch.bool, 0, "active"),
                             (age, torch.int64, 0, "age"), (norms, torch.float32, 3, "norms"))
     _check_columns(columns, len(STEP_STATS), trajectory, key)
