@@ -419,6 +419,41 @@ inline void check_advance_args(const at::Tensor& stats, const at::Tensor& active
                       {{&stats, "stats"}, {&active, "active"}, {&keys, "key"}}, op);
 }
 
+inline void check_cw_observe_args(const at::Tensor& head, const at::Tensor& norms,
+                                  const at::Tensor& constant, const at::Tensor& l2sq,
+                                  const at::Tensor& active, const at::Tensor& inner_age,
+                                  const at::Tensor& previous_loss, const at::Tensor& best_l2,
+                                  const at::Tensor& best_constant, const at::Tensor& succeeded,
+                                  const at::Tensor& paused, int64_t steps,
+                                  int64_t check_every) {
+  constexpr const char* op = "cw_observe_";
+  TORCH_CHECK_TYPE(head.scalar_type() == at::kFloat,
+                   "advfast.cw_observe_: head must be float32, got ", head.scalar_type());
+  TORCH_CHECK_VALUE(head.dim() == 2 && head.size(1) == kHeadStats,
+                    "advfast.cw_observe_: head must be loss_head's [B, ", kHeadStats,
+                    "] stats, got ", head.sizes());
+  const int64_t B = head.size(0);
+  check_rows(norms, at::kFloat, B, 3, head, op, "norms");
+  for (const auto& [t, name] : {std::pair{&constant, "constant"}, std::pair{&l2sq, "l2sq"},
+                                std::pair{&previous_loss, "previous_loss"},
+                                std::pair{&best_l2, "best_l2"},
+                                std::pair{&best_constant, "best_constant"}}) {
+    check_rows(*t, at::kFloat, B, 0, head, op, name);
+  }
+  check_rows(inner_age, at::kLong, B, 0, head, op, "inner_age");
+  for (const auto& [t, name] : {std::pair{&active, "active"}, std::pair{&succeeded, "succeeded"},
+                                std::pair{&paused, "paused"}}) {
+    check_rows(*t, at::kBool, B, 0, head, op, name);
+  }
+  TORCH_CHECK_VALUE(steps >= 1 && check_every >= 1, "advfast.cw_observe_: steps and check_every "
+                    "must be positive, got ", steps, " and ", check_every);
+  check_written_apart({{&inner_age, "inner_age"}, {&previous_loss, "previous_loss"},
+                       {&best_l2, "best_l2"}, {&best_constant, "best_constant"},
+                       {&succeeded, "succeeded"}, {&paused, "paused"}},
+                      {{&head, "head"}, {&norms, "norms"}, {&constant, "constant"},
+                       {&l2sq, "l2sq"}, {&active, "active"}}, op);
+}
+
 // A written operand as the kernels walk it: contiguous (the caller's tensor itself when it is),
 // copied back into the caller's tensor afterwards when it was not.
 struct Written {

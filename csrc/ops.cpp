@@ -84,6 +84,14 @@ TORCH_LIBRARY(advfast, m) {
   m.def(
       "advance_(Tensor stats, Tensor active, Tensor(a!) age, Tensor(b!) norms, "
       "Tensor(c!)? trajectory, Tensor? key, int[] columns) -> ()");
+  // Carlini and Wagner's per-iteration rules for the rows that would step (CWSearch, see
+  // csrc/observe.h); returns (stepping, better) [B] bool: the rows that step, and those whose
+  // image (l2sq its squared L2) became their best.
+  m.def(
+      "cw_observe_(Tensor head, Tensor norms, Tensor constant, Tensor l2sq, Tensor active, "
+      "Tensor(a!) inner_age, Tensor(b!) previous_loss, Tensor(c!) best_l2, "
+      "Tensor(d!) best_constant, Tensor(e!) succeeded, Tensor(f!) paused, float kappa, "
+      "int steps, int check_every, bool abort_early) -> (Tensor, Tensor)");
   // The instruction set the CPU kernels run with on this machine.
   m.def("cpu_isa() -> str", &advfast::cpu_isa);
   // The names of loss_head's and of the steps' stats columns (owned by csrc/stats.h).
@@ -95,7 +103,8 @@ TORCH_LIBRARY(advfast, m) {
 // that autograd saved and then stepped raises "modified by an inplace operation" at backward).
 // The Autograd key keeps PyTorch's default for custom ops, which reaches this kernel.
 TORCH_LIBRARY_IMPL(advfast, ADInplaceOrView, m) {
-  for (const char* op : {"perturb_step_", "adam_tanh_step_", "observe_", "advance_"}) {
+  for (const char* op : {"perturb_step_", "adam_tanh_step_", "observe_", "advance_",
+                          "cw_observe_"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&advfast::bump_written_arguments>());
   }
 }

@@ -5,6 +5,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -221,9 +222,9 @@ def test_written_arguments_move_their_version_counters():
     assert all(t._version > v for t, v in zip(written, before))
 
 
-def _ops_per_iteration(record: bool, stop: str) -> float:
+def _ops_per_iteration(record: bool, stop: str, cw: bool = False) -> float:
     sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-    from count_ops import Count, per_iteration
+    from count_ops import per_iteration
 
     model = small_model()
     x, t, _ = small_batch(model)
@@ -231,7 +232,12 @@ def _ops_per_iteration(record: bool, stop: str) -> float:
                             compact_every=1000)
 
     def run(n: int) -> None:
-        attack.shortened(n)(x, t)
+        if cw:  # one run per sample, no abort, runs of a multiple of compact_every steps
+            advfast.attacks.CarliniWagnerL2(model, steps=n, binary_search_steps=1,
+                                            abort_early=False, record=record,
+                                            compact_every=8)(x, t)
+        else:
+            attack.shortened(n)(x, t)
 
     def floor(n: int) -> None:
         with advfast.engine.frozen(model):
@@ -240,7 +246,8 @@ def _ops_per_iteration(record: bool, stop: str) -> float:
                 logits = model(xr)
                 torch.autograd.grad(logits, xr, torch.ones_like(logits))
 
-    return per_iteration(run, (2, 6)) - per_iteration(floor, (2, 6))
+    lengths = (8, 24) if cw else (2, 6)
+    return per_iteration(run, lengths) - per_iteration(floor, lengths)
 
 
 @compiled
@@ -251,3 +258,109 @@ def test_an_iteration_dispatches_a_fixed_number_of_own_ops():
     counts = {(record, stop): _ops_per_iteration(record, stop)
               for record in (False, True) for stop in ("never", "flip")}
     assert set(counts.values()) == {3.0}, counts
+
+
+# ---- cw_observe_ -----------------------------------------------------------------------------
+
+def _cw_rows(b: int, device: str, seed: int = 3) -> dict:
+    """Rows around every decision of CW's rules: abort checks (inner_age a multiple of 4) and
+    not, losses on both sides of 0.9999 x the previous one, margins around kappa, images better
+    and worse than the best, a NaN margin, runs at their last step."""
+    gen = torch.Generator().manual_seed(seed)
+    head = torch.randn(b, len(H), generator=gen)
+    head[:, H["margin"]] = 5.0 + 2 * torch.randn(b, generator=gen)  # kappa = 5
+    head[::9, H["margin"]] = float("nan")
+    norms = torch.rand(b, 3, generator=gen)
+    constant = torch.rand(b, generator=gen) * 10
+    loss = norms[:, 1].square() + constant * torch.clamp(5.0 - head[:, H["margin"]], min=0)
+    wobble = 1 + 1e-3 * torch.randn(b, generator=gen)
+    state = dict(
+        head=head, norms=norms, constant=constant, l2sq=torch.rand(b, generator=gen),
+        active=torch.rand(b, generator=gen) < 0.8,
+        inner_age=torch.randint(0, 12, (b,), generator=gen),
+        previous_loss=torch.nan_to_num(loss * wobble, nan=1.0),
+        best_l2=torch.where(torch.rand(b, generator=gen) < 0.3, float("inf"),
+                            torch.rand(b, generator=gen)),
+        best_constant=torch.rand(b, generator=gen),
+        succeeded=torch.rand(b, generator=gen) < 0.3, paused=torch.zeros(b, dtype=torch.bool))
+    return {k: v.to(device) for k, v in state.items()}
+
+
+def _oracle_cw(r: dict, kappa: float, steps: int, check_every: int, abort_early: bool) -> dict:
+    """cw_observe_'s contract row by row, in numpy float32 scalars (the original's float32)."""
+    f32 = np.float32
+    out = {k: v.cpu().tolist() for k, v in r.items()}
+    stepping, better = [], []
+    for i in range(len(out["active"])):
+        live, margin = out["active"][i], f32(out["head"][i][H["margin"]])
+        gap = f32(kappa) - margin
+        loss = f32(out["norms"][i][1]) ** 2 + f32(out["constant"][i]) * (gap if gap >= 0 or
+                                                                        gap != gap else f32(0))
+        check = live and abort_early and out["inner_age"][i] % check_every == 0
+        stalled = check and loss > f32(out["previous_loss"][i]) * f32(0.9999)
+        if check:
+            out["previous_loss"][i] = float(loss)
+        success = live and not stalled and margin > f32(kappa)
+        good = success and out["l2sq"][i] < out["best_l2"][i]
+        if good:
+            out["best_l2"][i], out["best_constant"][i] = out["l2sq"][i], out["constant"][i]
+        out["succeeded"][i] = out["succeeded"][i] or success
+        ended = live and (stalled or out["inner_age"][i] + 1 >= steps)
+        out["paused"][i] = out["paused"][i] or ended
+        stepping.append(live and not ended)
+        better.append(good)
+        out["inner_age"][i] += int(stepping[-1])
+    return {"stepping": stepping, "better": better,
+            **{k: out[k] for k in ("inner_age", "previous_loss", "best_l2", "best_constant",
+                                   "succeeded", "paused")}}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["op", "reference"])
+@pytest.mark.parametrize("abort_early", [True, False])
+def test_cw_observe_matches_the_contract(device, impl, abort_early):
+    rows = _cw_rows(60, device)
+    want = _oracle_cw(rows, 5.0, 10, 4, abort_early)
+    r = {k: v.clone() for k, v in rows.items()}
+    fn = ops.cw_observe_ if impl == "op" else (
+        lambda *a, **kw: reference.cw_observe_(*a, kw["kappa"], kw["steps"], kw["check_every"],
+                                               kw["abort_early"]))
+    stepping, better = fn(*r.values(), kappa=5.0, steps=10, check_every=4,
+                          abort_early=abort_early)
+    assert stepping.tolist() == want["stepping"]
+    assert better.tolist() == want["better"]
+    assert any(want["better"]) and not all(want["stepping"])  # the inputs reach every branch
+    for name in ("inner_age", "succeeded", "paused"):
+        assert r[name].tolist() == want[name], name
+    for name in ("previous_loss", "best_l2", "best_constant"):
+        torch.testing.assert_close(r[name].cpu(), torch.tensor(want[name]), rtol=0, atol=0,
+                                   equal_nan=True, msg=name)
+
+
+def test_cw_observe_refuses_bad_arguments():
+    r = _cw_rows(4, "cpu")
+    with pytest.raises(advfast.errors.UserError, match="check_every must be positive"):
+        ops.cw_observe_(*r.values(), kappa=0.0, steps=10, check_every=0)
+    r["paused"] = r["active"]
+    with pytest.raises(advfast.errors.UserError, match="must not share memory"):
+        ops.cw_observe_(*r.values(), kappa=0.0, steps=10, check_every=1)
+
+
+@compiled
+@pytest.mark.parametrize("device", DEVICES)
+def test_cw_observe_opcheck(device):
+    r = _cw_rows(6, device)
+    torch.library.opcheck(torch.ops.advfast.cw_observe_.default,
+                          (*r.values(), 5.0, 10, 4, True))
+
+
+@compiled
+def test_a_cw_iteration_keeps_its_rules_in_one_op():
+    """CW's abort, success, best and end-of-run rules are one op (cw_observe_).  Beside the
+    model, an iteration dispatches 5 ops (loss_head, observe_, cw_observe_, adam_tanh_step_,
+    advance_), 9 tensor ops (the squared L2 of the images, the copy of the new best ones, Adam's
+    step count) and, every 8 iterations, the search's boundary: 21 per iteration here, whatever is
+    recorded (53 while the rules were tensor ops)."""
+    counts = {record: _ops_per_iteration(record, "never", cw=True) for record in (False, True)}
+    assert counts[False] == counts[True], counts
+    assert counts[False] <= 21, counts

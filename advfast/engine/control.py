@@ -204,20 +204,15 @@ class CWSearch(ConstantSearch):
                        previous_loss=torch.full((b,), PREVIOUS_LOSS, device=device))
 
     def after_head(self, rows: Rows, head: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        s, live = rows.control, active
-        margin = head[:, COLUMN["margin"]]
-        # the original's loss: ||X' - X||^2 + c max(kappa - margin, 0)
-        loss = rows.norms[:, 1].square() + rows.constant * torch.clamp(self.kappa - margin, min=0)
-        check = live & (s.inner_age % self.check_every == 0) & self.abort_early
-        stalled = check & (loss > s.previous_loss * 0.9999)
-        s.previous_loss = torch.where(check, loss, s.previous_loss)
-        success = live & ~stalled & (margin > self.kappa)
-        self.keep_best(rows, success, rows.x.detach())
-        s.succeeded = s.succeeded | success
-        ended = live & (stalled | (s.inner_age + 1 >= self.steps))
-        rows.paused = rows.paused | ended
-        stepping = live & ~ended
-        s.inner_age = s.inner_age + stepping.long()
+        s = rows.control
+        images = rows.x.detach()
+        l2sq = (images - rows.x0).flatten(1).square().sum(1)
+        # the loss, the abort check, success, best and the end of a run: one fused op
+        stepping, better = ops.cw_observe_unchecked(
+            head, rows.norms, rows.constant, l2sq, active, s.inner_age, s.previous_loss,
+            s.best_l2, s.best_constant, s.succeeded, rows.paused, self.kappa, self.steps,
+            self.check_every, self.abort_early)
+        s.best_x = torch.where(per_sample(better, images), images, s.best_x)
         return stepping
 
     def next_constant(self, rows: Rows, ended: torch.Tensor) -> torch.Tensor:

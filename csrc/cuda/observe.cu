@@ -1,4 +1,4 @@
-// CUDA observe_ and advance_, mirroring csrc/cpu/observe.cpp: one thread per row
+// CUDA observe_, advance_ and cw_observe_, mirroring csrc/cpu/observe.cpp: one thread per row
 // (csrc/observe.h).  A row whose (age, key) lies outside the trajectory is a device-side assert,
 // where the CPU raises IndexError: checking first would synchronise with the host.
 #include <c10/cuda/CUDAException.h>
@@ -35,6 +35,11 @@ __global__ void advance_kernel(AdvanceArgs a) {
     CUDA_KERNEL_ASSERT(in_trajectory(a.trajectory, a.age[b], a.key[b]));
   }
   advance_row(a, b);
+}
+
+__global__ void cw_observe_kernel(CWObserveArgs a) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b < a.B) cw_observe_row(a, b);
 }
 
 at::Tensor observe_cuda(const at::Tensor& head, const at::Tensor& norms, const at::Tensor& age,
@@ -86,11 +91,39 @@ void advance_cuda(const at::Tensor& stats, const at::Tensor& active, at::Tensor 
   nm.write_back();
 }
 
+std::tuple<at::Tensor, at::Tensor> cw_observe_cuda(
+    const at::Tensor& head, const at::Tensor& norms, const at::Tensor& constant,
+    const at::Tensor& l2sq, const at::Tensor& active, at::Tensor inner_age,
+    at::Tensor previous_loss, at::Tensor best_l2, at::Tensor best_constant, at::Tensor succeeded,
+    at::Tensor paused, double kappa, int64_t steps, int64_t check_every, bool abort_early) {
+  check_cw_observe_args(head, norms, constant, l2sq, active, inner_age, previous_loss, best_l2,
+                        best_constant, succeeded, paused, steps, check_every);
+  const c10::cuda::CUDAGuard guard(head.device());
+  const int64_t B = head.size(0);
+  at::Tensor stepping = at::empty({B}, active.options()), better = at::empty_like(stepping);
+  if (B == 0) return {stepping, better};
+  const at::Tensor h = head.contiguous(), n = norms.contiguous(), c = constant.contiguous(),
+                   l = l2sq.contiguous(), on = active.contiguous();
+  Written age(inner_age), prev(previous_loss), bl(best_l2), bc(best_constant), ok(succeeded),
+      ps(paused);
+  const CWObserveArgs args{h.const_data_ptr<float>(), n.const_data_ptr<float>(),
+                           c.const_data_ptr<float>(), l.const_data_ptr<float>(),
+                           on.const_data_ptr<bool>(), age.ptr<int64_t>(), prev.ptr<float>(),
+                           bl.ptr<float>(), bc.ptr<float>(), ok.ptr<bool>(), ps.ptr<bool>(),
+                           stepping.data_ptr<bool>(), better.data_ptr<bool>(), B, steps,
+                           check_every, static_cast<float>(kappa), abort_early};
+  cw_observe_kernel<<<row_blocks(B), kRowThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for (Written* w : {&age, &prev, &bl, &bc, &ok, &ps}) w->write_back();
+  return {stepping, better};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(advfast, CUDA, m) {
   m.impl("observe_", &observe_cuda);
   m.impl("advance_", &advance_cuda);
+  m.impl("cw_observe_", &cw_observe_cuda);
 }
 
 }  // namespace advfast
