@@ -420,8 +420,8 @@ inline void check_advance_args(const at::Tensor& stats, const at::Tensor& active
 }
 
 inline void check_cw_observe_args(const at::Tensor& head, const at::Tensor& norms,
-                                  const at::Tensor& constant, const at::Tensor& l2sq,
-                                  const at::Tensor& active, const at::Tensor& inner_age,
+                                  const at::Tensor& constant, const at::Tensor& active,
+                                  const at::Tensor& inner_age,
                                   const at::Tensor& previous_loss, const at::Tensor& best_l2,
                                   const at::Tensor& best_constant, const at::Tensor& succeeded,
                                   const at::Tensor& paused, int64_t steps,
@@ -434,7 +434,7 @@ inline void check_cw_observe_args(const at::Tensor& head, const at::Tensor& norm
                     "] stats, got ", head.sizes());
   const int64_t B = head.size(0);
   check_rows(norms, at::kFloat, B, 3, head, op, "norms");
-  for (const auto& [t, name] : {std::pair{&constant, "constant"}, std::pair{&l2sq, "l2sq"},
+  for (const auto& [t, name] : {std::pair{&constant, "constant"},
                                 std::pair{&previous_loss, "previous_loss"},
                                 std::pair{&best_l2, "best_l2"},
                                 std::pair{&best_constant, "best_constant"}}) {
@@ -451,7 +451,7 @@ inline void check_cw_observe_args(const at::Tensor& head, const at::Tensor& norm
                        {&best_l2, "best_l2"}, {&best_constant, "best_constant"},
                        {&succeeded, "succeeded"}, {&paused, "paused"}},
                       {{&head, "head"}, {&norms, "norms"}, {&constant, "constant"},
-                       {&l2sq, "l2sq"}, {&active, "active"}}, op);
+                       {&active, "active"}}, op);
 }
 
 // A written operand as the kernels walk it: contiguous (the caller's tensor itself when it is),

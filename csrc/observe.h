@@ -62,12 +62,12 @@ struct AdvanceArgs {
 };
 
 // cw_observe_'s operands: Carlini and Wagner's per-iteration rules (advfast.engine.control
-// CWSearch).  head [B, kHeadStats], norms [B, 3], constant and l2sq [B] float32, active [B] read;
+// CWSearch).  head [B, kHeadStats], norms [B, 3], constant [B] float32, active [B] read;
 // the run's iterations, the loss at the last abort check, the best squared L2 and its constant,
 // whether this run succeeded and whether the run ended (paused) written; stepping and better [B]
 // out.
 struct CWObserveArgs {
-  const float *head, *norms, *constant, *l2sq;
+  const float *head, *norms, *constant;
   const bool* active;
   int64_t* inner_age;
   float *previous_loss, *best_l2, *best_constant;
@@ -136,23 +136,25 @@ ADVFAST_HD void advance_row(const AdvanceArgs& a, int64_t b) {
 // c max(kappa - margin, 0) in float32 as the original; at an abort check (every check_every
 // iterations of the run, with abort_early) the run has stalled when that loss exceeds 0.9999 times
 // the previous check's; an image whose margin exceeds kappa, in a run that has not stalled, is a
-// success and becomes the best where its squared L2 is below the best so far (`better`).  The run
+// success and becomes the best where its squared L2 (norms' L2 squared) is below the best so far
+// (`better`).  The run
 // ends (paused) when it stalled or after `steps` iterations; otherwise the row steps and its
 // iteration count moves on.
 ADVFAST_HD void cw_observe_row(const CWObserveArgs& a, int64_t b) {
   const bool live = a.active[b];
   const float margin = a.head[b * kHeadStats + kMargin];
   const float l2 = a.norms[3 * b + 1];
+  const float l2sq = l2 * l2;  // one squared L2 for the loss and the best, as the original's
   const float gap = a.kappa - margin;
-  const float loss = l2 * l2 + a.constant[b] * (gap < 0.f ? 0.f : gap);  // NaN stays NaN
+  const float loss = l2sq + a.constant[b] * (gap < 0.f ? 0.f : gap);  // NaN stays NaN
   const int64_t age = a.inner_age[b];
   const bool check = live && a.abort_early && age % a.check_every == 0;
   const bool stalled = check && loss > a.previous_loss[b] * 0.9999f;
   if (check) a.previous_loss[b] = loss;
   const bool success = live && !stalled && margin > a.kappa;
-  const bool better = success && a.l2sq[b] < a.best_l2[b];
+  const bool better = success && l2sq < a.best_l2[b];
   if (better) {
-    a.best_l2[b] = a.l2sq[b];
+    a.best_l2[b] = l2sq;
     a.best_constant[b] = a.constant[b];
   }
   a.succeeded[b] = a.succeeded[b] || success;

@@ -86,9 +86,9 @@ TORCH_LIBRARY(advfast, m) {
       "Tensor(c!)? trajectory, Tensor? key, int[] columns) -> ()");
   // Carlini and Wagner's per-iteration rules for the rows that would step (CWSearch, see
   // csrc/observe.h); returns (stepping, better) [B] bool: the rows that step, and those whose
-  // image (l2sq its squared L2) became their best.
+  // image became their best.
   m.def(
-      "cw_observe_(Tensor head, Tensor norms, Tensor constant, Tensor l2sq, Tensor active, "
+      "cw_observe_(Tensor head, Tensor norms, Tensor constant, Tensor active, "
       "Tensor(a!) inner_age, Tensor(b!) previous_loss, Tensor(c!) best_l2, "
       "Tensor(d!) best_constant, Tensor(e!) succeeded, Tensor(f!) paused, float kappa, "
       "int steps, int check_every, bool abort_early) -> (Tensor, Tensor)");

@@ -205,13 +205,13 @@ class CWSearch(ConstantSearch):
 
     def after_head(self, rows: Rows, head: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         s = rows.control
-        images = rows.x.detach()
-        l2sq = (images - rows.x0).flatten(1).square().sum(1)
-        # the loss, the abort check, success, best and the end of a run: one fused op
+        # the loss, the abort check, success, best and the end of a run: one fused op (rows.norms
+        # are those of the images the head just saw)
         stepping, better = ops.cw_observe_unchecked(
-            head, rows.norms, rows.constant, l2sq, active, s.inner_age, s.previous_loss,
-            s.best_l2, s.best_constant, s.succeeded, rows.paused, self.kappa, self.steps,
-            self.check_every, self.abort_early)
+            head, rows.norms, rows.constant, active, s.inner_age, s.previous_loss, s.best_l2,
+            s.best_constant, s.succeeded, rows.paused, self.kappa, self.steps, self.check_every,
+            self.abort_early)
+        images = rows.x.detach()
         s.best_x = torch.where(per_sample(better, images), images, s.best_x)
         return stepping
 

@@ -137,18 +137,18 @@ if _COMPILED:
                                 (norms, torch.float32, 3, "norms"))
 
     @torch.library.register_fake("advfast::cw_observe_")
-    def _cw_observe_fake(head, norms, constant, l2sq, active, inner_age, previous_loss, best_l2,
+    def _cw_observe_fake(head, norms, constant, active, inner_age, previous_loss, best_l2,
                          best_constant, succeeded, paused, kappa, steps, check_every,
                          abort_early):
-        _check_cw_meta(head, norms, constant, l2sq, active, inner_age, previous_loss, best_l2,
+        _check_cw_meta(head, norms, constant, active, inner_age, previous_loss, best_l2,
                        best_constant, succeeded, paused)
         return active.new_empty(active.shape), active.new_empty(active.shape)
 
 
-def _check_cw_meta(head, norms, constant, l2sq, active, inner_age, previous_loss, best_l2,
+def _check_cw_meta(head, norms, constant, active, inner_age, previous_loss, best_l2,
                    best_constant, succeeded, paused) -> None:
-    floats = zip(("constant", "l2sq", "previous_loss", "best_l2", "best_constant"),
-                 (constant, l2sq, previous_loss, best_l2, best_constant))
+    floats = zip(("constant", "previous_loss", "best_l2", "best_constant"),
+                 (constant, previous_loss, best_l2, best_constant))
     flags = zip(("active", "succeeded", "paused"), (active, succeeded, paused))
     _check_bookkeeping_meta(head, len(HEAD_STATS), "head", (norms, torch.float32, 3, "norms"),
                             (inner_age, torch.int64, 0, "inner_age"),
@@ -536,24 +536,24 @@ def _check_columns(columns: list[int], width: int, trajectory, key) -> None:
 
 
 def cw_observe_(head: torch.Tensor, norms: torch.Tensor, constant: torch.Tensor,
-                l2sq: torch.Tensor, active: torch.Tensor, inner_age: torch.Tensor,
+                active: torch.Tensor, inner_age: torch.Tensor,
                 previous_loss: torch.Tensor, best_l2: torch.Tensor, best_constant: torch.Tensor,
                 succeeded: torch.Tensor, paused: torch.Tensor, *, kappa: float, steps: int,
                 check_every: int, abort_early: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Carlini and Wagner's per-iteration rules (their L2 attack's inner loop, Eqs. 3-4), one
     fused pass over the rows that would step (``active``), as the original computes them in
-    float32: the loss ||X' - X0||^2 + c max(kappa - margin, 0) (``norms[:, 1]`` the L2,
-    ``constant`` c, the margin from loss_head's stats); at an abort check (``inner_age``
+    float32: the loss ||X' - X0||^2 + c max(kappa - margin, 0) (``norms[:, 1]`` the L2, whose
+    square serves the loss and the best alike, as the original's one L2; ``constant`` c, the
+    margin from loss_head's stats); at an abort check (``inner_age``
     divisible by ``check_every``, with ``abort_early``) the run has stalled when its loss
     exceeds 0.9999 times ``previous_loss``, which then takes the loss; an image whose margin
     exceeds kappa in a run that has not stalled is a success (``succeeded``), and the new best
-    where ``l2sq`` (its squared L2) is below ``best_l2`` (``best_l2``, ``best_constant``
-    updated); the run ends (``paused``) when it stalled or after ``steps`` iterations, else
+    where its squared L2 is below ``best_l2`` (``best_l2``, ``best_constant`` updated); the run ends (``paused``) when it stalled or after ``steps`` iterations, else
     ``inner_age`` moves on.
 
     Args:
-        head: [B, 12] float32; norms: [B, 3] float32; constant, l2sq: [B] float32;
-            active: [B] bool.
+        head: [B, 12] float32; norms: [B, 3] float32 (of the images the head saw); constant:
+            [B] float32; active: [B] bool.
         inner_age: [B] int64; previous_loss, best_l2, best_constant: [B] float32;
             succeeded, paused: [B] bool; updated in place.
         kappa: the margin a success needs; steps, check_every: positive.
@@ -562,27 +562,26 @@ def cw_observe_(head: torch.Tensor, norms: torch.Tensor, constant: torch.Tensor,
         (stepping, better): [B] bool, the rows that take a step, and those whose image became
         their best (the caller copies those images).
     """
-    _require_tensors(head=head, norms=norms, constant=constant, l2sq=l2sq, active=active,
+    _require_tensors(head=head, norms=norms, constant=constant, active=active,
                      inner_age=inner_age, previous_loss=previous_loss, best_l2=best_l2,
                      best_constant=best_constant, succeeded=succeeded, paused=paused)
     return _user_errors(cw_observe_unchecked)(
-        head, norms, constant, l2sq, active, inner_age, previous_loss, best_l2, best_constant,
+        head, norms, constant, active, inner_age, previous_loss, best_l2, best_constant,
         succeeded, paused, float(kappa), int(steps), int(check_every), bool(abort_early))
 
 
-def cw_observe_unchecked(head, norms, constant, l2sq, active, inner_age, previous_loss, best_l2,
+def cw_observe_unchecked(head, norms, constant, active, inner_age, previous_loss, best_l2,
                          best_constant, succeeded, paused, kappa: float, steps: int,
                          check_every: int, abort_early: bool):
     """:func:`cw_observe_` without the Python-side checks, for the engine's hot loop."""
-    args = (head, norms, constant, l2sq, active, inner_age, previous_loss, best_l2,
-            best_constant, succeeded, paused, kappa, steps, check_every, abort_early)
+    args = (head, norms, constant, active, inner_age, previous_loss, best_l2, best_constant,
+            succeeded, paused, kappa, steps, check_every, abort_early)
     if _COMPILED:
         return torch.ops.advfast.cw_observe_.default(*args)
-    _check_cw_meta(*args[:11])
+    _check_cw_meta(*args[:10])
     _check_scalars({"kappa": kappa}, (steps >= 1 and check_every >= 1,
                                       "steps and check_every must be positive"))
     _check_written({"inner_age": inner_age, "previous_loss": previous_loss, "best_l2": best_l2,
                     "best_constant": best_constant, "succeeded": succeeded, "paused": paused},
-                   {"head": head, "norms": norms, "constant": constant, "l2sq": l2sq,
-                    "active": active})
+                   {"head": head, "norms": norms, "constant": constant, "active": active})
     return reference.cw_observe_(*args)

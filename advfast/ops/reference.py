@@ -310,14 +310,15 @@ def advance_(stats: torch.Tensor, active: torch.Tensor, age: torch.Tensor, norms
 
 
 def cw_observe_(head: torch.Tensor, norms: torch.Tensor, constant: torch.Tensor,
-                l2sq: torch.Tensor, active: torch.Tensor, inner_age: torch.Tensor,
+                active: torch.Tensor, inner_age: torch.Tensor,
                 previous_loss: torch.Tensor, best_l2: torch.Tensor, best_constant: torch.Tensor,
                 succeeded: torch.Tensor, paused: torch.Tensor, kappa: float, steps: int,
                 check_every: int, abort_early: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of ``torch.ops.advfast.cw_observe_`` (see :func:`advfast.ops.cw_observe_`)."""
     live = active
     margin = head[:, HEAD_STATS.index("margin")]
-    loss = norms[:, 1].square() + constant * torch.clamp(kappa - margin, min=0)
+    l2sq = norms[:, 1].square()
+    loss = l2sq + constant * torch.clamp(kappa - margin, min=0)
     check = live & (inner_age % check_every == 0) & abort_early
     stalled = check & (loss > previous_loss * 0.9999)
     previous_loss.copy_(torch.where(check, loss, previous_loss))

@@ -1,6 +1,6 @@
-// CPU entry points of observe_, advance_ and cw_observe_, the engine's per-iteration bookkeeping: check the
-// arguments (checks.h) and the trajectory cells every row writes, then one pass over the rows
-// (csrc/observe.h; B rows of scalar work, no per-capability copies needed).
+// CPU entry points of observe_, advance_ and cw_observe_, the engine's per-iteration bookkeeping:
+// check the arguments (checks.h) and the trajectory cells every row writes, then one pass over the
+// rows (csrc/observe.h; B rows of scalar work, no per-capability copies needed).
 #include <torch/library.h>
 
 #include "../checks.h"
@@ -69,22 +69,22 @@ void advance_cpu(const at::Tensor& stats, const at::Tensor& active, at::Tensor a
 
 std::tuple<at::Tensor, at::Tensor> cw_observe_cpu(
     const at::Tensor& head, const at::Tensor& norms, const at::Tensor& constant,
-    const at::Tensor& l2sq, const at::Tensor& active, at::Tensor inner_age,
-    at::Tensor previous_loss, at::Tensor best_l2, at::Tensor best_constant, at::Tensor succeeded,
-    at::Tensor paused, double kappa, int64_t steps, int64_t check_every, bool abort_early) {
-  check_cw_observe_args(head, norms, constant, l2sq, active, inner_age, previous_loss, best_l2,
+    const at::Tensor& active, at::Tensor inner_age, at::Tensor previous_loss, at::Tensor best_l2,
+    at::Tensor best_constant, at::Tensor succeeded, at::Tensor paused, double kappa, int64_t steps,
+    int64_t check_every, bool abort_early) {
+  check_cw_observe_args(head, norms, constant, active, inner_age, previous_loss, best_l2,
                         best_constant, succeeded, paused, steps, check_every);
   const int64_t B = head.size(0);
   at::Tensor stepping = at::empty({B}, active.options()), better = at::empty_like(stepping);
   if (B == 0) return {stepping, better};
   const at::Tensor h = head.contiguous(), n = norms.contiguous(), c = constant.contiguous(),
-                   l = l2sq.contiguous(), on = active.contiguous();
+                   on = active.contiguous();
   Written age(inner_age), prev(previous_loss), bl(best_l2), bc(best_constant), ok(succeeded),
       ps(paused);
   const CWObserveArgs args{h.const_data_ptr<float>(), n.const_data_ptr<float>(),
-                           c.const_data_ptr<float>(), l.const_data_ptr<float>(),
-                           on.const_data_ptr<bool>(), age.ptr<int64_t>(), prev.ptr<float>(),
-                           bl.ptr<float>(), bc.ptr<float>(), ok.ptr<bool>(), ps.ptr<bool>(),
+                           c.const_data_ptr<float>(), on.const_data_ptr<bool>(),
+                           age.ptr<int64_t>(), prev.ptr<float>(), bl.ptr<float>(),
+                           bc.ptr<float>(), ok.ptr<bool>(), ps.ptr<bool>(),
                            stepping.data_ptr<bool>(), better.data_ptr<bool>(), B, steps,
                            check_every, static_cast<float>(kappa), abort_early};
   for (int64_t b = 0; b < B; ++b) cw_observe_row(args, b);
