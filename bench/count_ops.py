@@ -1,7 +1,8 @@
 """How many tensor operations does one attack iteration dispatch, beside the model's forward and
-backward?  Counts every ATen op under a TorchDispatchMode for an iteration of the engine and for
-the bare forward + input backward (the floor), on the digits default; the difference is
-advfast's own bookkeeping (loss head, step, first flip, norms, trajectory, masks).  On a GPU each
+backward?  Counts every ATen op under a TorchDispatchMode for an iteration of the engine (the
+paper's scheme, recording off and on, and CW-L2) and for the bare forward + input backward (the
+floor), on the digits default; the difference is advfast's own work (loss head, step,
+bookkeeping; for CW also its search's rules and boundary, every 8 iterations).  On a GPU each
 op is at least one kernel launch, which is why the count matters for small models.
 
     python bench/count_ops.py [--batch 64] [--json out.json]
@@ -18,6 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import advfast
+from advfast import attacks
 from advfast.engine import frozen
 from advfast.io import models, selection
 
@@ -72,6 +74,12 @@ def main() -> int:
         total = per_iteration(run, (2, 6))
         report[f"record_{'on' if record else 'off'}"] = {
             "ops_per_iteration": total, "own_ops_per_iteration": total - report["floor"]}
+    def cw(n: int) -> None:  # one run of n steps per sample, every sample stepping throughout
+        attacks.CarliniWagnerL2(model, steps=n, binary_search_steps=1, abort_early=False)(x, t)
+
+    total = per_iteration(cw, (8, 24))  # multiples of the search's boundary (every 8)
+    report["cw_l2"] = {"ops_per_iteration": total,
+                       "own_ops_per_iteration": total - per_iteration(floor, (8, 24))}
     print(json.dumps(report, indent=1))
     if args.json:
         with open(args.json, "w") as f:
