@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from advfast import ops
-from advfast.engine.core import COLUMN, NO_CAP, Optimizer
+from advfast.engine.core import NO_CAP, Optimizer
 from advfast.engine.rows import Rows, State, per_sample
 
 STOPS = ops.STOP_RULES

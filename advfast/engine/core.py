@@ -162,8 +162,6 @@ class Engine:
         self.model, self.head, self.optimizer, self.control = model, head, optimizer, control
         self.timer, self.trajectory, self.compiled = timer, trajectory, compiled
         self.autocast = autocast(timer.device, amp)
-        # on the device once: indexing with a Python list would copy it there (and wait) each time
-        self.head_columns = torch.tensor(HEAD_COLUMNS, device=timer.device)
 
     def begin(self, rows: Rows) -> Rows:
         self.optimizer.begin(rows)
