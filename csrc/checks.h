@@ -467,9 +467,9 @@ struct Written {
 };
 
 inline Trajectory trajectory_of(const std::optional<at::Tensor>& t) {
-  if (!t.has_value()) return Trajectory{nullptr, 0, 0, 0, 0, 0, 0};
-  return Trajectory{t->data_ptr<float>(), t->stride(0), t->stride(1), t->stride(2),
-                    t->size(0),           t->size(1),   t->size(2)};
+  if (!t.has_value()) return Trajectory{false, nullptr, 0, 0, 0, 0, 0, 0};
+  return Trajectory{true,         t->data_ptr<float>(), t->stride(0), t->stride(1),
+                    t->stride(2), t->size(0),           t->size(1),   t->size(2)};
 }
 
 }  // namespace advfast

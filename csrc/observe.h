@@ -28,8 +28,10 @@ struct Columns {
   int64_t count;
 };
 
-// A [T, Bt, W] float32 trajectory (data null: none) and where in W a row's values start.
+// A [T, Bt, W] float32 trajectory, or none (`present` false; an empty one is present, and then
+// every row's cell is outside it).
 struct Trajectory {
+  bool present;
   float* data;
   int64_t s0, s1, s2, T, Bt, W;
 };
@@ -114,7 +116,7 @@ ADVFAST_HD void observe_row(const ObserveArgs& a, int64_t b) {
   } else {
     a.active[b] = a.failure[b] == 0;
   }
-  if (a.trajectory.data != nullptr) {
+  if (a.trajectory.present) {
     write_trajectory(a.trajectory, age, a.key[b], 0, head, a.columns, false);
   }
 }
@@ -125,7 +127,7 @@ ADVFAST_HD void advance_row(const AdvanceArgs& a, int64_t b) {
   const float* stats = a.stats + b * kStepStats;
   for (int k = 0; k < 3; ++k) a.norms[3 * b + k] = stats[kDeltaL1 + k];
   const Trajectory& t = a.trajectory;
-  if (t.data != nullptr) {
+  if (t.present) {
     write_trajectory(t, a.age[b], a.key[b], t.W - a.columns.count, stats, a.columns,
                      !a.active[b]);
   }

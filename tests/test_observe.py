@@ -176,6 +176,18 @@ def test_cells_outside_the_trajectory_are_refused(impl):
     torch.testing.assert_close(rows["trajectory"], before, equal_nan=True)
 
 
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_an_empty_trajectory_holds_no_cell(impl):
+    rows = _rows(3, "cpu")
+    empty = torch.empty(0, 4, WIDTH)  # no storage at all: still a trajectory, every cell outside
+    call = ops.observe_ if impl == "op" else _reference_observe
+    with pytest.raises((IndexError, advfast.errors.ClassOutOfRange), match="outside"):
+        call(rows["head"], rows["norms"], rows["age"], rows["paused"], rows["first_flip"],
+             rows["flip_norms"], rows["failure"], rows["done"], trajectory=empty,
+             key=rows["key"], columns=HEAD_COLUMNS, iterations=3, stop="never",
+             controlled=True)
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(stop="first"), "unknown stop"),
     (dict(columns=[12]), "outside"),

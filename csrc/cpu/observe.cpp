@@ -11,7 +11,7 @@ namespace {
 // Every row's (age, key) must name a cell of the trajectory, as index_put_ demands.
 void check_cells_cpu(const Trajectory& t, const int64_t* age, const int64_t* key, int64_t B,
                      const char* op) {
-  if (t.data == nullptr) return;
+  if (!t.present) return;
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK_INDEX(in_trajectory(t, age[b], key[b]), "advfast.", op, ": row ", b,
                       " writes trajectory[", age[b], ", ", key[b], "], outside [", t.T, ", ",

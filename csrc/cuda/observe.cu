@@ -22,7 +22,7 @@ unsigned int row_blocks(int64_t B) {
 __global__ void observe_kernel(ObserveArgs a) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= a.B) return;
-  if (a.trajectory.data != nullptr) {
+  if (a.trajectory.present) {
     CUDA_KERNEL_ASSERT(in_trajectory(a.trajectory, a.age[b], a.key[b]));
   }
   observe_row(a, b);
@@ -31,7 +31,7 @@ __global__ void observe_kernel(ObserveArgs a) {
 __global__ void advance_kernel(AdvanceArgs a) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= a.B) return;
-  if (a.trajectory.data != nullptr) {
+  if (a.trajectory.present) {
     CUDA_KERNEL_ASSERT(in_trajectory(a.trajectory, a.age[b], a.key[b]));
   }
   advance_row(a, b);
