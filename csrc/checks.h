@@ -472,4 +472,84 @@ inline Trajectory trajectory_of(const std::optional<at::Tensor>& t) {
                     t->stride(2), t->size(0),           t->size(1),   t->size(2)};
 }
 
+inline const int64_t* keys_of(const at::Tensor& key) {
+  return key.defined() ? key.const_data_ptr<int64_t>() : nullptr;
+}
+
+// observe_'s, advance_'s and cw_observe_'s operands as both backends walk them: contiguous reads,
+// written tensors as Written (write_back after the kernel), and the kernels' argument struct.
+struct ObserveOperands {
+  at::Tensor head, norms, age, paused, key;
+  Written first_flip, flip_norms, failure, done;
+  ObserveArgs args;
+
+  ObserveOperands(const at::Tensor& head_, const at::Tensor& norms_, const at::Tensor& age_,
+                  const at::Tensor& paused_, const at::Tensor& first_flip_,
+                  const at::Tensor& flip_norms_, const at::Tensor& failure_,
+                  const at::Tensor& done_, const std::optional<at::Tensor>& trajectory,
+                  const std::optional<at::Tensor>& key_, const Columns& cols, at::Tensor& active,
+                  int64_t iterations, StopRule rule, bool controlled)
+      : head(head_.contiguous()), norms(norms_.contiguous()), age(age_.contiguous()),
+        paused(paused_.contiguous()), key(key_.has_value() ? key_->contiguous() : at::Tensor()),
+        first_flip(first_flip_), flip_norms(flip_norms_), failure(failure_), done(done_),
+        args{head.const_data_ptr<float>(), norms.const_data_ptr<float>(),
+             age.const_data_ptr<int64_t>(), keys_of(key), paused.const_data_ptr<bool>(),
+             first_flip.ptr<int64_t>(), failure.ptr<int64_t>(), flip_norms.ptr<float>(),
+             done.ptr<bool>(), active.data_ptr<bool>(), head.size(0), iterations, rule,
+             controlled, trajectory_of(trajectory), cols} {}
+
+  void write_back() {
+    for (Written* w : {&first_flip, &flip_norms, &failure, &done}) w->write_back();
+  }
+};
+
+struct AdvanceOperands {
+  at::Tensor stats, active, key;
+  Written age, norms;
+  AdvanceArgs args;
+
+  AdvanceOperands(const at::Tensor& stats_, const at::Tensor& active_, const at::Tensor& age_,
+                  const at::Tensor& norms_, const std::optional<at::Tensor>& trajectory,
+                  const std::optional<at::Tensor>& key_, const Columns& cols)
+      : stats(stats_.contiguous()), active(active_.contiguous()),
+        key(key_.has_value() ? key_->contiguous() : at::Tensor()), age(age_), norms(norms_),
+        args{stats.const_data_ptr<float>(), active.const_data_ptr<bool>(), keys_of(key),
+             age.ptr<int64_t>(), norms.ptr<float>(), stats.size(0), trajectory_of(trajectory),
+             cols} {}
+
+  void write_back() {
+    age.write_back();
+    norms.write_back();
+  }
+};
+
+struct CWObserveOperands {
+  at::Tensor head, norms, constant, active;
+  Written inner_age, previous_loss, best_l2, best_constant, succeeded, paused;
+  CWObserveArgs args;
+
+  CWObserveOperands(const at::Tensor& head_, const at::Tensor& norms_,
+                    const at::Tensor& constant_, const at::Tensor& active_,
+                    const at::Tensor& inner_age_, const at::Tensor& previous_loss_,
+                    const at::Tensor& best_l2_, const at::Tensor& best_constant_,
+                    const at::Tensor& succeeded_, const at::Tensor& paused_,
+                    at::Tensor& stepping, at::Tensor& better, double kappa, int64_t steps,
+                    int64_t check_every, bool abort_early)
+      : head(head_.contiguous()), norms(norms_.contiguous()), constant(constant_.contiguous()),
+        active(active_.contiguous()), inner_age(inner_age_), previous_loss(previous_loss_),
+        best_l2(best_l2_), best_constant(best_constant_), succeeded(succeeded_), paused(paused_),
+        args{head.const_data_ptr<float>(), norms.const_data_ptr<float>(),
+             constant.const_data_ptr<float>(), active.const_data_ptr<bool>(),
+             inner_age.ptr<int64_t>(), previous_loss.ptr<float>(), best_l2.ptr<float>(),
+             best_constant.ptr<float>(), succeeded.ptr<bool>(), paused.ptr<bool>(),
+             stepping.data_ptr<bool>(), better.data_ptr<bool>(), head.size(0), steps,
+             check_every, static_cast<float>(kappa), abort_early} {}
+
+  void write_back() {
+    for (Written* w : {&inner_age, &previous_loss, &best_l2, &best_constant, &succeeded, &paused}) {
+      w->write_back();
+    }
+  }
+};
+
 }  // namespace advfast

@@ -32,18 +32,11 @@ at::Tensor observe_cpu(const at::Tensor& head, const at::Tensor& norms, const at
   const int64_t B = head.size(0);
   at::Tensor active = at::empty({B}, paused.options());
   if (B == 0) return active;
-  const at::Tensor h = head.contiguous(), n = norms.contiguous(), a = age.contiguous(),
-                   p = paused.contiguous(), k = key.has_value() ? key->contiguous() : at::Tensor();
-  Written ff(first_flip), fn(flip_norms), fl(failure), dn(done);
-  const Trajectory t = trajectory_of(trajectory);
-  const int64_t* kp = k.defined() ? k.const_data_ptr<int64_t>() : nullptr;
-  check_cells_cpu(t, a.const_data_ptr<int64_t>(), kp, B, "observe_");
-  const ObserveArgs args{h.const_data_ptr<float>(), n.const_data_ptr<float>(),
-                         a.const_data_ptr<int64_t>(), kp, p.const_data_ptr<bool>(),
-                         ff.ptr<int64_t>(), fl.ptr<int64_t>(), fn.ptr<float>(), dn.ptr<bool>(),
-                         active.data_ptr<bool>(), B, iterations, rule, controlled, t, cols};
-  for (int64_t b = 0; b < B; ++b) observe_row(args, b);
-  for (Written* w : {&ff, &fn, &fl, &dn}) w->write_back();
+  ObserveOperands op(head, norms, age, paused, first_flip, flip_norms, failure, done, trajectory,
+                     key, cols, active, iterations, rule, controlled);
+  check_cells_cpu(op.args.trajectory, op.args.age, op.args.key, B, "observe_");
+  for (int64_t b = 0; b < B; ++b) observe_row(op.args, b);
+  op.write_back();
   return active;
 }
 
@@ -54,17 +47,10 @@ void advance_cpu(const at::Tensor& stats, const at::Tensor& active, at::Tensor a
   check_advance_args(stats, active, age, norms, trajectory, key, cols);
   const int64_t B = stats.size(0);
   if (B == 0) return;
-  const at::Tensor s = stats.contiguous(), on = active.contiguous(),
-                   k = key.has_value() ? key->contiguous() : at::Tensor();
-  Written ag(age), nm(norms);
-  const Trajectory t = trajectory_of(trajectory);
-  const int64_t* kp = k.defined() ? k.const_data_ptr<int64_t>() : nullptr;
-  check_cells_cpu(t, ag.ptr<int64_t>(), kp, B, "advance_");
-  const AdvanceArgs args{s.const_data_ptr<float>(), on.const_data_ptr<bool>(), kp,
-                         ag.ptr<int64_t>(), nm.ptr<float>(), B, t, cols};
-  for (int64_t b = 0; b < B; ++b) advance_row(args, b);
-  ag.write_back();
-  nm.write_back();
+  AdvanceOperands op(stats, active, age, norms, trajectory, key, cols);
+  check_cells_cpu(op.args.trajectory, op.args.age, op.args.key, B, "advance_");
+  for (int64_t b = 0; b < B; ++b) advance_row(op.args, b);
+  op.write_back();
 }
 
 std::tuple<at::Tensor, at::Tensor> cw_observe_cpu(
@@ -77,18 +63,11 @@ std::tuple<at::Tensor, at::Tensor> cw_observe_cpu(
   const int64_t B = head.size(0);
   at::Tensor stepping = at::empty({B}, active.options()), better = at::empty_like(stepping);
   if (B == 0) return {stepping, better};
-  const at::Tensor h = head.contiguous(), n = norms.contiguous(), c = constant.contiguous(),
-                   on = active.contiguous();
-  Written age(inner_age), prev(previous_loss), bl(best_l2), bc(best_constant), ok(succeeded),
-      ps(paused);
-  const CWObserveArgs args{h.const_data_ptr<float>(), n.const_data_ptr<float>(),
-                           c.const_data_ptr<float>(), on.const_data_ptr<bool>(),
-                           age.ptr<int64_t>(), prev.ptr<float>(), bl.ptr<float>(),
-                           bc.ptr<float>(), ok.ptr<bool>(), ps.ptr<bool>(),
-                           stepping.data_ptr<bool>(), better.data_ptr<bool>(), B, steps,
-                           check_every, static_cast<float>(kappa), abort_early};
-  for (int64_t b = 0; b < B; ++b) cw_observe_row(args, b);
-  for (Written* w : {&age, &prev, &bl, &bc, &ok, &ps}) w->write_back();
+  CWObserveOperands op(head, norms, constant, active, inner_age, previous_loss, best_l2,
+                       best_constant, succeeded, paused, stepping, better, kappa, steps,
+                       check_every, abort_early);
+  for (int64_t b = 0; b < B; ++b) cw_observe_row(op.args, b);
+  op.write_back();
   return {stepping, better};
 }
 

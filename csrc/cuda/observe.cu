@@ -19,22 +19,15 @@ unsigned int row_blocks(int64_t B) {
   return static_cast<unsigned int>(blocks);
 }
 
-__global__ void observe_kernel(ObserveArgs a) {
+// One thread per row of observe_ or advance_: its trajectory cell is asserted, then Row runs.
+template <typename Args, void (*Row)(const Args&, int64_t)>
+__global__ void trajectory_rows_kernel(Args a) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= a.B) return;
   if (a.trajectory.present) {
     CUDA_KERNEL_ASSERT(in_trajectory(a.trajectory, a.age[b], a.key[b]));
   }
-  observe_row(a, b);
-}
-
-__global__ void advance_kernel(AdvanceArgs a) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= a.B) return;
-  if (a.trajectory.present) {
-    CUDA_KERNEL_ASSERT(in_trajectory(a.trajectory, a.age[b], a.key[b]));
-  }
-  advance_row(a, b);
+  Row(a, b);
 }
 
 __global__ void cw_observe_kernel(CWObserveArgs a) {
@@ -56,18 +49,12 @@ at::Tensor observe_cuda(const at::Tensor& head, const at::Tensor& norms, const a
   const int64_t B = head.size(0);
   at::Tensor active = at::empty({B}, paused.options());
   if (B == 0) return active;
-  const at::Tensor h = head.contiguous(), n = norms.contiguous(), a = age.contiguous(),
-                   p = paused.contiguous(), k = key.has_value() ? key->contiguous() : at::Tensor();
-  Written ff(first_flip), fn(flip_norms), fl(failure), dn(done);
-  const ObserveArgs args{h.const_data_ptr<float>(), n.const_data_ptr<float>(),
-                         a.const_data_ptr<int64_t>(),
-                         k.defined() ? k.const_data_ptr<int64_t>() : nullptr,
-                         p.const_data_ptr<bool>(), ff.ptr<int64_t>(), fl.ptr<int64_t>(),
-                         fn.ptr<float>(), dn.ptr<bool>(), active.data_ptr<bool>(), B,
-                         iterations, rule, controlled, trajectory_of(trajectory), cols};
-  observe_kernel<<<row_blocks(B), kRowThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args);
+  ObserveOperands op(head, norms, age, paused, first_flip, flip_norms, failure, done, trajectory,
+                     key, cols, active, iterations, rule, controlled);
+  trajectory_rows_kernel<ObserveArgs, observe_row>
+      <<<row_blocks(B), kRowThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(op.args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  for (Written* w : {&ff, &fn, &fl, &dn}) w->write_back();
+  op.write_back();
   return active;
 }
 
@@ -79,16 +66,11 @@ void advance_cuda(const at::Tensor& stats, const at::Tensor& active, at::Tensor 
   const c10::cuda::CUDAGuard guard(stats.device());
   const int64_t B = stats.size(0);
   if (B == 0) return;
-  const at::Tensor s = stats.contiguous(), on = active.contiguous(),
-                   k = key.has_value() ? key->contiguous() : at::Tensor();
-  Written ag(age), nm(norms);
-  const AdvanceArgs args{s.const_data_ptr<float>(), on.const_data_ptr<bool>(),
-                         k.defined() ? k.const_data_ptr<int64_t>() : nullptr, ag.ptr<int64_t>(),
-                         nm.ptr<float>(), B, trajectory_of(trajectory), cols};
-  advance_kernel<<<row_blocks(B), kRowThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args);
+  AdvanceOperands op(stats, active, age, norms, trajectory, key, cols);
+  trajectory_rows_kernel<AdvanceArgs, advance_row>
+      <<<row_blocks(B), kRowThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(op.args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  ag.write_back();
-  nm.write_back();
+  op.write_back();
 }
 
 std::tuple<at::Tensor, at::Tensor> cw_observe_cuda(
@@ -102,19 +84,13 @@ std::tuple<at::Tensor, at::Tensor> cw_observe_cuda(
   const int64_t B = head.size(0);
   at::Tensor stepping = at::empty({B}, active.options()), better = at::empty_like(stepping);
   if (B == 0) return {stepping, better};
-  const at::Tensor h = head.contiguous(), n = norms.contiguous(), c = constant.contiguous(),
-                   on = active.contiguous();
-  Written age(inner_age), prev(previous_loss), bl(best_l2), bc(best_constant), ok(succeeded),
-      ps(paused);
-  const CWObserveArgs args{h.const_data_ptr<float>(), n.const_data_ptr<float>(),
-                           c.const_data_ptr<float>(), on.const_data_ptr<bool>(),
-                           age.ptr<int64_t>(), prev.ptr<float>(), bl.ptr<float>(),
-                           bc.ptr<float>(), ok.ptr<bool>(), ps.ptr<bool>(),
-                           stepping.data_ptr<bool>(), better.data_ptr<bool>(), B, steps,
-                           check_every, static_cast<float>(kappa), abort_early};
-  cw_observe_kernel<<<row_blocks(B), kRowThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args);
+  CWObserveOperands op(head, norms, constant, active, inner_age, previous_loss, best_l2,
+                       best_constant, succeeded, paused, stepping, better, kappa, steps,
+                       check_every, abort_early);
+  cw_observe_kernel<<<row_blocks(B), kRowThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      op.args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  for (Written* w : {&age, &prev, &bl, &bc, &ok, &ps}) w->write_back();
+  op.write_back();
   return {stepping, better};
 }
 
