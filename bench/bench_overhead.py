@@ -10,7 +10,17 @@ reported too.  The floor is a bare forward + input backward; advfast is the pape
 equal perturbation, every sample all iterations), recording on and off; torchattacks' BIM where
 installed.
 
-    python bench/bench_overhead.py [--batch 64] [--iterations 20 60] [--repeats 15] [--json F]
+Finer, for advfast against the floor only: "interleaved" alternates a few iterations of the
+floor with a few of the engine's own iteration (``Engine.iterate``, the loop of a fixed-batch
+call) on the same rows, round after round, so that drifting load cancels within each round's
+ratio; beside them the floor with loss_head, and with loss_head and the step, so that what each
+of advfast's ops adds shows (observe_ and advance_ are the rest).  Like the command line, the
+script first keeps freed memory in the process (``keep_freed_memory``): with glibc's default
+every configuration page-faults its activations in again, by an amount that depends on the
+heap's state, not on the configuration.
+
+    python bench/bench_overhead.py [--batch 64] [--iterations 20 60] [--repeats 15]
+                                   [--rounds 300] [--json F]
 """
 
 from __future__ import annotations
@@ -27,19 +37,20 @@ from collections.abc import Callable
 import torch
 
 import advfast
-from advfast.engine import frozen
+from advfast.engine import frozen, start_rows
+from advfast.engine.runtime import keep_freed_memory
 from advfast.io import models, selection
 
 
 def configurations(model, x: torch.Tensor, t: torch.Tensor) -> dict[str, Callable[[int], None]]:
     """name -> run(n): n iterations of that configuration on (x, t)."""
 
+    iteration = _floor_iteration(model, x)
+
     def floor(n: int) -> None:
         with frozen(model):
             for _ in range(n):
-                xr = x.detach().requires_grad_(True)
-                logits = model(xr)
-                torch.autograd.grad(logits, xr, torch.ones_like(logits))
+                iteration()
 
     runs = {"floor": floor}
     for record in (True, False):
@@ -97,6 +108,70 @@ def measure(runs: dict[str, Callable[[int], None]], lengths: tuple[int, int],
     return figures
 
 
+def interleaved(model, x: torch.Tensor, t: torch.Tensor, rounds: int,
+                per_round: int = 4, seed: int = 0) -> dict[str, dict[str, float]]:
+    """advfast's engine iteration (recording on and off) against the floor: in every round
+    ``per_round`` iterations of each, in shuffled order; per configuration the median over
+    rounds of its time over the floor's in the same round, with a 95 % interval."""
+    steps = {"floor": _floor_iteration(model, x)}
+    with frozen(model):
+        source = model(x).argmax(dim=1)
+        for record in (True, False):
+            attack = advfast.Attack(model, loss="ce", beta=0.1, record=record, stop="never",
+                                    iterations=(rounds + 2) * per_round, time_phases=False)
+            engine = attack._engine(x.device, attack.parts(deferred=False), batch=len(x))
+            rows = engine.begin(start_rows(torch.arange(len(x)), x, t, source))
+            steps[f"advfast, record {'on' if record else 'off'}"] = (
+                lambda engine=engine, rows=rows: engine.iterate(rows, 0, controlled=False))
+        steps.update(_partial_iterations(model, engine, rows))
+        spent: dict[str, list[float]] = {name: [] for name in steps}
+        names, order = list(steps), random.Random(seed)
+        for r in range(rounds + 1):  # round 0 warms up
+            order.shuffle(names)
+            for name in names:
+                begin = time.thread_time()
+                for _ in range(per_round):
+                    steps[name]()
+                if r:
+                    spent[name].append(time.thread_time() - begin)
+    figures = {}
+    for name in steps:
+        ratios = sorted(a / b for a, b in zip(spent[name], spent["floor"]))
+        figures[name] = {"loop_ms": 1e3 * statistics.median(spent[name]) / per_round,
+                         "loop_vs_floor": statistics.median(ratios),
+                         "loop_vs_floor_ci95": _median_interval(ratios)}
+    return figures
+
+
+def _partial_iterations(model, engine, rows) -> dict[str, Callable[[], None]]:
+    """The floor with advfast's ops added one at a time, to show what each costs in the loop:
+    the loss head's seed instead of ones, then the step (the bookkeeping ops are the rest of
+    the engine's iteration)."""
+    h = engine.head
+
+    def head_only() -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(rows.x)
+        seed, head = advfast.ops.loss_head_unchecked(
+            logits.detach(), rows.target, rows.source, h.loss, h.kappa, h.kappa_mode,
+            h.threshold, h.ce_seed)
+        return torch.autograd.grad(logits, rows.x, seed)[0], head
+
+    def with_step() -> None:
+        grad, head = head_only()
+        with torch.no_grad():
+            engine.optimizer.step(rows, grad, head, None)
+
+    return {"floor + loss_head": head_only, "floor + loss_head + perturb_step_": with_step}
+
+
+def _floor_iteration(model, x: torch.Tensor) -> Callable[[], None]:
+    def floor() -> None:
+        xr = x.detach().requires_grad_(True)
+        logits = model(xr)
+        torch.autograd.grad(logits, xr, torch.ones_like(logits))
+    return floor
+
+
 def _median_interval(ordered: list[float]) -> list[float]:
     """A distribution-free 95 % interval of the median: order statistics n/2 -+ 0.98 sqrt(n)."""
     n = len(ordered)
@@ -110,8 +185,11 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--iterations", type=int, nargs=2, default=(20, 60))
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=300,
+                        help="rounds of the interleaved measurement (0: none)")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
+    kept = keep_freed_memory()
     torch.set_num_threads(1)
     model = models.load("digits")
     chosen, _ = selection.prepare(model, selection.DigitsSource("test"), args.batch, seed=0)
@@ -125,10 +203,20 @@ def main() -> int:
         lo, hi = f["loop_vs_floor_ci95"]
         print(f"| {name} | {f['loop_ms']:.3f} | {f['loop_vs_floor']:.3f}x ({lo:.3f}–{hi:.3f}) "
               f"| {f['call_ms']:.3f} | {f['call_vs_floor']:.3f}x |")
+    fine = interleaved(model, chosen.images, chosen.targets, args.rounds) if args.rounds else {}
+    if fine:
+        print(f"\ninterleaved, {args.rounds} rounds of 4 iterations each")
+        print("| configuration | in the loop ms/it | vs floor (95 % CI) |\n|---|---|---|")
+        for name, f in fine.items():
+            lo, hi = f["loop_vs_floor_ci95"]
+            print(f"| {name} | {f['loop_ms']:.3f} | {f['loop_vs_floor']:.4f}x "
+                  f"({lo:.4f}–{hi:.4f}) |")
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"batch": args.batch, "iterations": args.iterations,
-                       "repeats": args.repeats, "figures": figures}, out, indent=1)
+                       "repeats": args.repeats, "rounds": args.rounds,
+                       "freed_memory_kept": kept, "figures": figures, "interleaved": fine},
+                      out, indent=1)
     return 0
 
 

@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from advfast import __version__  # noqa: E402
 from advfast.cli import attack, bench, detect, generate, table1, toy  # noqa: E402
 from advfast.cli.options import Parser  # noqa: E402
-from advfast.engine.runtime import set_threads  # noqa: E402
+from advfast.engine.runtime import keep_freed_memory, set_threads  # noqa: E402
 from advfast.errors import UserError  # noqa: E402
 
 COMMANDS = (table1, attack, generate, bench, detect, toy)
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         args.argv = argv
     try:
+        keep_freed_memory()
         set_threads(getattr(args, "threads", None))
         return args.func(args)
     except KeyboardInterrupt:

@@ -222,7 +222,9 @@ class Engine:
             with self.timer.phase(n, "head"):
                 active = self.control.after_head(rows, rows.head, active)
         with self.timer.phase(n, "backward"):
-            (grad,) = torch.autograd.grad(logits, rows.x, seed.to(logits.dtype))
+            if seed.dtype != logits.dtype:  # autocast's logits take the seed in their own dtype
+                seed = seed.to(logits.dtype)
+            (grad,) = torch.autograd.grad(logits, rows.x, seed)
         with self.timer.phase(n, "update"), torch.no_grad():
             stats = self.optimizer.step(rows, grad, rows.head, active)
             if controlled:

@@ -11,12 +11,13 @@ import os
 import platform
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 PHASES = ("forward", "head", "backward", "update")
+_UNTIMED = nullcontext()  # reentrant and stateless: one instance serves every untimed phase
 
 
 @dataclass
@@ -102,9 +103,15 @@ class PhaseTimer:
         self._start_wall = time.perf_counter()
         self._start = self._mark()
 
+    def phase(self, n: int, name: str) -> AbstractContextManager[None]:
+        """Brackets phase ``name`` (one of PHASES, or "check") of iteration n.  On the CPU an
+        untimed phase is one shared empty context: the loop pays no generator for it."""
+        if not (self.cuda or self.per_phase or name == "check"):
+            return _UNTIMED
+        return self._timed_phase(n, name)
+
     @contextmanager
-    def phase(self, n: int, name: str) -> Iterator[None]:
-        """Brackets phase ``name`` (one of PHASES, or "check") of iteration n."""
+    def _timed_phase(self, n: int, name: str) -> Iterator[None]:
         timed = self.per_phase or name == "check"
         begin = self._mark() if timed else None
         if self.cuda:
