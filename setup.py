@@ -96,7 +96,7 @@ def _extensions():
     import torch
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp")), *_capability_sources()]
+    sources = ["csrc/ops.cpp", "csrc/python_calls.cpp", *sorted(glob.glob("csrc/cpu/*.cpp")), *_capability_sources()]
     # No FMA contraction (-ffp-contract=off here, --fmad=false for nvcc): the kernels then
     # round like the eager reference, and the CPU like the GPU.  No
     # trapping math (nothing relies on floating-point traps): lets exp_of's rounding and

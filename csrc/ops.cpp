@@ -1,6 +1,5 @@
-// Schemas of every advfast operator, in one place, plus the Python module stub that lets
-// `import advfast._C` load this library (which runs the registrations below).
-#include <Python.h>
+// Schemas of every advfast operator, in one place (the Python module that loads them:
+// python_calls.cpp).
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -46,14 +45,6 @@ void bump_written_arguments(const c10::OperatorHandle& op, c10::DispatchKeySet k
 
 }  // namespace
 }  // namespace advfast
-
-extern "C" {
-// Empty module: the library exists for its static operator registrations.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(advfast, m) {
   // Loss head on the logits: (seed = dO/dlogits [B, M] float32, stats [B, 12] float32).

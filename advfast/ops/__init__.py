@@ -33,10 +33,12 @@ LOSSES: tuple[str, ...] = ("ce", "ce-sign", "logit", "m-logit")
 KAPPA_MODES: tuple[str, ...] = ("clamp", "balance")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
-# The wrappers call each op's overload (torch.ops.advfast.NAME.default) rather than its packet:
-# the packet's overload resolution costs microseconds per call in the engine's loop.
+# The hot loop's wrappers (*_unchecked) call advfast._C's direct bindings, which enter the
+# dispatcher through each op's typed handle (csrc/python_calls.cpp): in the loop they cost
+# 10-20 us a call less than torch.ops' boxed path.  While torch.compile traces they call the
+# op's overload (torch.ops.advfast.NAME.default; its packet's overload resolution costs more).
 try:
-    from advfast import _C  # noqa: F401  (loading it registers torch.ops.advfast.*)
+    from advfast import _C  # loading it registers torch.ops.advfast.*
 
     _COMPILED = True
 except ImportError as err:  # pragma: no cover - exercised only on a broken install
@@ -45,6 +47,9 @@ except ImportError as err:  # pragma: no cover - exercised only on a broken inst
                   "reference, which is correct but slower. Reinstall with "
                   "`pip install --no-build-isolation -e .` to build them.", RuntimeWarning,
                   stacklevel=2)
+
+
+_tracing = torch.compiler.is_compiling
 
 
 def backend() -> Literal["cpu+cuda", "cpu", "reference"]:
@@ -289,8 +294,8 @@ def loss_head_unchecked(logits: torch.Tensor, target: torch.Tensor, source: torc
     """:func:`loss_head` without the Python-side checks, for the engine's hot loop, whose
     operands are checked once when an attack starts (the C++ checks still run)."""
     if _COMPILED:
-        return torch.ops.advfast.loss_head.default(logits, target, source, loss, kappa,
-                                                   kappa_mode, threshold, ce_seed)
+        call = torch.ops.advfast.loss_head.default if _tracing() else _C.loss_head
+        return call(logits, target, source, loss, kappa, kappa_mode, threshold, ce_seed)
     _check_head_meta(logits, target, source)
     _check_scalars({"kappa": kappa, "threshold": threshold},
                    (loss in LOSSES, f"unknown loss {loss!r} (expected {', '.join(LOSSES)})"),
@@ -353,8 +358,8 @@ def perturb_step_unchecked(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor
     """:func:`perturb_step_` without the Python-side checks (see
     :func:`loss_head_unchecked`)."""
     if _COMPILED:
-        return torch.ops.advfast.perturb_step_.default(x, grad, x0, active, sign, alpha, beta,
-                                                       lo, hi, eps, exact_l1)
+        call = torch.ops.advfast.perturb_step_.default if _tracing() else _C.perturb_step_
+        return call(x, grad, x0, active, sign, alpha, beta, lo, hi, eps, exact_l1)
     _check_images_meta((("x", x), ("x0", x0)), grad, (), active, "x")
     _check_scalars({"alpha": alpha, "beta": beta, "lo": lo, "hi": hi, "eps": eps},
                    ((alpha is None) != (beta is None), "give exactly one of alpha or beta"),
@@ -399,9 +404,9 @@ def adam_tanh_step_(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, x: torch.
 
     A non-finite element of grad counts as 0.  w, m, v and x must not share memory with each
     other or with grad and x0.  Arguments that would make NaN raise ValueError, the tensors'
-    contents included on the CPU (a step < 1 or a non-finite c of an active sample).  On CUDA the contents are not
-    checked (that would synchronise with the device): such a sample is left as it is there,
-    not stepped, with p_l1 = 0.
+    contents included on the CPU (a step < 1 or a non-finite c of an active sample).  On CUDA
+    the contents are not checked (that would synchronise with the device): such a sample is
+    left as it is there, not stepped, with p_l1 = 0.
     """
     _require_tensors(w=w, m=m, v=v, x=x, grad=grad, x0=x0, c=c, step=step,
                      **({} if active is None else {"active": active}))
@@ -416,8 +421,8 @@ def adam_tanh_step_unchecked(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
     """:func:`adam_tanh_step_` without the Python-side checks (see
     :func:`loss_head_unchecked`)."""
     if _COMPILED:
-        return torch.ops.advfast.adam_tanh_step_.default(w, m, v, x, grad, x0, c, step, active,
-                                                         lr, beta1, beta2, eps)
+        call = torch.ops.advfast.adam_tanh_step_.default if _tracing() else _C.adam_tanh_step_
+        return call(w, m, v, x, grad, x0, c, step, active, lr, beta1, beta2, eps)
     _check_images_meta(tuple(zip("w m v x x0".split(), (w, m, v, x, x0))), grad,
                        ((c, torch.float32, "c"), (step, torch.int64, "step")), active, "w")
     _check_scalars({"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps},
@@ -477,7 +482,7 @@ def observe_unchecked(head, norms, age, paused, first_flip, flip_norms, failure,
     args = (head, norms, age, paused, first_flip, flip_norms, failure, done, trajectory, key,
             columns, iterations, stop, controlled)
     if _COMPILED:
-        return torch.ops.advfast.observe_.default(*args)
+        return (torch.ops.advfast.observe_.default if _tracing() else _C.observe_)(*args)
     _check_bookkeeping_meta(head, len(HEAD_STATS), "head", (norms, torch.float32, 3, "norms"),
                             (age, torch.int64, 0, "age"), (paused, torch.bool, 0, "paused"),
                             (first_flip, torch.int64, 0, "first_flip"),
@@ -513,8 +518,8 @@ def advance_(stats: torch.Tensor, active: torch.Tensor, age: torch.Tensor, norms
 def advance_unchecked(stats, active, age, norms, trajectory, key, columns: list[int]) -> None:
     """:func:`advance_` without the Python-side checks, for the engine's hot loop."""
     if _COMPILED:
-        return torch.ops.advfast.advance_.default(stats, active, age, norms, trajectory, key,
-                                                  columns)
+        call = torch.ops.advfast.advance_.default if _tracing() else _C.advance_
+        return call(stats, active, age, norms, trajectory, key, columns)
     _check_bookkeeping_meta(stats, len(STEP_STATS), "stats", (active, torch.bool, 0, "active"),
                             (age, torch.int64, 0, "age"), (norms, torch.float32, 3, "norms"))
     _check_columns(columns, len(STEP_STATS), trajectory, key)
@@ -548,8 +553,9 @@ def cw_observe_(head: torch.Tensor, norms: torch.Tensor, constant: torch.Tensor,
     divisible by ``check_every``, with ``abort_early``) the run has stalled when its loss
     exceeds 0.9999 times ``previous_loss``, which then takes the loss; an image whose margin
     exceeds kappa in a run that has not stalled is a success (``succeeded``), and the new best
-    where its squared L2 is below ``best_l2`` (``best_l2``, ``best_constant`` updated); the run ends (``paused``) when it stalled or after ``steps`` iterations, else
-    ``inner_age`` moves on.
+    where its squared L2 is below ``best_l2`` (``best_l2``, ``best_constant`` updated); the
+    run ends (``paused``) when it stalled or after ``steps`` iterations, else ``inner_age``
+    moves on.
 
     Args:
         head: [B, 12] float32; norms: [B, 3] float32 (of the images the head saw); constant:
@@ -577,7 +583,7 @@ def cw_observe_unchecked(head, norms, constant, active, inner_age, previous_loss
     args = (head, norms, constant, active, inner_age, previous_loss, best_l2, best_constant,
             succeeded, paused, kappa, steps, check_every, abort_early)
     if _COMPILED:
-        return torch.ops.advfast.cw_observe_.default(*args)
+        return (torch.ops.advfast.cw_observe_.default if _tracing() else _C.cw_observe_)(*args)
     _check_cw_meta(*args[:10])
     _check_scalars({"kappa": kappa}, (steps >= 1 and check_every >= 1,
                                       "steps and check_every must be positive"))
