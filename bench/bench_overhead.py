@@ -20,7 +20,7 @@ every configuration page-faults its activations in again, by an amount that depe
 heap's state, not on the configuration.
 
     python bench/bench_overhead.py [--batch 64] [--iterations 20 60] [--repeats 15]
-                                   [--rounds 300] [--json F]
+                                   [--rounds 200] [--per-round 10] [--json F]
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def measure(runs: dict[str, Callable[[int], None]], lengths: tuple[int, int],
 
 
 def interleaved(model, x: torch.Tensor, t: torch.Tensor, rounds: int,
-                per_round: int = 4, seed: int = 0) -> dict[str, dict[str, float]]:
+                per_round: int = 10, seed: int = 0) -> dict[str, dict[str, float]]:
     """advfast's engine iteration (recording on and off) against the floor: in every round
     ``per_round`` iterations of each, in shuffled order; per configuration the median over
     rounds of its time over the floor's in the same round, with a 95 % interval."""
@@ -185,8 +185,10 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--iterations", type=int, nargs=2, default=(20, 60))
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--rounds", type=int, default=300,
+    parser.add_argument("--rounds", type=int, default=200,
                         help="rounds of the interleaved measurement (0: none)")
+    parser.add_argument("--per-round", type=int, default=10,
+                        help="iterations of each configuration per round")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     kept = keep_freed_memory()
@@ -203,9 +205,10 @@ def main() -> int:
         lo, hi = f["loop_vs_floor_ci95"]
         print(f"| {name} | {f['loop_ms']:.3f} | {f['loop_vs_floor']:.3f}x ({lo:.3f}–{hi:.3f}) "
               f"| {f['call_ms']:.3f} | {f['call_vs_floor']:.3f}x |")
-    fine = interleaved(model, chosen.images, chosen.targets, args.rounds) if args.rounds else {}
+    fine = (interleaved(model, chosen.images, chosen.targets, args.rounds, args.per_round)
+            if args.rounds else {})
     if fine:
-        print(f"\ninterleaved, {args.rounds} rounds of 4 iterations each")
+        print(f"\ninterleaved, {args.rounds} rounds of {args.per_round} iterations each")
         print("| configuration | in the loop ms/it | vs floor (95 % CI) |\n|---|---|---|")
         for name, f in fine.items():
             lo, hi = f["loop_vs_floor_ci95"]
@@ -215,6 +218,7 @@ def main() -> int:
         with open(args.json, "w") as out:
             json.dump({"batch": args.batch, "iterations": args.iterations,
                        "repeats": args.repeats, "rounds": args.rounds,
+                       "per_round": args.per_round,
                        "freed_memory_kept": kept, "figures": figures, "interleaved": fine},
                       out, indent=1)
     return 0
