@@ -189,3 +189,27 @@ def test_every_cpu_isa_copy_matches_reference(isa, test_file):
                            "not cuda and not isa", os.path.join(here, test_file)], env=env,
                           capture_output=True, text=True, cwd=here)
     assert done.returncode == 0, done.stdout[-3000:]
+
+
+@pytest.mark.skipif(ops.backend() == "reference", reason="compiled library missing")
+@pytest.mark.parametrize("sign", [False, True])
+@pytest.mark.parametrize("rule", RULES[:2], ids=RULE_IDS[:2])
+def test_threads_do_not_change_a_bit(sign, rule):
+    # Samples of three chunks each (kChunk = 2^15 elements), one inactive: the chunks are fixed
+    # per sample and combined in order, whatever the threads (sample_chunks.h).
+    torch.manual_seed(0)
+    x, grad, x0 = _inputs((3, 3, 110, 220), "cpu")
+    grad[2, 0, :50] *= 1e4  # a sample whose chunks sum to very different magnitudes
+    active = torch.tensor([True, False, True])
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for count in (1, 8):
+            torch.set_num_threads(count)
+            xs = x.clone()
+            outputs.append((xs, ops.perturb_step_(xs, grad, x0, sign=sign, active=active,
+                                                  **rule)))
+    finally:
+        torch.set_num_threads(threads)
+    (x1, s1), (x8, s8) = outputs
+    assert torch.equal(x1, x8) and torch.equal(s1, s8)
