@@ -49,6 +49,8 @@ except ImportError as err:  # pragma: no cover - exercised only on a broken inst
                   stacklevel=2)
 
 
+# True while dynamo traces (it folds the call to a constant there): then the wrappers keep the
+# schema path, which dynamo can put in a graph; a direct binding would break it.
 _tracing = torch.compiler.is_compiling
 
 
