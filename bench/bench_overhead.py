@@ -96,16 +96,12 @@ def measure(runs: dict[str, Callable[[int], None]], lengths: tuple[int, int],
                 spent.append(time.thread_time() - begin)
             loop[name].append(1e3 * (spent[1] - spent[0]) / (long - short))
             call[name].append(1e3 * spent[1] / long)
-    figures = {}
-    for name in runs:
-        ratios = sorted(a / b for a, b in zip(loop[name], loop["floor"]))
-        figures[name] = {"loop_ms": statistics.median(loop[name]),
-                         "call_ms": statistics.median(call[name]),
-                         "loop_vs_floor": statistics.median(ratios),
-                         "loop_vs_floor_ci95": _median_interval(ratios),
-                         "call_vs_floor": statistics.median(
-                             a / b for a, b in zip(call[name], call["floor"]))}
-    return figures
+    return {name: {"loop_ms": statistics.median(loop[name]),
+                   "call_ms": statistics.median(call[name]),
+                   **_vs_floor(loop[name], loop["floor"]),
+                   "call_vs_floor": statistics.median(
+                       a / b for a, b in zip(call[name], call["floor"]))}
+            for name in runs}
 
 
 def interleaved(model, x: torch.Tensor, t: torch.Tensor, rounds: int,
@@ -116,7 +112,7 @@ def interleaved(model, x: torch.Tensor, t: torch.Tensor, rounds: int,
     steps = {"floor": _floor_iteration(model, x)}
     with frozen(model):
         source = model(x).argmax(dim=1)
-        for record in (True, False):
+        for record in (True, False):  # the partial iterations below share the last rows
             attack = advfast.Attack(model, loss="ce", beta=0.1, record=record, stop="never",
                                     iterations=(rounds + 2) * per_round, time_phases=False)
             engine = attack._engine(x.device, attack.parts(deferred=False), batch=len(x))
@@ -134,13 +130,16 @@ def interleaved(model, x: torch.Tensor, t: torch.Tensor, rounds: int,
                     steps[name]()
                 if r:
                     spent[name].append(time.thread_time() - begin)
-    figures = {}
-    for name in steps:
-        ratios = sorted(a / b for a, b in zip(spent[name], spent["floor"]))
-        figures[name] = {"loop_ms": 1e3 * statistics.median(spent[name]) / per_round,
-                         "loop_vs_floor": statistics.median(ratios),
-                         "loop_vs_floor_ci95": _median_interval(ratios)}
-    return figures
+    return {name: {"loop_ms": 1e3 * statistics.median(spent[name]) / per_round,
+                   **_vs_floor(spent[name], spent["floor"])}
+            for name in steps}
+
+
+def _vs_floor(times: list[float], floor: list[float]) -> dict[str, object]:
+    """The median of the paired ratios times / floor and its 95 % interval."""
+    ratios = sorted(a / b for a, b in zip(times, floor))
+    return {"loop_vs_floor": statistics.median(ratios),
+            "loop_vs_floor_ci95": _median_interval(ratios)}
 
 
 def _partial_iterations(model, engine, rows) -> dict[str, Callable[[], None]]:
