@@ -213,3 +213,54 @@ def test_threads_do_not_change_a_bit(sign, rule):
         torch.set_num_threads(threads)
     (x1, s1), (x8, s8) = outputs
     assert torch.equal(x1, x8) and torch.equal(s1, s8)
+
+
+# Run in a fresh interpreter per instruction set: the same seeded inputs (non-finite, -0,
+# denormal gradients, a NaN pixel, rows with tails of 1 and of 3 elements, samples of two chunks)
+# through perturb_step_ with and without the sign, both rules, with and without the eps ball and
+# an inactive sample; prints x's and the statistics' bits, in order.
+_STEP_BITS = """
+import itertools, sys, torch, advfast.ops as ops
+torch.manual_seed(0)
+torch.set_flush_denormal(sys.argv[1] == "flush")
+out = []
+for shape in [(5, 3, 7, 13), (2, 3, 1, 1), (2, 32768 + 35)]:
+    x0 = torch.rand(shape)
+    x = (x0 + 0.02 * torch.randn(shape)).clamp(0, 1)
+    g = torch.randn(shape) * 1e-3
+    flat = g.view(-1)
+    n = flat.numel()
+    for k, v in enumerate([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-40,
+                           -1e-40, 3.4e38]):
+        flat[(k * 7919) % n] = v
+    x.view(-1)[n // 2] = float("nan")
+    active = torch.ones(shape[0], dtype=torch.bool)
+    active[-1] = False
+    for sign, rule, eps, mask in itertools.product([False, True], [dict(alpha=0.01),
+                                                   dict(beta=0.5)], [None, 0.03], [None, active]):
+        xs = x.clone()
+        stats = ops.perturb_step_(xs, g, x0, sign=sign, eps=eps, active=mask, **rule)
+        out += [xs.view(torch.int32).flatten(), stats.view(torch.int32).flatten()]
+print(torch.cat(out).tolist())
+"""
+
+
+@pytest.mark.skipif(ops.backend() == "reference", reason="compiled library missing")
+@pytest.mark.parametrize("denormals", ["keep", "flush"])
+def test_the_avx512_step_is_the_generic_loop_bit_for_bit(denormals):
+    """csrc/cpu/perturb_step_avx512.h's intrinsics against the default copy's compiled loop."""
+    import os
+    import subprocess
+    import sys
+
+    def bits(isa):
+        env = dict(os.environ, ADVFAST_CPU_ISA=isa)
+        check = "import torch, advfast.ops; print(torch.ops.advfast.cpu_isa())"
+        picked = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True,
+                                text=True, check=True).stdout.split()[-1]
+        if picked != isa:
+            pytest.skip(f"this CPU does not support {isa}")
+        return subprocess.run([sys.executable, "-c", _STEP_BITS, denormals], env=env,
+                              capture_output=True, text=True, check=True).stdout
+
+    assert bits("avx512") == bits("default")

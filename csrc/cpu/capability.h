@@ -14,6 +14,15 @@
 // The namespace of this copy: cpu_DEFAULT, cpu_AVX2 or cpu_AVX512.
 #define ADVFAST_CPU_NS ADVFAST_CAT(cpu_, ADVFAST_CPU_CAPABILITY)
 
+// ADVFAST_CPU_AVX512 is 1 in the AVX512 copy, for its hand-written intrinsics (GCC does not
+// define __AVX512F__ under `#pragma GCC target` in C++).
+#define ADVFAST_CPU_IS_AVX512 1
+#if ADVFAST_CAT(ADVFAST_CPU_IS_, ADVFAST_CPU_CAPABILITY)
+#define ADVFAST_CPU_AVX512 1
+#else
+#define ADVFAST_CPU_AVX512 0
+#endif
+
 #ifdef ADVFAST_CPU_TARGET
 #define ADVFAST_PRAGMA_(x) _Pragma(#x)
 #define ADVFAST_PRAGMA(x) ADVFAST_PRAGMA_(x)

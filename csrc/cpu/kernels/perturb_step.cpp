@@ -4,16 +4,25 @@
 // equal perturbation rule).  exact_l1: the exact equal perturbation of advfast_math.h, read-only
 // passes for Newton's method on the scale, then one update pass.
 // Work is split into fixed chunks of every sample (sample_chunks.h), so results do not depend
-// on the thread count; lanes of partial sums let the compiler vectorise the reductions.
+// on the thread count; lanes of partial sums let the compiler vectorise the reductions.  The
+// AVX512 copy runs float gradients through perturb_step_avx512.h's intrinsics instead: the same
+// bits in fewer instructions.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../kernels.h"
+#if defined(ADVFAST_X86_DISPATCH)
+#include <immintrin.h>
+#endif
 #include "../capability.h"
 #include "../sample_chunks.h"
+#if ADVFAST_CPU_AVX512
+#include "../perturb_step_avx512.h"
+#endif
 
 namespace advfast {
 namespace ADVFAST_CPU_NS {
@@ -32,6 +41,9 @@ inline float abs_perturbation(g_t g) {
 
 template <bool SIGN, typename g_t>
 float abs_sum(const g_t* __restrict__ g, int64_t n) {
+#if ADVFAST_CPU_AVX512
+  if constexpr (std::is_same_v<g_t, float>) return abs_sum_avx512<SIGN>(g, n);
+#endif
   float acc[kLanes] = {};
   for_each_lane(n, [&](int64_t i, int l) { acc[l] += abs_perturbation<SIGN>(g[i]); });
   float total = 0.f;
@@ -46,6 +58,14 @@ template <bool SIGN, bool DIVIDE, bool EPS, bool SUM_P, typename g_t>
 Partial update_chunk(float* __restrict__ x, const g_t* __restrict__ g,
                      const float* __restrict__ x0, int64_t n, StepScale st, float p_l1, float lo,
                      float hi, float eps) {
+#if ADVFAST_CPU_AVX512
+  // (with the sign, only a finite scale: the fused a * 0 + x of an infinite one is NaN)
+  if constexpr (!DIVIDE && std::is_same_v<g_t, float>) {
+    if (!SIGN || std::isfinite(st.scale)) {
+      return update_avx512<SIGN, EPS, SUM_P>(x, g, x0, n, st.scale, lo, hi, eps);
+    }
+  }
+#endif
   Lanes acc;
   const float scale = st.scale;
   // With the sign every step is +-(scale * (1 / p_l1)) or +-scale: the same bits as
