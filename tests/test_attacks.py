@@ -258,6 +258,8 @@ def test_out_of_range_attack_parameters_are_refused(attack, params):
 @pytest.mark.parametrize("attack,extra", [
     ("ifgs", ["--eps", "0.3", "--alpha", "0.02", "--iterations", "40"]),
     ("cw-l2", ["--c", "1", "--lr", "0.05", "--iterations", "100", "--binary-search-steps", "3"]),
+    ("cw-l2", ["--c", "1", "--lr", "0.05", "--iterations", "60", "--binary-search-steps", "3",
+               "--warm-start"]),
     ("lbfgs", ["--iterations", "30", "--binary-search-steps", "4"]),
 ])
 def test_attack_and_generate_commands_take_every_attack(tmp_path, attack, extra):
@@ -281,6 +283,8 @@ def test_attack_and_generate_commands_take_every_attack(tmp_path, attack, extra)
     config = json.loads((gen / "config.json").read_text())
     assert config["arguments"]["params"]["iterations"] == int(extra[extra.index("--iterations")
                                                                      + 1])
+    if attack == "cw-l2":
+        assert config["arguments"]["params"]["warm_start"] == ("--warm-start" in extra)
 
 
 def test_options_of_another_attack_are_refused(tmp_path, capsys):

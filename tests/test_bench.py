@@ -45,6 +45,8 @@ def test_nsys_missing_is_a_clear_error(capsys):
 def test_options_that_would_change_nothing_are_refused(capsys):
     assert cli.main(["bench", "--stop", "flip", "--iterations", "1"]) == 2
     assert "--stop would change nothing" in capsys.readouterr().err
+    assert cli.main(["bench", "--attack", "cw-l2", "--warm-start", "--iterations", "1"]) == 2
+    assert "--warm-start would change nothing" in capsys.readouterr().err
 
 
 def test_bench_shows_every_configuration_against_the_fp32_eager_floor(tmp_path, capsys):

@@ -39,16 +39,19 @@ from advfast.io.selection import DigitsSource, prepare
 
 
 def carlini_l2(model, x, target, *, const, kappa, steps, lr, binary_search_steps,
-               abort_early=True, prev_start=1e6):
+               abort_early=True, prev_start=1e6, warm_start=False):
     """CarliniL2.attack_batch for one image x [1, C, H, W]; returns (o_bestl2 or None, the
     constant of the best image or the last one tried, the Adam steps whose result was
-    evaluated)."""
+    evaluated).  ``warm_start`` (not in the original): each outer step's modifier starts at the
+    one whose image the last outer step evaluated last, Adam still reset."""
     timg = torch.atanh((x - 0.5) / 0.5 * 0.999999)
     original = torch.tanh(timg) * 0.5 + 0.5
     lower_bound, upper_bound = 0.0, 1e10
     o_bestl2, o_bestconst, evaluated = 1e10, None, 0
+    last_evaluated = torch.zeros_like(x)
     for outer_step in range(binary_search_steps):
-        modifier = torch.zeros_like(x, requires_grad=True)
+        start = last_evaluated if warm_start else torch.zeros_like(x)
+        modifier = start.clone().requires_grad_(True)
         adam = torch.optim.Adam([modifier], lr=lr)
         bestl2, bestscore = 1e10, -1
         if binary_search_steps >= 10 and outer_step == binary_search_steps - 1:
@@ -56,6 +59,7 @@ def carlini_l2(model, x, target, *, const, kappa, steps, lr, binary_search_steps
         prev, tried = prev_start, const
         for iteration in range(steps):
             newimg = torch.tanh(modifier + timg) * 0.5 + 0.5
+            last_evaluated = modifier.detach().clone()
             output = model(newimg)[0]
             l2dist = (newimg - original).square().sum()
             real = output[target]
@@ -97,12 +101,15 @@ def digits_inputs():
     torch.set_num_threads(threads)
 
 
-def _compare(model, chosen, params, prev_start=1e6):
-    """advfast vs the port, sample by sample; returns the port's constants and the mismatches."""
+def _compare(model, chosen, params, prev_start=1e6, port_warm_start=None):
+    """advfast vs the port, sample by sample; returns the port's constants and the mismatches
+    (the port warm-starts as advfast does unless ``port_warm_start`` says otherwise)."""
     ours = attacks.CarliniWagnerL2(model, compact_every=3, **params)(
         chosen.images, chosen.targets, chosen.labels)
+    warm = params.get("warm_start", False) if port_warm_start is None else port_warm_start
     port = dict(const=params["c"], kappa=params["kappa"], steps=params["steps"],
-                lr=params["lr"], binary_search_steps=params["binary_search_steps"])
+                lr=params["lr"], binary_search_steps=params["binary_search_steps"],
+                warm_start=warm)
     mismatches, constants = [], []
     for i in range(len(chosen.images)):
         l2sq, c, evaluated = carlini_l2(model, chosen.images[i:i + 1], int(chosen.targets[i]),
@@ -144,3 +151,16 @@ def test_the_comparison_catches_an_infinite_first_previous_loss(digits_inputs, p
     model, chosen = digits_inputs
     _, mismatches = _compare(model, chosen, params, prev_start=math.inf)
     assert mismatches
+
+
+# CLIMB with each run going on from the last one's end (advfast's warm_start, not the original).
+WARM = dict(CLIMB, warm_start=True)
+
+
+def test_warm_start_matches_the_port_going_on_from_each_run_end(digits_inputs):
+    model, chosen = digits_inputs
+    constants, mismatches = _compare(model, chosen, WARM)
+    assert not mismatches, mismatches
+    # the oracle can tell: started at the clean image, the port's runs give other results
+    _, cold = _compare(model, chosen, WARM, port_warm_start=False)
+    assert cold

@@ -29,6 +29,9 @@ class CarliniWagnerL2(BaseAttack):
         lr: Adam's learning rate (1e-2).
         binary_search_steps: constants tried per sample (9).
         abort_early: end a run when its loss has not improved over steps // 10 iterations.
+        warm_start: each run of the search starts where the sample's last run ended (Adam's
+            moments reset) instead of at the clean image; a deviation from the original, off
+            by default (False), measured in docs/benchmarks.md ("CW-L2 with search").
         record, amp, channels_last, compact_every, time_phases: see :class:`BaseAttack`.
 
     Samples with no success return their clean image (``first_flip``, ``failure`` and
@@ -39,7 +42,7 @@ class CarliniWagnerL2(BaseAttack):
 
     def __init__(self, model: nn.Module, c: float = 1e-3, kappa: float = 0.0, steps: int = 1000,
                  lr: float = 1e-2, binary_search_steps: int = 9, abort_early: bool = True,
-                 **engine) -> None:
+                 warm_start: bool = False, **engine) -> None:
         super().__init__(model, **engine)
         self.c, self.lr = positive("c", c), positive("lr", lr)
         if not (isinstance(kappa, (int, float)) and math.isfinite(kappa) and kappa >= 0):
@@ -47,10 +50,11 @@ class CarliniWagnerL2(BaseAttack):
         self.kappa = float(kappa)
         self.steps = count("steps", steps)
         self.binary_search_steps = count("binary_search_steps", binary_search_steps)
-        self.abort_early = bool(abort_early)
+        self.abort_early, self.warm_start = bool(abort_early), bool(warm_start)
         self.horizon = self.binary_search_steps * (self.steps + self.compact_every)
 
     def parts(self, deferred: bool) -> tuple[Head, Optimizer, Control]:
-        return (Head("m-logit", self.kappa, "clamp"), AdamTanh(self.lr),
+        return (Head("m-logit", self.kappa, "clamp"),
+                AdamTanh(self.lr, warm_start=self.warm_start),
                 CWSearch(self.c, self.kappa, self.steps, self.binary_search_steps,
                          self.abort_early))

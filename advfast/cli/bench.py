@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"Nsight Systems report: {report}.nsys-rep (NVTX ranges iter N/forward, "
                   "iter N/head, iter N/backward, iter N/update)")
         return done.returncode
-    fixed = [o for o in ("stop", "binary_search_steps", "abort_early") if getattr(args, o) is not None]
+    fixed = [o for o in ("stop", "binary_search_steps", "abort_early", "warm_start")
+             if getattr(args, o) is not None]
     if fixed:
         raise InvalidValue(f"bench runs every sample for all iterations with one constant; "
                          f"{', '.join('--' + o.replace('_', '-') for o in fixed)} would change "

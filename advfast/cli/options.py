@@ -74,8 +74,8 @@ ATTACK_HELP = ("eq11: the paper's scheme (Eq. 11; --loss, --step, --alpha/--beta
                "8/255, digits 0.3; --alpha 2/255, digits 0.03; --iterations 10, "
                "--random-start, --stop); cw-l2: "
                "Carlini-Wagner L2 (Eqs. 3-4; --c 1e-3, --kappa 0, --iterations 1000, --lr 1e-2, "
-               "--binary-search-steps 9, --no-abort-early); lbfgs: box-constrained L-BFGS "
-               "(Eq. 1; --b 1e-2, --iterations 100, --history 10, --binary-search-steps 10)")
+               "--binary-search-steps 9, --no-abort-early, --warm-start); lbfgs: "
+               "box-constrained L-BFGS (Eq. 1; --b 1e-2, --iterations 100, --history 10, --binary-search-steps 10)")
 
 OPTIONS: dict[str, dict] = {
     "attack": dict(choices=specs.ATTACKS, default="eq11", help=ATTACK_HELP),
@@ -113,6 +113,10 @@ OPTIONS: dict[str, dict] = {
                                 help="cw-l2 / lbfgs: constants tried per sample (None: 9 / 10)"),
     "abort_early": dict(action="store_const", const=False, flag="--no-abort-early",
                         help="cw-l2: run every step even when the loss stops improving"),
+    "warm_start": dict(action="store_const", const=True,
+                       help="cw-l2: each run of the search starts where the sample's last run "
+                            "ended, not at the clean image (a deviation from the original; "
+                            "None: off)"),
     "b": dict(type=number(positive=True), help="lbfgs: initial constant (None: 1e-2)"),
     "history": dict(type=int_at_least(1), help="lbfgs: (s, y) pairs kept (None: 10)"),
 }

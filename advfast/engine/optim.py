@@ -91,11 +91,16 @@ class AdamTanh:
 
     Args:
         lr: Adam's learning rate (CW: 1e-2); beta1, beta2, eps: torch.optim.Adam's defaults.
+        warm_start: a restart keeps w where the sample's run ended (only the moments and the
+            step count start again) instead of putting it back at the clean image, as Carlini
+            and Wagner's original does (the default, False).  A deviation from the original,
+            off by default: each run of the search goes on from the last one's end.
     """
 
     def __init__(self, lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.999,
-                 eps: float = 1e-8) -> None:
+                 eps: float = 1e-8, warm_start: bool = False) -> None:
         self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
+        self.warm_start = warm_start
 
     @staticmethod
     def start(x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,12 +128,14 @@ class AdamTanh:
         return None
 
     def restart(self, rows: Rows, mask: torch.Tensor) -> None:
-        w, x = self.start(rows.x0)
-        s, where = rows.optim, per_sample(mask, w)
-        s.w = torch.where(where, w, s.w)
+        s, where = rows.optim, per_sample(mask, rows.optim.w)
         s.m = torch.where(where, 0.0, s.m)
         s.v = torch.where(where, 0.0, s.v)
         s.t = torch.where(mask, 0, s.t)
+        if self.warm_start:  # w, x and its norms stay where the run ended
+            return
+        w, x = self.start(rows.x0)
+        s.w = torch.where(where, w, s.w)
         with torch.no_grad():
             rows.x.copy_(torch.where(where, x, rows.x))
         rows.norms = torch.where(mask[:, None], norms_of(x - rows.x0), rows.norms)

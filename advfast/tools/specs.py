@@ -44,7 +44,7 @@ PARAMETERS: dict[str, dict[str, object]] = {
     "ifgs": {"eps": None, "alpha": None, "iterations": 10, "random_start": False,
              "stop": "flip"},
     "cw-l2": {"c": 1e-3, "kappa": 0.0, "iterations": 1000, "lr": 1e-2,
-              "binary_search_steps": 9, "abort_early": True},
+              "binary_search_steps": 9, "abort_early": True, "warm_start": False},
     "lbfgs": {"b": 1e-2, "iterations": 100, "history": 10, "binary_search_steps": 10},
 }
 
@@ -96,6 +96,7 @@ def build(name: str, model: nn.Module, params: dict[str, object], **engine) -> B
     if name == "cw-l2":
         return CarliniWagnerL2(model, c=p["c"], kappa=p["kappa"], steps=p["iterations"],
                                lr=p["lr"], binary_search_steps=p["binary_search_steps"],
-                               abort_early=p["abort_early"], **engine)
+                               abort_early=p["abort_early"], warm_start=p["warm_start"],
+                               **engine)
     return LBFGS(model, b=p["b"], steps=p["iterations"], history=p["history"],
                  binary_search_steps=p["binary_search_steps"], **engine)

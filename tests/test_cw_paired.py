@@ -1,0 +1,36 @@
+"""bench/cw_paired.py's verdict: a configuration's result is at least Foolbox's when its success
+is at most 1 point below and its median L2 on the samples both succeed on at most 1.02x."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+from cw_paired import compare  # noqa: E402
+
+PEER = (torch.tensor([True, True, True, False]), torch.tensor([1.0, 2.0, 3.0, 9.0]))
+
+
+@pytest.mark.parametrize("ok,l2,ratio,verdict", [
+    # same successes; on both the medians are 2.0 (ours) and 2.0
+    ([True, True, True, False], [1.0, 2.0, 3.0, 0.5], 1.0, True),
+    # more successes, smaller on the three both succeed on: median 1.5 vs 2.0
+    ([True, True, True, True], [1.0, 1.5, 2.0, 4.0], 0.75, True),
+    # same successes, 5 % farther on both: median 2.1 vs 2.0
+    ([True, True, True, False], [1.0, 2.1, 3.0, 0.5], 1.05, False),
+    # closer on both, but one success fewer (25 points)
+    ([True, True, False, False], [0.5, 1.0, 0.1, 0.1], 0.5, False),
+])
+def test_at_least_foolbox_needs_its_successes_and_its_l2(ok, l2, ratio, verdict):
+    # torch.median of an even count is the lower middle value
+    figures = compare((torch.tensor(ok), torch.tensor(l2)), PEER)
+    assert figures["l2_on_both_vs_foolbox"] == pytest.approx(ratio)
+    assert figures["at_least_foolbox"] is verdict
+    assert figures["success"] == sum(ok) / len(ok)
+
+
+def test_no_common_success_has_no_ratio_and_is_not_at_least_foolbox():
+    figures = compare((torch.tensor([False, False, False, True]), torch.ones(4)), PEER)
+    assert figures["l2_on_both_vs_foolbox"] is None and figures["at_least_foolbox"] is False
