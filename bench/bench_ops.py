@@ -60,8 +60,15 @@ def bench_step(shape, variant: dict, device: str, min_run_time: float,
         rows["compile"] = lambda: compiled_chain(x, grad, x0, **variant)
     measure = _cpu_ms if cpu_time else _median_ms
     out = {name: measure(fn, min_run_time) for name, fn in rows.items()}
-    out.setdefault("compile", float("nan"))
+    out.setdefault("compile", None)  # skipped (strict JSON has no NaN)
     return out
+
+
+def _shown(ms: float | None, per: float | None = None) -> str:
+    """A table cell: ms, or its ratio to ``per``; "-" where the column was skipped."""
+    if ms is None:
+        return "-"
+    return f"{ms:.3f}" if per is None else f"{ms / per:.1f}x"
 
 
 def _step_inputs(shape, device: str, at_box: bool):
@@ -171,9 +178,11 @@ def main() -> None:
         for name, variant in VARIANTS.items():
             t = bench_step(shape, variant, args.device, args.min_run_time, not args.skip_compile,
                            args.cpu_time and args.device == "cpu")
-            print(f"| {'x'.join(map(str, shape))} | {name} | {t['copy']:.3f} | {t['advfast']:.3f} | "
-                  f"{t['eager']:.3f} | {t['compile']:.3f} | {t['advfast'] / t['copy']:.2f}x | "
-                  f"{t['eager'] / t['copy']:.1f}x | {t['compile'] / t['copy']:.1f}x |", flush=True)
+            print(f"| {'x'.join(map(str, shape))} | {name} | {t['copy']:.3f} | "
+                  f"{t['advfast']:.3f} | "
+                  f"{t['eager']:.3f} | {_shown(t['compile'])} | "
+                  f"{t['advfast'] / t['copy']:.2f}x | {t['eager'] / t['copy']:.1f}x | "
+                  f"{_shown(t['compile'], t['copy'])} |", flush=True)
             steps.append({"shape": list(shape), "rule": name, "ms": t})
     print(f"\nloss_head on [B, {CLASSES}] logits (ms)\n")
     print("| B | loss | advfast | eager | eager/advfast |")

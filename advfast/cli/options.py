@@ -75,7 +75,8 @@ ATTACK_HELP = ("eq11: the paper's scheme (Eq. 11; --loss, --step, --alpha/--beta
                "--random-start, --stop); cw-l2: "
                "Carlini-Wagner L2 (Eqs. 3-4; --c 1e-3, --kappa 0, --iterations 1000, --lr 1e-2, "
                "--binary-search-steps 9, --no-abort-early, --warm-start); lbfgs: "
-               "box-constrained L-BFGS (Eq. 1; --b 1e-2, --iterations 100, --history 10, --binary-search-steps 10)")
+               "box-constrained L-BFGS (Eq. 1; --b 1e-2, --iterations 100, --history 10, "
+               "--binary-search-steps 10)")
 
 OPTIONS: dict[str, dict] = {
     "attack": dict(choices=specs.ATTACKS, default="eq11", help=ATTACK_HELP),
