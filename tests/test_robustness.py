@@ -152,6 +152,28 @@ def test_05_config_is_written_first_and_identity_is_checked(tmp_path, capsys, mo
     one_line_error(code, err, "no config.json")
 
 
+def test_05_a_parameter_added_since_a_run_takes_its_default_on_resume(tmp_path, capsys,
+                                                                      monkeypatch):
+    # a cw-l2 run written before --warm-start existed has no warm_start in its identity
+    out = tmp_path / "run"
+    cw = ["--attack", "cw-l2", "--c", "1", "--iterations", "4", "--binary-search-steps", "1",
+          "--n", "6", "--batch-size", "4", "--shard-size", "3", "--quiet"]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(selection, "select", killed)
+    assert run(["generate", "--out", out, *cw], capsys)[0] == 130
+    monkeypatch.undo()
+    config = json.loads((out / "config.json").read_text())
+    del config["identity"]["warm_start"]
+    (out / "config.json").write_text(json.dumps(config))
+    code, err = run(["generate", "--out", out, *cw, "--resume", "--warm-start"], capsys)
+    one_line_error(code, err, "--warm-start")
+    assert run(["generate", "--out", out, *cw, "--resume"], capsys)[0] == 0
+    assert len(manifest(out)) == 6
+
+
 def test_05_weights_identity_is_their_content_and_random_weights_are_seeded(tmp_path, capsys):
     a, b = models.load("resnet18", num_classes=4), models.load("resnet18", num_classes=4)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

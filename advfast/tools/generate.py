@@ -229,7 +229,10 @@ def _check_identity(config: GenerateConfig, path: str) -> None:
     if not isinstance(identity, dict) or "advfast" not in saved:
         raise FolderRefused(f"{path} is damaged or not advfast's (no identity); the run in "
                             "that folder cannot be resumed")
-    differs = first_difference(identity, config.identity())
+    # A parameter advfast gained after that run was written takes its default there: a new
+    # parameter's default is the behaviour before it existed.
+    added = {k: v for k, v in specs.PARAMETERS[config.attack].items() if k not in identity}
+    differs = first_difference({**added, **identity}, config.identity())
     if differs is not None:
         key, before, now = differs
         raise FolderRefused(f"--resume with a different --{key.replace('_', '-')}: the run in "
