@@ -40,11 +40,12 @@ ADVFAST_HD float finite_sign_of(float v) {
   return ((v > 0.f) & (v <= FLT_MAX) ? 1.f : 0.f) - ((v < 0.f) & (v >= -FLT_MAX) ? 1.f : 0.f);
 }
 
-// magnitude * finite_sign_of(v), and |finite_sign_of(v)|, in fewer instructions: one range test
-// on |v| and a copy of v's sign bit (exact: finite_sign_of(v) is +-1 or 0).
+// finite_sign_of(v) * magnitude, and |finite_sign_of(v)|, in fewer instructions: one range
+// test on |v| and a copy of v's sign bit onto 1 (exact: the sign is +-1 or 0, so the product is
+// +-magnitude or a zero of magnitude's sign, whatever magnitude's own sign).
 ADVFAST_HD float signed_step(float v, float magnitude) {
   const float a = fabsf(v);
-  return (a > 0.f) & (a <= FLT_MAX) ? copysignf(magnitude, v) : 0.f;
+  return ((a > 0.f) & (a <= FLT_MAX) ? copysignf(1.f, v) : 0.f) * magnitude;
 }
 ADVFAST_HD float finite_sign_abs(float v) {
   const float a = fabsf(v);

@@ -31,6 +31,19 @@ def _compare(x, grad, x0, **kw):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sign", [False, True])
+@pytest.mark.parametrize("rule", [dict(alpha=-5e-3), dict(beta=-2.0)], ids=["alpha", "beta"])
+def test_negative_step_sizes_match_reference(device, sign, rule):
+    # a negative alpha or beta moves against P (with the sign too: a * sign(grad), not |a|)
+    x, grad, x0 = _inputs((3, 3, 9, 9), device)
+    start, x_ref = x.clone(), x.clone()
+    ops.perturb_step_(x, grad, x0, sign=sign, **rule)
+    reference.perturb_step_(x_ref, grad, x0, sign=sign, **rule)
+    torch.testing.assert_close(x, x_ref, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(x, start)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sign", [False, True])
 @pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(0, 3, 5, 5), (1, 3, 7, 7), (5, 3, 32, 32), (2, 278011)])
@@ -149,6 +162,7 @@ def _args(**bad):
         (_args(lo=1.0, hi=0.0), ValueError),
         (_args(eps=-0.1), ValueError),
         (_args(alpha=float("inf")), ValueError),
+        (_args(alpha=1e39), ValueError),  # finite as a double, +inf as the kernels' float32
         (_args(active=torch.ones(3, dtype=torch.bool)), ValueError),
         (_args(active=torch.ones(2)), ValueError),
         (_args(x=[[0.0]]), TypeError),
@@ -216,9 +230,10 @@ def test_threads_do_not_change_a_bit(sign, rule):
 
 
 # Run in a fresh interpreter per instruction set: the same seeded inputs (non-finite, -0,
-# denormal gradients, a NaN pixel, rows with tails of 1 and of 3 elements, samples of two chunks)
-# through perturb_step_ with and without the sign, both rules, with and without the eps ball and
-# an inactive sample; prints x's and the statistics' bits, in order.
+# denormal gradients, NaN and -0 pixels, a NaN in x0, rows with tails of 1 and of 3 elements,
+# samples of two chunks) through perturb_step_ with and without the sign, both rules with
+# positive and negative step sizes, with and without the eps ball, two boxes, with and without an
+# inactive sample; prints x's and the statistics' bits, in order.
 _STEP_BITS = """
 import itertools, sys, torch, advfast.ops as ops
 torch.manual_seed(0)
@@ -234,12 +249,16 @@ for shape in [(5, 3, 7, 13), (2, 3, 1, 1), (2, 32768 + 35)]:
                            -1e-40, 3.4e38]):
         flat[(k * 7919) % n] = v
     x.view(-1)[n // 2] = float("nan")
+    x.view(-1)[n // 3] = -0.0
+    x0.view(-1)[n // 5] = float("nan")
     active = torch.ones(shape[0], dtype=torch.bool)
     active[-1] = False
-    for sign, rule, eps, mask in itertools.product([False, True], [dict(alpha=0.01),
-                                                   dict(beta=0.5)], [None, 0.03], [None, active]):
+    rules = [dict(alpha=0.01), dict(beta=0.5), dict(alpha=-0.01), dict(beta=-0.5)]
+    for sign, rule, eps, box, mask in itertools.product(
+            [False, True], rules, [None, 0.03], [(0.0, 1.0), (0.2, 0.7)], [None, active]):
         xs = x.clone()
-        stats = ops.perturb_step_(xs, g, x0, sign=sign, eps=eps, active=mask, **rule)
+        stats = ops.perturb_step_(xs, g, x0, sign=sign, eps=eps, active=mask, lo=box[0],
+                                  hi=box[1], **rule)
         out += [xs.view(torch.int32).flatten(), stats.view(torch.int32).flatten()]
 print(torch.cat(out).tolist())
 """

@@ -181,10 +181,14 @@ def _check_bookkeeping_meta(stats, width: int, name: str, *rows) -> None:
 MIN_ADAM_EPS = torch.finfo(torch.float32).tiny
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def _check_scalars(finite: dict, *rules: tuple[bool, str]) -> None:
+    # the kernels take every scalar as float32 (1e39 is a finite double but +inf there)
     for name, value in finite.items():
-        if value is not None and not math.isfinite(value):
-            raise InvalidValue(f"{name} must be a finite number, got {value!r}")
+        if value is not None and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            raise InvalidValue(f"{name} must be a finite float32 number, got {value!r}")
     for ok, message in rules:
         if not ok:
             raise InvalidValue(message)

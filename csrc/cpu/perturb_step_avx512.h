@@ -120,7 +120,7 @@ inline __attribute__((always_inline)) void update16(
   }
 }
 
-// update_chunk<DIVIDE = false> for float gradients (with the sign, a finite scale).
+// update_chunk<DIVIDE = false> for float gradients and a finite scale.
 template <bool SIGN, bool EPS, bool SUM_P>
 Partial update_avx512(float* __restrict__ x, const float* __restrict__ g,
                       const float* __restrict__ x0, int64_t n, float scale, float lo, float hi,
