@@ -42,7 +42,10 @@ def configurations(params: dict, fractions: list[float]) -> dict[str, Run]:
     runs = {"advfast": advfast(params["steps"], False)}
     for fraction in fractions:
         steps = max(1, round(params["steps"] * fraction))
-        runs[f"advfast, warm start, {steps} steps"] = advfast(steps, True)
+        name = f"advfast, warm start, {steps} steps"
+        if name in runs:
+            raise SystemExit(f"--warm-steps: {fraction} gives {steps} steps again")
+        runs[name] = advfast(steps, True)
     runs["foolbox"] = lambda model, x0, target: bench_attacks.foolbox_cw(model, x0, target,
                                                                          params)
     return runs

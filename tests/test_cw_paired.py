@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-from cw_paired import compare  # noqa: E402
+from cw_paired import compare, configurations  # noqa: E402
 
 PEER = (torch.tensor([True, True, True, False]), torch.tensor([1.0, 2.0, 3.0, 9.0]))
 
@@ -34,3 +34,10 @@ def test_at_least_foolbox_needs_its_successes_and_its_l2(ok, l2, ratio, verdict)
 def test_no_common_success_has_no_ratio_and_is_not_at_least_foolbox():
     figures = compare((torch.tensor([False, False, False, True]), torch.ones(4)), PEER)
     assert figures["l2_on_both_vs_foolbox"] is None and figures["at_least_foolbox"] is False
+
+
+def test_two_budgets_of_the_same_steps_are_refused():
+    params = dict(c=1.0, steps=10, lr=0.01, search=2)
+    assert len(configurations(params, [1.0, 0.4])) == 4  # the original, two budgets, Foolbox
+    with pytest.raises(SystemExit, match="gives 5 steps again"):
+        configurations(params, [0.5, 0.52])

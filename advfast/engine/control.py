@@ -102,7 +102,8 @@ class ConstantSearch:
     """An outer search over a per-sample constant (``rows.constant``): each sample runs the
     optimiser with one constant until its inner run ends (``rows.paused``, set here from the
     search's own rule or from what the optimiser reports), then, at the next boundary, the
-    search picks its next constant and restarts it from its clean image, up to
+    search picks its next constant and restarts it (``optimizer.restart``: from its clean
+    image, or where it is for a warm start), up to
     ``search_steps`` runs.  The sample keeps its best success across runs (smallest L2;
     ``best_x`` of its :class:`SearchState`, else its clean image) and the constant that gave
     it.  While one sample restarts, the others keep going.  Subclasses say what a success is

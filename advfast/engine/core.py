@@ -81,8 +81,9 @@ class Optimizer(Protocol):
         (None: it has none).  The control decides what follows."""
 
     def restart(self, rows: Rows, mask: torch.Tensor) -> None:
-        """Puts the rows in ``mask`` back at their starting point with a fresh record (and
-        their ``norms`` to those of that point)."""
+        """Restarts the rows in ``mask`` with a fresh record: back at their starting point (and
+        their ``norms`` to those of that point), or, for an optimiser that warm-starts, where
+        they are."""
 
 
 class Control(Protocol):
