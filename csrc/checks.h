@@ -31,11 +31,11 @@
 
 namespace advfast {
 
-// Every scalar reaches the kernels as float32, so it must be finite there too (1e39 is a finite
-// double but +inf as a float).
+// Every scalar reaches the kernels as float32, so it must be within float32's range too (1e39 is
+// a finite double; converted to float it is out of range).
 inline void check_finite(double value, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(value)), "advfast.", op, ": ", name,
-                    " must be a finite float32 number, got ", value);
+  TORCH_CHECK_VALUE(std::isfinite(value) && std::fabs(value) <= FLT_MAX, "advfast.", op, ": ",
+                    name, " must be a finite float32 number, got ", value);
 }
 
 // An in-place output must not share memory with an input it reads (the kernels declare their

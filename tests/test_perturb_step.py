@@ -1,5 +1,9 @@
 """advfast.ops.perturb_step_ against the pure-PyTorch reference."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -177,6 +181,18 @@ def test_bad_input(bad, error, fallback, monkeypatch):
         ops.perturb_step_(**bad)
 
 
+def _isa_env(isa: str) -> dict:
+    """The environment that caps the CPU kernels at ``isa``; skips where this CPU lacks it."""
+
+    env = dict(os.environ, ADVFAST_CPU_ISA=isa)
+    code = "import torch, advfast.ops; print(torch.ops.advfast.cpu_isa())"
+    picked = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            check=True).stdout.split()[-1]
+    if picked != isa:
+        pytest.skip(f"this CPU does not support {isa}")
+    return env
+
+
 KERNEL_TEST_FILES = ("test_perturb_step.py", "test_loss_head.py", "test_trajectory.py",
                      "test_adam_tanh_step.py", "test_nonfinite.py", "test_exact_l1.py",
                      "test_ce_seed.py")
@@ -188,16 +204,8 @@ KERNEL_TEST_FILES = ("test_perturb_step.py", "test_loss_head.py", "test_trajecto
 def test_every_cpu_isa_copy_matches_reference(isa, test_file):
     """The CPU kernels are compiled once per instruction set; run every kernel test file's CPU
     tests on the copies this process does not pick by itself."""
-    import os
-    import subprocess
-    import sys
 
-    env = dict(os.environ, ADVFAST_CPU_ISA=isa)
-    code = "import torch, advfast.ops; print(torch.ops.advfast.cpu_isa())"
-    picked = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                            check=True).stdout.split()[-1]
-    if picked != isa:
-        pytest.skip(f"this CPU does not support {isa}")
+    env = _isa_env(isa)
     here = os.path.dirname(__file__)
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
                            "not cuda and not isa", os.path.join(here, test_file)], env=env,
@@ -268,18 +276,9 @@ print(torch.cat(out).tolist())
 @pytest.mark.parametrize("denormals", ["keep", "flush"])
 def test_the_avx512_step_is_the_generic_loop_bit_for_bit(denormals):
     """csrc/cpu/perturb_step_avx512.h's intrinsics against the default copy's compiled loop."""
-    import os
-    import subprocess
-    import sys
 
     def bits(isa):
-        env = dict(os.environ, ADVFAST_CPU_ISA=isa)
-        check = "import torch, advfast.ops; print(torch.ops.advfast.cpu_isa())"
-        picked = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True,
-                                text=True, check=True).stdout.split()[-1]
-        if picked != isa:
-            pytest.skip(f"this CPU does not support {isa}")
-        return subprocess.run([sys.executable, "-c", _STEP_BITS, denormals], env=env,
+        return subprocess.run([sys.executable, "-c", _STEP_BITS, denormals], env=_isa_env(isa),
                               capture_output=True, text=True, check=True).stdout
 
     assert bits("avx512") == bits("default")

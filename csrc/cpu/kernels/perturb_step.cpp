@@ -59,8 +59,7 @@ Partial update_chunk(float* __restrict__ x, const g_t* __restrict__ g,
                      const float* __restrict__ x0, int64_t n, StepScale st, float p_l1, float lo,
                      float hi, float eps) {
 #if ADVFAST_CPU_AVX512
-  // The scale is finite (alpha and beta are finite float32, checks.h; with the sign sum|P|
-  // counts elements, so beta / sum|P| is at most beta), which the fused a * 0 + x there needs.
+  // (the rare divide-each scale stays on the generic loop)
   if constexpr (!DIVIDE && std::is_same_v<g_t, float>) {
     return update_avx512<SIGN, EPS, SUM_P>(x, g, x0, n, st.scale, lo, hi, eps);
   }
