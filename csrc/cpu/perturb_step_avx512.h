@@ -47,22 +47,27 @@ inline __m512 stepped16(__m512 old, __m512 p, __m512 scale) {
 
 inline __mmask16 first_lanes(int64_t r) { return static_cast<__mmask16>((1u << r) - 1u); }
 
-// abs_sum over [0, n) in its lanes and order (masked-off lanes load 0, which adds 0).
+// abs_sum over [0, n) in its kSumLanes lanes and order: lane 16 j + l of a row is lane l of
+// acc[j]; the tail fills lanes 0, 1, ... under masks (masked-off lanes load 0, which adds 0).
 template <bool SIGN>
 inline float abs_sum_avx512(const float* __restrict__ g, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
+  constexpr int kVectors = kSumLanes / kLanes;
+  __m512 acc[kVectors];
+  for (int j = 0; j < kVectors; ++j) acc[j] = _mm512_setzero_ps();
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    acc = add_abs16<SIGN>(acc, perturbation16<SIGN>(_mm512_loadu_ps(g + i)));
+  for (; i + kSumLanes <= n; i += kSumLanes) {
+    for (int j = 0; j < kVectors; ++j) {
+      acc[j] = add_abs16<SIGN>(acc[j], perturbation16<SIGN>(_mm512_loadu_ps(g + i + j * kLanes)));
+    }
   }
-  if (i < n) {
-    acc = add_abs16<SIGN>(acc, perturbation16<SIGN>(_mm512_maskz_loadu_ps(first_lanes(n - i),
-                                                                           g + i)));
+  for (int j = 0; i < n; i += kLanes, ++j) {
+    const __mmask16 k = n - i >= kLanes ? __mmask16{0xFFFF} : first_lanes(n - i);
+    acc[j] = add_abs16<SIGN>(acc[j], perturbation16<SIGN>(_mm512_maskz_loadu_ps(k, g + i)));
   }
-  alignas(64) float lanes[kLanes];
-  _mm512_store_ps(lanes, acc);
+  alignas(64) float lanes[kSumLanes];
+  for (int j = 0; j < kVectors; ++j) _mm512_store_ps(lanes + j * kLanes, acc[j]);
   float total = 0.f;
-  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  for (int l = 0; l < kSumLanes; ++l) total += lanes[l];
   return total;
 }
 

@@ -57,16 +57,20 @@ struct Lanes {
   }
 };
 
-// Calls element(i, lane) for i in [0, n): full rows of kLanes (lane = i's place in its row, the
-// shape the compiler vectorises), then the tail on lanes 0, 1, ...
-template <typename Element>
+// Calls element(i, lane) for i in [0, n): full rows of L lanes (lane = i's place in its row,
+// the shape the compiler vectorises), then the tail on lanes 0, 1, ...
+template <int L = kLanes, typename Element>
 inline __attribute__((always_inline)) void for_each_lane(int64_t n, const Element& element) {
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) element(i + l, l);
+  for (; i + L <= n; i += L) {
+    for (int l = 0; l < L; ++l) element(i + l, l);
   }
   for (int l = 0; i < n; ++i, ++l) element(i, l);
 }
+
+// Lanes of a pass that only sums (sum|P|): four vectors of them, so that four adds are in
+// flight; with one vector the adds' latency bounds the pass, not the loads.
+constexpr int kSumLanes = 4 * kLanes;
 
 inline Partial delta_chunk(const float* __restrict__ x, const float* __restrict__ x0, int64_t n) {
   Lanes acc;

@@ -44,10 +44,10 @@ float abs_sum(const g_t* __restrict__ g, int64_t n) {
 #if ADVFAST_CPU_AVX512
   if constexpr (std::is_same_v<g_t, float>) return abs_sum_avx512<SIGN>(g, n);
 #endif
-  float acc[kLanes] = {};
-  for_each_lane(n, [&](int64_t i, int l) { acc[l] += abs_perturbation<SIGN>(g[i]); });
+  float acc[kSumLanes] = {};
+  for_each_lane<kSumLanes>(n, [&](int64_t i, int l) { acc[l] += abs_perturbation<SIGN>(g[i]); });
   float total = 0.f;
-  for (int l = 0; l < kLanes; ++l) total += acc[l];
+  for (int l = 0; l < kSumLanes; ++l) total += acc[l];
   return total;
 }
 
