@@ -12,7 +12,7 @@ for each build and the installed one's over the baseline's.
 
 ``--this TREE`` times a second in-place tree instead of the installed build: two trees built
 the same way (``ADVFAST_CUDA=0 python setup.py build_ext --inplace``) differ only in the code,
-where the installed editable build with CUDA and an in-place CPU build can differ by 5-10 % at
+where the installed editable build with CUDA and an in-place CPU build differed by up to 14 % at
 one shape with no change in the code.
 """
 
