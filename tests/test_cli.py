@@ -180,3 +180,26 @@ def test_compile_on_the_cpu_says_why_eager_is_the_default(tmp_path, capsys, comm
     err = capsys.readouterr().err
     notes = [line for line in err.splitlines() if "torch.compile on the CPU" in line]
     assert len(notes) == 1 and "--compile none aot_eager" in notes[0]
+
+
+@pytest.mark.parametrize("command,extra,attacks", [
+    ("attack", ["--attack", "cw-l2", "--binary-search-steps", "1"], 1), ("generate", [], 1),
+    ("table1", ["--no-figures", "--batch-size", "2"], 8)])
+def test_channels_last_reaches_the_attacks_a_command_runs(tmp_path, monkeypatch, command, extra,
+                                                          attacks):
+    # (generate's up-front check builds one more, on no model; table1's Theorem IV.2 its own)
+    from advfast.attacks import base
+
+    made = []
+    init = base.BaseAttack.__init__
+
+    def recording(self, model, **options):
+        init(self, model, **options)
+        made.append(self.channels_last)
+
+    monkeypatch.setattr(base.BaseAttack, "__init__", recording)
+    argv = [command, "--n", "2", "--iterations", "2", "--device", "cpu", "--quiet", *extra]
+    for flag, expected in (([], 0), (["--channels-last"], attacks)):
+        made.clear()
+        assert cli.main(argv + flag + ["--out", str(tmp_path / f"{command}{expected}")]) == 0
+        assert made and made.count(True) == expected

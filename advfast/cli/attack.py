@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     out = OutputFolder(args.out, FILES, args.overwrite)
     out.check()
     device, model, chosen = setup(args)
-    attack = specs.build(args.attack, model, params, amp=args.amp, compile=args.compile)
+    attack = specs.build(args.attack, model, params, amp=args.amp,
+                         channels_last=args.channels_last, compile=args.compile)
     with claimed(out):
         started = time.perf_counter()
         adv, rows = _attack_all(args, attack, device, chosen)

@@ -22,7 +22,8 @@ def register(sub) -> None:
                                       "(bare forward + backward) and installed peers")
     add_model_options(be)
     add_attack_options(be, iterations={"default": 20, "help": "iterations per timed run"})
-    add_run_options(be, names=("device", "amp", "batch_size", "compile", "threads", "quiet"),
+    add_run_options(be, names=("device", "amp", "channels_last", "batch_size", "compile",
+                                "threads", "quiet"),
                     batch_size={"nargs": "+", "default": [64],
                                 "help": "one table row group per batch size"},
                     compile={"nargs": "+", "default": ["none"],
@@ -31,7 +32,6 @@ def register(sub) -> None:
     g = be.add_argument_group("benchmark")
     g.add_argument("--input-size", type=input_size,
                    help="C,H,W of the random inputs (None: 1,8,8 for digits, else 3,224,224)")
-    g.add_argument("--channels-last", action="store_true", help="model and inputs NHWC")
     g.add_argument("--repeats", type=int_at_least(1), default=5,
                    help="round-robin repeats; cells are medians")
     g.add_argument("--peers", type=peer_list, default=["torchattacks", "foolbox", "art"],

@@ -161,6 +161,9 @@ INPUT_OPTIONS: dict[str, dict] = {
 RUN_OPTIONS: dict[str, dict] = {
     "device": dict(default="auto", help="auto, cpu, cuda or cuda:N"),
     "amp": dict(choices=["bf16", "fp16"], help="autocast forward and backward"),
+    "channels_last": dict(action="store_true",
+                          help="model and images in channels_last (NHWC) memory format: with "
+                               "--amp bf16 the fast layout for CPU convolutions"),
     "compile": dict(choices=[m for m in COMPILE_MODES if m],
                     help="torch.compile the model's forward with the loss head (None: eager; "
                          "reduce-overhead: CUDA graphs on GPUs)"),
@@ -201,7 +204,11 @@ def add_attack_options(parser: argparse.ArgumentParser, names=None, title: str =
         add(g, name, **overrides.get(name, {}))
 
 
-def add_run_options(parser: argparse.ArgumentParser, names=tuple(RUN_OPTIONS)[:7],
+RUNNING = ("device", "amp", "channels_last", "compile", "batch_size", "workers", "threads",
+           "quiet")
+
+
+def add_run_options(parser: argparse.ArgumentParser, names=RUNNING,
                     **overrides: dict) -> None:
     add_from(parser.add_argument_group("running"), RUN_OPTIONS, names, **overrides)
 

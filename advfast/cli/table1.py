@@ -30,8 +30,7 @@ def register(sub) -> None:
     add(g, "exact_l1", help="the box-aware table: each equal-perturbation step adds exactly "
                             "beta in L1 where the box leaves room (None: the paper's rule)")
     add(g, "ce_seed", help="CE seed at the target: exact or eager (None: exact)")
-    add_run_options(t1, names=("device", "amp", "compile", "batch_size", "workers", "threads",
-                               "quiet"))
+    add_run_options(t1)
     add_out_options(t1, default=os.path.join("runs", "table1"))
     t1.add_argument("--no-figures", action="store_true", help="write the table only")
     t1.set_defaults(func=run)
@@ -55,6 +54,7 @@ def _run(args: argparse.Namespace, out: OutputFolder, device, model, chosen) -> 
               f"kernels={ops.backend()}, {torch.get_num_threads()} threads", file=sys.stderr)
     cells = table1.run(model, chosen, iterations=args.iterations, alpha=alpha, beta=beta,
                        batch_size=args.batch_size, device=device, amp=args.amp,
+                       channels_last=args.channels_last,
                        kappa=args.kappa, quiet=args.quiet, compile=args.compile,
                        exact_l1=bool(args.exact_l1), ce_seed=args.ce_seed or "exact")
     print(table1.format_table(cells, alpha, beta))

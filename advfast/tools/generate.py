@@ -37,7 +37,7 @@ CONFIDENCE = 0.9  # the D3 threshold of Definition IV.1, for --stop confidence
 FORMATS = ("safetensors", "png")
 # Arguments that do not change what a run produces: a resume may differ in them.
 NOT_IDENTITY = ("out", "resume", "quiet", "device", "workers", "batch_size", "compact_every",
-                "compile")
+                "compile", "channels_last")
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ class GenerateConfig:
     dtype: str = "float32"
     format: str = "safetensors"
     amp: str | None = None
+    channels_last: bool = False
     compile: str | None = None
     device: str = "auto"
     workers: int = 0
@@ -339,6 +340,7 @@ def _attack(model, source: selection.Source, work: list[dict], config: GenerateC
     from tqdm.auto import tqdm
 
     attack = specs.build(config.attack, model, config.params, amp=config.amp,
+                           channels_last=config.channels_last,
                            compact_every=config.compact_every, time_phases=False,
                            compile=config.compile)
     png = config.format == "png"
