@@ -146,6 +146,33 @@ def test_cw_early_abort_saves_iterations():
     assert (aborting.steps < full.steps).any()
 
 
+def test_on_the_cpu_a_search_restarts_an_ended_run_at_once_by_default():
+    # compact_every defaults to 1 on the CPU: a run that ended restarts at the next iteration
+    # instead of going through the model, stepping nowhere, until every 8th; the same images
+    model = Smooth()
+    x0, target, source = smooth_batch(model, n=6)
+    rows = [0]
+    model.register_forward_hook(lambda module, args, out: rows.__setitem__(0, rows[0]
+                                                                          + len(args[0])))
+    params = dict(c=0.05, steps=60, lr=0.05, binary_search_steps=5)
+    results, counts = {}, {}
+    for compact_every in (None, 8):
+        rows[0] = 0
+        attack = attacks.CarliniWagnerL2(model, compact_every=compact_every, **params)
+        results[attack.compact_every] = attack(x0, target, source)
+        counts[attack.compact_every] = rows[0]
+    assert set(results) == {1, 8}
+    assert counts[1] < counts[8]
+    torch.testing.assert_close(results[1].adversarial, results[8].adversarial, atol=1e-6,
+                               rtol=0)
+    assert torch.equal(results[1].steps, results[8].steps)
+
+
+def test_off_the_cpu_the_default_compacts_every_8_iterations():
+    assert attacks.CarliniWagnerL2(Smooth().to("meta")).compact_every == 8
+    assert attacks.IFGS(Smooth(), eps=0.1, alpha=0.01, steps=5).compact_every == 1
+
+
 def test_cw_sample_already_at_the_target_succeeds_unmoved():
     model = Smooth()
     x0, target, source = smooth_batch(model, n=3)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-from cw_paired import compare, configurations  # noqa: E402
+from cw_paired import compare, configurations, variants  # noqa: E402
 
 PEER = (torch.tensor([True, True, True, False]), torch.tensor([1.0, 2.0, 3.0, 9.0]))
 
@@ -38,6 +38,32 @@ def test_no_common_success_has_no_ratio_and_is_not_at_least_foolbox():
 
 def test_two_budgets_of_the_same_steps_are_refused():
     params = dict(c=1.0, steps=10, lr=0.01, search=2)
-    assert len(configurations(params, [1.0, 0.4])) == 4  # the original, two budgets, Foolbox
+    assert len(configurations(params, [1.0, 0.4], variants(False, []))) == 4  # 1 + 2 + Foolbox
     with pytest.raises(SystemExit, match="gives 5 steps again"):
-        configurations(params, [0.5, 0.52])
+        configurations(params, [0.5, 0.52], variants(False, []))
+
+
+def test_every_advfast_configuration_runs_once_per_precision_and_cadence(monkeypatch):
+    seen = []
+
+    class Recorder:
+        def __init__(self, model, **kwargs):
+            seen.append(kwargs)
+
+        def __call__(self, x0, target):
+            return type("Result", (), {"adversarial": x0})()
+
+    monkeypatch.setattr("cw_paired.attacks.CarliniWagnerL2", Recorder)
+    runs = configurations(dict(c=1.0, steps=10, lr=0.01, search=2), [0.4], variants(True, [8, 1]))
+    advfast = [name for name in runs if name != "foolbox"]
+    assert advfast[:2] == ["advfast, compact_every 8",
+                           "advfast, warm start, 4 steps, compact_every 8"]
+    assert advfast[-1] == "advfast, warm start, 4 steps, bf16 + channels_last, compact_every 1"
+    for name in advfast:
+        runs[name](None, torch.zeros(1), torch.zeros(1))
+    assert [(k.get("amp"), k.get("channels_last"), k["compact_every"], k["warm_start"],
+             k["steps"]) for k in seen] == [
+        (None, None, 8, False, 10), (None, None, 8, True, 4), (None, None, 1, False, 10),
+        (None, None, 1, True, 4), ("bf16", True, 8, False, 10), ("bf16", True, 8, True, 4),
+        ("bf16", True, 1, False, 10), ("bf16", True, 1, True, 4)]
+    assert list(runs)[-1] == "foolbox"

@@ -80,7 +80,8 @@ class Eq11(BaseAttack):
                  beta: float | None = None, alpha: float | None = None, iterations: int = 250,
                  kappa: float = 20.0, kappa_mode: str = "clamp", eps: float | None = None,
                  stop: str = "never", threshold: float = 0.9, record: bool = True,
-                 amp: str | None = None, channels_last: bool = False, compact_every: int = 8,
+                 amp: str | None = None, channels_last: bool = False,
+                 compact_every: int | None = None,
                  time_phases: bool = True, random_start: bool = False,
                  compile: str | None = None, exact_l1: bool = False,
                  ce_seed: str = "exact") -> None:
