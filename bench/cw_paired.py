@@ -7,9 +7,9 @@ with --bf16 each of these again under ``amp="bf16", channels_last=True``, and wi
 --compact-every at each cadence given (a search restarts a sample whose run ended, and the
 finished leave, every ``compact_every`` iterations); Foolbox (fp32).  Each repeat runs every
 configuration once, in turn, timed with ``time.thread_time`` so that other tenants' load counts
-less than in wall time.  Per configuration: the median seconds,
-Foolbox / it per repeat, the success, the median L2 of the successes, and the median L2 on the
-samples both it and Foolbox succeed on over Foolbox's there.  Its result is "at least Foolbox's"
+less than in wall time.  Per configuration: the median seconds, Foolbox / it per repeat, the
+success, the median L2 of the successes, and the median L2 on the samples both it and Foolbox
+succeed on over Foolbox's there.  Its result is "at least Foolbox's"
 when its success is at most 1 point below Foolbox's and that L2 ratio at most 1.02.
 
     python bench/cw_paired.py [--repeats 5] [--warm-steps 1.0 0.4] [--bf16]
