@@ -100,8 +100,9 @@ def _extensions():
     # No FMA contraction (-ffp-contract=off here, --fmad=false for nvcc): the kernels then
     # round like the eager reference, and the CPU like the GPU.  No
     # trapping math (nothing relies on floating-point traps): lets exp_of's rounding and
-    # conversion vectorise.
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
+    # conversion vectorise.  No errno from math functions (nothing reads it): lets sqrtf
+    # vectorise (Adam's update), where GCC would otherwise keep the scalar call for errno.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno"]
     if not use_cuda:
         return [CppExtension("advfast._C", sources, extra_compile_args={"cxx": cxx},
                              extra_link_args=["-fopenmp"])]

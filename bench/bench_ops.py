@@ -6,8 +6,9 @@ gradient / its sign) it times, in one process:
   * the eager reference chain (advfast.ops.reference.perturb_step_),
   * torch.compile of that chain,
   * one ``x.copy_(grad)``: the memory floor (read one tensor, write one),
-and ``loss_head`` against its eager reference on [B, 1000] logits.  Ratios are to the copy
-(step) or to eager (head), all measured in the same run.  Then the exact equal perturbation
+and ``loss_head`` against its eager reference on [B, 1000] logits, and CW's
+``adam_tanh_step_`` against its eager reference and the copy.  Ratios are to the copy (steps)
+or to eager (head), all measured in the same run.  Then the exact equal perturbation
 (``exact_l1=True``) against the paper's rule on the same inputs, in the open (x0 uniform in
 [0, 1]) and at the box (half the pixels at 0 or 1): on the CPU in per-thread CPU time
 (``time.thread_time``) with one thread, the two alternating, so that other load on the machine
@@ -151,6 +152,35 @@ def bench_head(batch: int, device: str, min_run_time: float) -> dict:
     return out
 
 
+def bench_adam(shape, device: str, min_run_time: float, cpu_time: bool) -> dict:
+    """ms of one copy, of adam_tanh_step_ and of its eager reference (CW, first steps)."""
+    x0 = torch.rand(shape, device=device)
+    grad = torch.randn(shape, device=device)
+    w = torch.atanh((2 * x0 - 1) * (1 - 1e-6))
+    m, v, x = torch.zeros_like(w), torch.zeros_like(w), (torch.tanh(w) + 1) / 2
+    c = torch.ones(shape[0], device=device)
+    step = torch.ones(shape[0], dtype=torch.int64, device=device)
+    rows = {"copy": lambda: x.copy_(grad),
+            "advfast": lambda: ops.adam_tanh_step_(w, m, v, x, grad, x0, c, step, lr=1e-2),
+            "eager": lambda: reference.adam_tanh_step_(w, m, v, x, grad, x0, c, step, lr=1e-2)}
+    measure = _cpu_ms if cpu_time else _median_ms
+    return {name: measure(fn, min_run_time) for name, fn in rows.items()}
+
+
+def report_adam(shapes, device: str, min_run_time: float, cpu_time: bool) -> list[dict]:
+    print("\nadam_tanh_step_ (CW-L2's step; ms, and ratio to one x.copy_(grad))\n")
+    print("| shape | copy | advfast | eager | advfast/copy | eager/advfast |")
+    print("|---|---|---|---|---|---|")
+    out = []
+    for shape in shapes:
+        t = bench_adam(shape, device, min_run_time, cpu_time)
+        print(f"| {'x'.join(map(str, shape))} | {t['copy']:.3f} | {t['advfast']:.3f} | "
+              f"{t['eager']:.3f} | {t['advfast'] / t['copy']:.1f}x | "
+              f"{t['eager'] / t['advfast']:.1f}x |", flush=True)
+        out.append({"shape": list(shape), "ms": t})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -192,12 +222,14 @@ def main() -> None:
             print(f"| {batch} | {loss} | {t['advfast']:.3f} | {t['eager']:.3f} | "
                   f"{t['eager'] / t['advfast']:.2f}x |", flush=True)
             heads.append({"batch": batch, "loss": loss, "ms": t})
+    adam = report_adam(shapes, args.device, args.min_run_time,
+                       args.cpu_time and args.device == "cpu")
     exact = report_exact(shapes, args.device, args.min_run_time)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "device_name": device_name,
                        "backend": ops.backend(), "perturb_step": steps, "loss_head": heads,
-                       "exact_l1": exact}, f, indent=2)
+                       "adam_tanh_step": adam, "exact_l1": exact}, f, indent=2)
 
 
 if __name__ == "__main__":

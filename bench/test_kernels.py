@@ -5,7 +5,8 @@
 
 Every case runs on the CPU and, where a GPU is visible, on CUDA; the copy baseline (one
 ``x.copy_(grad)``: read one tensor, write one, the memory floor) is measured in the same run at
-every shape, so ratios are taken within one run (``perturb_step`` / ``copy``).  The test suite
+every shape, so ratios are taken within one run (``perturb_step`` / ``copy``,
+``adam_tanh_step`` / ``copy``).  The test suite
 (``python -m pytest tests``) does not collect this folder.
 """
 
@@ -67,3 +68,17 @@ def test_loss_head(benchmark, device, batch, loss):
     source = torch.randint(0, 1000, (batch,), generator=gen).to(device)
     _timed(benchmark, device, lambda: ops.loss_head(logits, target, source, loss,
                                                     validate_indices=False))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_adam_tanh_step(benchmark, device, shape):
+    """CW's fused step: reads w, m, v, x, grad, x0 and writes w, m, v, x (5x a copy's traffic
+    at the memory limit)."""
+    x, grad, x0 = _images(shape, device)
+    w = torch.atanh((2 * x0 - 1) * (1 - 1e-6))
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    c = torch.ones(shape[0], device=device)
+    step = torch.ones(shape[0], dtype=torch.int64, device=device)
+    _timed(benchmark, device, lambda: ops.adam_tanh_step_(w, m, v, x, grad, x0, c, step,
+                                                          lr=1e-2))

@@ -74,9 +74,9 @@ ADVFAST_HD float max_of(float a, float b) { return a > b ? a : b; }
 ADVFAST_HD float linf_of(float linf, float l1) { return is_nan(l1) ? l1 : linf; }
 
 // exp(x) for the kernels.  On the GPU, expf.  On the CPU, a Cephes-style polynomial (within
-// 2 ulp of expf over the normal float range; 0 below it, where expf gives denormals; +inf and
-// NaN pass through) written without branches or calls, so the compiler vectorises the loops
-// that use it.
+// 2 ulp of expf over the normal float range; 0 below it, where expf gives denormals; +inf above
+// 88.3, 0.4 short of expf's overflow; NaN passes through) written without branches or calls,
+// so the compiler vectorises the loops that use it.
 ADVFAST_HD float exp_of(float x) {
 #ifdef __CUDA_ARCH__
   return expf(x);
@@ -95,7 +95,7 @@ ADVFAST_HD float exp_of(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 127]
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  const float out = in > 88.3f ? in * 2.f : p * scale;  // +inf stays +inf
+  const float out = in > 88.3f ? INFINITY : p * scale;
   return in < -87.3f ? 0.f : (is_nan(in) ? in : out);
 #endif
 }
@@ -349,11 +349,23 @@ ADVFAST_HD float exact_step(ExactScale sc, float p, float s) {
 
 // ---- Carlini-Wagner L2 (Eqs. 3-4) in tanh space: X' = (tanh(w) + 1) / 2 -------------------
 
+// X' = (tanh(w) + 1) / 2 and its slope dX'/dw = (1 - tanh(w)^2) / 2 from e = exp(-2 w):
+// X' = 1 / (1 + e) and the slope 2 / (e + 2 + 1 / e).  Why not tanh: in float32 tanh(w) + 1
+// cancels for w << 0 (X' = e^{2w} comes out 0 below w = -9) and 1 - tanh(w)^2 rounds to 0 for
+// |w| > 8.7, which would freeze a saturated pixel; these forms stay within 3 ulp of the float64
+// truth for |w| < 44 (tests/test_adam_tanh_step.py).  They need no call, so the CPU loop
+// vectorises (two exp_of per element instead of two scalar tanhf).  Where e overflows or
+// underflows, X' is 0 or 1 and the slope 0.
+ADVFAST_HD float exp_neg2(float w) { return exp_of(-2.f * w); }
+ADVFAST_HD float tanh_image(float e) { return 1.f / (1.f + e); }
+ADVFAST_HD float tanh_slope(float e) { return 2.f / ((e + 2.f) + 1.f / e); }
+
 // d/dw of CW's loss ||X' - X0||^2 - c * O, where g_obj = dO/dX' is the gradient of the head's
-// objective (O = min(margin, kappa), so -O is CW's max(max_i g_i - g_t, -kappa)), t = tanh(w).
-ADVFAST_HD float cw_grad_w(float x, float x0, float g_obj, float c, float t) {
+// objective (O = min(margin, kappa), so -O is CW's max(max_i g_i - g_t, -kappa)) and slope =
+// dX'/dw (tanh_slope).
+ADVFAST_HD float cw_grad_w(float x, float x0, float g_obj, float c, float slope) {
   const float dl_dx = 2.f * (x - x0) - c * finite_or_zero(g_obj);
-  return dl_dx * (0.5f * (1.f - t * t));
+  return dl_dx * slope;
 }
 
 // One Adam step on one element, in torch.optim.Adam's order of operations: m <- lerp(m, g,
@@ -382,8 +394,5 @@ ADVFAST_HD AdamScalars adam_scalars(double lr, double beta1, double beta2, int64
   const double bc2 = 1.0 - pow(beta2, static_cast<double>(t));
   return AdamScalars{static_cast<float>(lr / bc1), static_cast<float>(sqrt(bc2))};
 }
-
-// The image of a tanh-space variable: (tanh(w) + 1) / 2, in [0, 1].
-ADVFAST_HD float tanh_image(float t) { return (t + 1.f) * 0.5f; }
 
 }  // namespace advfast

@@ -85,6 +85,74 @@ class TwoLayer(torch.nn.Module):
         return self.net(x)
 
 
+def _float64_step(w, x, grad, x0, c, lr, beta1=0.9, beta2=0.999, eps=1e-8):
+    """One first Adam step of CW in float64 with X' = e^w / (2 cosh w) and dX'/dw =
+    1 / (2 cosh(w)^2): forms that neither cancel nor share the kernels' exp(-2 w)."""
+    w, x, grad, x0 = (t.double() for t in (w, x, grad, x0))
+    gw = (2 * (x - x0) - c * grad) / (2 * torch.cosh(w) ** 2)
+    m, v = (1 - beta1) * gw, (1 - beta2) * gw * gw
+    new_w = w - lr / (1 - beta1) * (m / (v.sqrt() / math.sqrt(1 - beta2) + eps))
+    return gw, new_w
+
+
+def _image64(w):
+    w = w.double()
+    return torch.exp(w) / (2 * torch.cosh(w))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_saturated_pixels_step_and_map_as_float64_says(device, impl):
+    """Where float32 tanh cancels -- 1 - tanh(w)^2 is 0 for |w| > 8.7 and tanh(w) + 1 is 0
+    below w = -9 -- the step still moves w by what the float64 maths says, and X' keeps its
+    relative precision (within 4 ulp) down to e^{2w} = 1e-35."""
+    w = torch.cat([torch.linspace(-40, 40, 8001), torch.tensor([-12.0, -9.5, 9.5, 12.0])])
+    w = w.view(1, -1).to(device)
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.rand(w.shape, generator=gen).to(device)
+    grad = torch.randn(w.shape, generator=gen).to(device)
+    x = _image64(w).float()
+    c = torch.tensor([1.0], device=device)
+    gw64, new_w64 = _float64_step(w, x, grad, x0, 1.0, lr=1e-2)
+    step = (ops.adam_tanh_step_ if impl == "op" else reference.adam_tanh_step_)
+    new_w = w.clone()
+    stats = step(new_w, torch.zeros_like(w), torch.zeros_like(w), x, grad, x0, c,
+                 torch.ones(1, dtype=torch.int64, device=device), lr=1e-2)
+    ulp = torch.finfo(torch.float32).eps
+    # the move itself, where float32 resolves it (one ulp of w at 40 is 4e-6)
+    torch.testing.assert_close(new_w.double() - w.double(), new_w64 - w.double(), rtol=1e-5,
+                               atol=4e-6)
+    moved = (new_w != w) & (w.abs() > 9)
+    assert moved.sum() > 500  # the saturated pixels do move
+    torch.testing.assert_close(stats[0, 0].double(), gw64.abs().sum(), rtol=1e-5, atol=0)
+    # X' of the new w, relative to its size, also where it is below 1e-30
+    truth = _image64(new_w)
+    assert ((x.double() - truth).abs() <= 4 * ulp * truth).all()
+    assert truth.min() < 1e-34
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_w_beyond_exps_range_maps_to_the_box_edges_and_nan_stays_nan(device):
+    # exp(-2 w) overflows below w = -44 and underflows above 44: X' is 0 or 1 there (not, as
+    # a clamped exp's stand-in would give, 1 / (1 + 2 * 120) at w = -60)
+    w = torch.tensor([[-math.inf, -1e4, -60.0, -45.0, 45.0, 60.0, 1e4, math.inf, math.nan]],
+                     device=device)
+
+    def start():
+        return [w.clone(), torch.zeros_like(w), torch.zeros_like(w), ops.tanh_image(w),
+                torch.ones_like(w), torch.full_like(w, 0.5), torch.ones(1, device=device),
+                torch.ones(1, dtype=torch.int64, device=device)]
+
+    ours, theirs = start(), start()
+    stats = ops.adam_tanh_step_(*ours, lr=0.1)
+    ref_stats = reference.adam_tanh_step_(*theirs, lr=0.1)
+    expected = torch.tensor([[0.0] * 4 + [1.0] * 4 + [math.nan]], device=device)
+    torch.testing.assert_close(ours[3], expected, atol=1e-30, rtol=0, equal_nan=True)
+    assert torch.equal(ours[0][:, :8], w[:, :8])  # a slope of 0: no step
+    for got, want in zip(ours[:4] + [stats], theirs[:4] + [ref_stats]):
+        torch.testing.assert_close(got, want, atol=1e-30, rtol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kappa", [0.0, 2.0])
 def test_forty_steps_equal_torch_adam_on_cw_loss(device, kappa):

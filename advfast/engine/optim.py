@@ -104,9 +104,10 @@ class AdamTanh:
 
     @staticmethod
     def start(x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w, X') at the start: w = atanh((2 X0 - 1) (1 - 1e-6)), CW's way to keep it finite."""
+        """(w, X') at the start: w = atanh((2 X0 - 1) (1 - 1e-6)), CW's way to keep it finite,
+        and X' = (tanh(w) + 1) / 2 as the fused step computes it (ops.tanh_image)."""
         w = torch.atanh((2 * x0 - 1) * (1 - 1e-6))
-        return w, (torch.tanh(w) + 1) * 0.5
+        return w, ops.tanh_image(w)
 
     def begin(self, rows: Rows) -> None:
         w, x = self.start(rows.x0)

@@ -23,11 +23,11 @@ import torch
 from advfast.errors import ClassOutOfRange, InvalidType, InvalidValue, UserError
 from advfast.ops import reference
 from advfast.ops.reference import (CE_SEEDS, HEAD_STATS, NONFINITE_LOGITS, STEP_STATS,
-                                   STOP_RULES)
+                                   STOP_RULES, tanh_image)
 
 __all__ = ["LOSSES", "KAPPA_MODES", "CE_SEEDS", "HEAD_STATS", "STEP_STATS", "STOP_RULES",
            "NONFINITE_LOGITS", "backend", "loss_head", "perturb_step_", "adam_tanh_step_",
-           "observe_", "advance_", "cw_observe_"]
+           "observe_", "advance_", "cw_observe_", "tanh_image"]
 
 LOSSES: tuple[str, ...] = ("ce", "ce-sign", "logit", "m-logit")
 KAPPA_MODES: tuple[str, ...] = ("clamp", "balance")

@@ -219,28 +219,37 @@ def _f(a: torch.Tensor, u: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
     return torch.minimum(a[:, None] * u, room).sum(dim=1)
 
 
+def tanh_image(w: torch.Tensor) -> torch.Tensor:
+    """CW's image of a tanh-space variable, X' = (tanh(w) + 1) / 2, computed as
+    sigmoid(2 w) = 1 / (1 + exp(-2 w)), which does not cancel where tanh(w) is near -1."""
+    return torch.sigmoid(2 * w)
+
+
 def adam_tanh_step_(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
                     grad: torch.Tensor, x0: torch.Tensor, c: torch.Tensor, step: torch.Tensor, *,
                     lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
                     active: torch.Tensor | None = None) -> torch.Tensor:
     """Carlini-Wagner's Adam step in tanh space, in place (see advfast.ops.adam_tanh_step_):
     dL/dw = (2 (x - x0) - c * grad) (1 - tanh(w)^2) / 2, torch.optim.Adam's update with each
-    sample's step count, x = (tanh(w) + 1) / 2.  Returns STEP_STATS [B, 5]."""
+    sample's step count, x = (tanh(w) + 1) / 2.  Returns STEP_STATS [B, 5].
+
+    The slope is 2 / (e + 2 + 1 / e) with e = exp(-2 w) and X' is sigmoid(2 w) = 1 / (1 + e),
+    the kernels' forms (csrc/advfast_math.h): tanh's cancel in float32 for |w| > 8.7."""
     batch = w.shape[0]
     if w.numel() == 0:
         return w.new_zeros((batch, len(STEP_STATS)))
     shape = (batch,) + (1,) * (w.dim() - 1)
     g = grad.float()
     g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
-    t = torch.tanh(w)
-    gw = (2 * (x - x0) - c.view(shape) * g) * (0.5 * (1 - t * t))
+    e = torch.exp(-2 * w)
+    gw = (2 * (x - x0) - c.view(shape) * g) * (2 / (e + 2 + 1 / e))
     steps = step.double()
     step_size = (lr / (1 - beta1 ** steps)).float().view(shape)
     bc2_sqrt = (1 - beta2 ** steps).sqrt().float().view(shape)
     new_m = m + (1 - beta1) * (gw - m)
     new_v = v * beta2 + (1 - beta2) * gw * gw
     new_w = w - step_size * (new_m / (new_v.sqrt() / bc2_sqrt + eps))
-    new_x = (torch.tanh(new_w) + 1) * 0.5
+    new_x = tanh_image(new_w)
     old_x = x.clone()
     keep = (torch.ones(batch, dtype=torch.bool, device=w.device) if active is None
             else active).view(shape)

@@ -36,12 +36,13 @@ __global__ void adam_tanh_kernel(float* __restrict__ w, float* __restrict__ m,
     const float x0i = x0[i];
     float gw_abs = 0.f, moved = 0.f;
     if (stepping) {
-      const float gw = cw_grad_w(xi, x0i, static_cast<float>(g[i]), cs, tanhf(w[i]));
+      const float gw = cw_grad_w(xi, x0i, static_cast<float>(g[i]), cs,
+                                 tanh_slope(exp_neg2(w[i])));
       float mi = m[i], vi = v[i];
       const float wi = adam_update(w[i], gw, &mi, &vi, cfg, scalars.step_size,
                                    scalars.bc2_sqrt);
       const float x_old = xi;
-      xi = tanh_image(tanhf(wi));
+      xi = tanh_image(exp_neg2(wi));
       moved = fabsf(xi - x_old);
       m[i] = mi;
       v[i] = vi;

@@ -1,6 +1,7 @@
 // CPU Adam step in tanh space for Carlini-Wagner L2, one translation unit compiled once per
 // capability (kernels.h): the gradient of ||X' - X0||^2 - c * O w.r.t. w, the Adam update of w
-// and its moments, and X' = (tanh(w) + 1) / 2 with its L1/L2/Linf distance to X0, in one pass
+// and its moments, and X' = (tanh(w) + 1) / 2 with its L1/L2/Linf distance to X0 (X' and its
+// slope from exp(-2 w), advfast_math.h, so that the loop vectorises), in one pass
 // that reads w, m, v, x, grad and x0 and writes w, m, v and x; each chunk also reduces
 // sum|dL/dw| and the norms of the new x - x0 (sample_chunks.h).
 #include <ATen/Parallel.h>
@@ -25,10 +26,11 @@ Partial adam_chunk(float* __restrict__ w, float* __restrict__ m, float* __restri
   Lanes acc;
   auto element = [&](int64_t i, int l) {
     const float x_old = x[i];
-    const float gw = cw_grad_w(x_old, x0[i], static_cast<float>(g[i]), c, std::tanh(w[i]));
+    const float gw = cw_grad_w(x_old, x0[i], static_cast<float>(g[i]), c,
+                               tanh_slope(exp_neg2(w[i])));
     float mi = m[i], vi = v[i];
     const float wi = adam_update(w[i], gw, &mi, &vi, cfg, sc.step_size, sc.bc2_sqrt);
-    const float xi = tanh_image(std::tanh(wi));
+    const float xi = tanh_image(exp_neg2(wi));
     m[i] = mi;
     v[i] = vi;
     w[i] = wi;
