@@ -10,16 +10,17 @@ configuration once, in turn, timed with ``time.thread_time`` so that other tenan
 less than in wall time.  Per configuration: the median seconds, Foolbox / it per repeat, the
 success, the median L2 of the successes, and the median L2 on the samples both it and Foolbox
 succeed on over Foolbox's there.  Its result is "at least Foolbox's"
-when its success is at most 1 point below Foolbox's and that L2 ratio at most 1.02.
+when its success is at most 1 point below Foolbox's and that L2 ratio at most 1.02.  Also the
+model's calls and rows in each (bench/batch_cost.py's counter), and with --cost-model the time
+those predict by the model's cost per call and per row, fitted in the same process (fp32).
 
     python bench/cw_paired.py [--repeats 5] [--warm-steps 1.0 0.4] [--bf16]
-                               [--compact-every 8 1] [--json out.json]
+                               [--compact-every 8 1] [--cost-model] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,8 +28,10 @@ from collections.abc import Callable
 
 import torch
 
+import batch_cost
 import bench_attacks
 from advfast import attacks
+from advfast.io.files import write_json
 
 Run = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -94,19 +97,43 @@ def compare(ours: tuple, peer: tuple) -> dict:
 
 def measure(model, x0, target, runs: dict[str, Run], repeats: int) -> dict:
     seconds: dict[str, list[float]] = {k: [] for k in runs}
-    outcomes = {}
+    outcomes, counts = {}, {}
     for _ in range(repeats):
         for key, run in runs.items():
-            begin = time.thread_time()
-            images = run(model, x0, target)
-            seconds[key].append(time.thread_time() - begin)
-            outcomes[key] = outcome(model, x0, target, images)  # deterministic: the last
+            with batch_cost.Counter(model) as counter:
+                begin = time.thread_time()
+                images = run(model, x0, target)
+                seconds[key].append(time.thread_time() - begin)
+            # deterministic: the last repeat's
+            outcomes[key] = outcome(model, x0, target, images)
+            counts[key] = counter.figures()
     rows = {}
     for key in runs:
         ratios = [f / a for a, f in zip(seconds[key], seconds["foolbox"])]
         rows[key] = {"median_s": statistics.median(seconds[key]),
-                     "foolbox_over_this": ratios, **compare(outcomes[key], outcomes["foolbox"])}
+                     "foolbox_over_this": ratios, **counts[key],
+                     **compare(outcomes[key], outcomes["foolbox"])}
     return rows
+
+
+def cost_model(model, x0: torch.Tensor, repeats: int) -> dict[str, float]:
+    """The model's call cost on these inputs, fitted at batch sizes 1, 2, 4, ... up to the
+    setting's (:mod:`batch_cost`): with the input gradient (steps) and without (checks)."""
+    sizes = [2 ** k for k in range(len(x0).bit_length()) if 2 ** k < len(x0)] + [len(x0)]
+    fits = {}
+    for grad in (True, False):
+        fixed, per_row = batch_cost.fit(batch_cost.measure(model, tuple(x0.shape[1:]), sizes,
+                                                           repeats, grad))
+        fits.update({f"{'step' if grad else 'check'}_fixed_s": fixed,
+                     f"{'step' if grad else 'check'}_per_row_s": per_row})
+    return fits
+
+
+def predicted_seconds(fits: dict[str, float], counts: dict) -> float:
+    """What a configuration's calls and rows cost by the fitted model alone."""
+    return (fits["step_fixed_s"] * counts["calls"] + fits["step_per_row_s"] * counts["rows"]
+            + fits["check_fixed_s"] * counts["checks"]
+            + fits["check_per_row_s"] * counts["check_rows"])
 
 
 def _shown(value: float | None) -> str:
@@ -123,6 +150,9 @@ def main() -> int:
     parser.add_argument("--compact-every", type=int, nargs="*", default=[],
                         help="run advfast's configurations at each of these compact_every "
                              "(default: the attack's own)")
+    parser.add_argument("--cost-model", action="store_true",
+                        help="also fit the model's cost per call and per row and give each "
+                             "configuration's time as its calls and rows predict it")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -132,17 +162,24 @@ def main() -> int:
         runs = configurations(params["cw"], args.warm_steps,
                               variants(args.bf16, args.compact_every))
         rows = measure(model, x0, target, runs, args.repeats)
-        report.append({"setting": name, "params": params["cw"], "configurations": rows})
-        print(f"{name}:")
+        fits = cost_model(model, x0, args.repeats) if args.cost_model else None
+        report.append({"setting": name, "params": params["cw"], "configurations": rows,
+                       **({"cost_model": fits} if fits else {})})
+        print(f"{name}:" + (f" a step costs {fits['step_fixed_s'] * 1e3:.1f} ms a call + "
+                            f"{fits['step_per_row_s'] * 1e3:.2f} ms a row" if fits else ""))
         for key, r in rows.items():
+            if fits and "bf16" not in key:  # the fit is the model's in fp32
+                r["predicted_s"] = predicted_seconds(fits, r)
             print(f"  {key}: {r['median_s']:.2f} s, Foolbox / it "
                   f"{', '.join(f'{x:.2f}' for x in r['foolbox_over_this'])}; success "
                   f"{r['success']:.3f}, median L2 {_shown(r['median_l2'])}, on the "
                   f"{r['both_succeed']} both succeed on {_shown(r['l2_on_both_vs_foolbox'])}x "
-                  f"Foolbox's; result at least Foolbox's: {r['at_least_foolbox']}")
+                  f"Foolbox's; result at least Foolbox's: {r['at_least_foolbox']}; "
+                  f"{r['calls']} calls of {r['rows']} rows, {r['checks']} checks of "
+                  f"{r['check_rows']}" + (f"; predicted {r['predicted_s']:.2f} s"
+                                          if "predicted_s" in r else ""))
     if args.json:
-        with open(args.json, "w") as out:
-            json.dump(report, out, indent=1)
+        write_json(args.json, report)  # strict JSON, written durably
     return 0
 
 

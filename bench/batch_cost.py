@@ -1,0 +1,154 @@
+"""What one call of a model costs: forward + input-backward seconds against the batch size,
+fitted as ``fixed + per_row * rows``, and a counter of an attack's calls and rows.
+
+On one CPU thread a model with small inputs has a large fixed part per call: oneDNN lays every
+convolution weight out again on every call (``--onednn`` shows the share of its time that
+goes to these reorders).  An attack's time then follows its number of batch iterations more
+than its number of rows: compacting the batch to the samples still running saves the rows'
+part only.  bench/cw_paired.py uses the fit to explain its times.
+
+    python bench/batch_cost.py [--model resnet18] [--size 32] [--sizes 1 2 4 8 16]
+                               [--repeats 5] [--onednn] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from advfast.io import models
+from advfast.io.files import write_json
+
+
+def call_seconds(model: torch.nn.Module, x: torch.Tensor, grad: bool) -> float:
+    """Per-thread CPU seconds of one call: the forward, and with ``grad`` the gradient of
+    the logits' sum w.r.t. the input (what an attack's iteration asks of the model)."""
+    begin = time.thread_time()
+    if grad:
+        x = x.detach().requires_grad_(True)
+        torch.autograd.grad(model(x).sum(), x)
+    else:
+        with torch.no_grad():
+            model(x)
+    return time.thread_time() - begin
+
+
+def measure(model: torch.nn.Module, image_shape: tuple[int, ...], sizes: list[int],
+            repeats: int, grad: bool = True) -> dict[int, float]:
+    """Batch size -> median over ``repeats`` of the fastest of three calls, the sizes taken
+    in turn within each repeat so that a change of load falls on all of them."""
+    inputs = {n: torch.rand(n, *image_shape, generator=torch.Generator().manual_seed(n))
+              for n in sizes}
+    for n in sizes:  # oneDNN builds its primitives for a new shape on the first call
+        call_seconds(model, inputs[n], grad)
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    for _ in range(repeats):
+        for n in sizes:
+            times[n].append(min(call_seconds(model, inputs[n], grad) for _ in range(3)))
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def fit(seconds: dict[int, float]) -> tuple[float, float]:
+    """Least-squares ``(fixed, per_row)`` of ``seconds[n] ~ fixed + per_row * n``."""
+    if len(seconds) < 2:
+        raise ValueError("a fit needs at least two batch sizes")
+    n_mean = statistics.fmean(seconds)
+    t_mean = statistics.fmean(seconds.values())
+    per_row = (sum((n - n_mean) * (t - t_mean) for n, t in seconds.items())
+               / sum((n - n_mean) ** 2 for n in seconds))
+    return t_mean - per_row * n_mean, per_row
+
+
+class Counter:
+    """Counts a model's calls and rows while active: ``calls``/``rows`` with autograd on
+    (an attack's steps), ``checks``/``check_rows`` with it off (success checks)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.calls = self.rows = self.checks = self.check_rows = 0
+
+    def _count(self, _module, args) -> None:
+        rows = len(args[0])
+        if torch.is_grad_enabled():
+            self.calls, self.rows = self.calls + 1, self.rows + rows
+        else:
+            self.checks, self.check_rows = self.checks + 1, self.check_rows + rows
+
+    def __enter__(self) -> Counter:
+        self._handle = self.model.register_forward_pre_hook(self._count)
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._handle.remove()
+
+    def figures(self) -> dict[str, int]:
+        return {"calls": self.calls, "rows": self.rows, "checks": self.checks,
+                "check_rows": self.check_rows}
+
+
+def onednn_reorder_share(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """(milliseconds oneDNN executes in one call, the share of them spent in reorders),
+    from oneDNN's verbose log of one warm call (printed by C code: caught at the file
+    descriptor)."""
+    call_seconds(model, x, True)
+    with tempfile.TemporaryFile(mode="w+") as log:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        os.dup2(log.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                call_seconds(model, x, True)
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+        log.seek(0)
+        executed = [line.rstrip().split(",") for line in log
+                    if line.startswith("onednn_verbose") and ",exec," in line]
+    total = sum(float(fields[-1]) for fields in executed)
+    reorders = sum(float(fields[-1]) for fields in executed if fields[5] == "reorder")
+    return total, reorders / total if total else 0.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet18",
+                        help="digits, mnist or a torchvision classifier (random weights)")
+    parser.add_argument("--size", type=int, default=32, help="image side (digits: 8)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--onednn", action="store_true",
+                        help="also show oneDNN's reorder share of one call at each size")
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+    if any(n < 1 for n in args.sizes) or args.size < 1:
+        parser.error("--sizes, --size: at least 1")
+    torch.set_num_threads(1)
+    model = models.load(args.model, device=torch.device("cpu")).eval().requires_grad_(False)
+    shape = (models.input_channels(model), args.size, args.size)
+    seconds = measure(model, shape, args.sizes, args.repeats)
+    fixed, per_row = fit(seconds)
+    print(f"{args.model} {'x'.join(map(str, shape))}, one thread, forward + input-backward:")
+    report = {"model": args.model, "input": list(shape), "seconds": seconds,
+              "fixed_s": fixed, "per_row_s": per_row, "onednn": {}}
+    for n, t in seconds.items():
+        line = f"  batch {n}: {t * 1e3:.1f} ms, {t / n * 1e3:.2f} ms a row"
+        if args.onednn:
+            total, share = onednn_reorder_share(model, torch.rand(n, *shape))
+            report["onednn"][n] = {"exec_ms": total, "reorder_share": share}
+            line += f"; oneDNN {total:.1f} ms, {share:.0%} of it reorders"
+        print(line)
+    print(f"  fit: {fixed * 1e3:.1f} ms a call + {per_row * 1e3:.2f} ms a row")
+    if args.json:
+        write_json(args.json, report)  # strict JSON, written durably
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

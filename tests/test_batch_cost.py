@@ -1,0 +1,50 @@
+"""bench/batch_cost.py: the call-cost fit, the counter of an attack's calls and rows, and
+cw_paired's prediction from them."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+from batch_cost import Counter, fit, onednn_reorder_share  # noqa: E402
+from cw_paired import predicted_seconds  # noqa: E402
+
+
+def test_the_fit_recovers_a_line_and_its_least_squares_slope():
+    assert fit({1: 0.025, 2: 0.030, 4: 0.040, 16: 0.100}) == pytest.approx((0.020, 0.005))
+    # off the line: 5.5 / 5 through the means (2.5, 2.75), worked by hand; not the ends' 4 / 3
+    fixed, per_row = fit({1: 1.0, 2: 3.0, 3: 2.0, 4: 5.0})
+    assert per_row == pytest.approx(1.1) and fixed == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="two batch sizes"):
+        fit({8: 1.0})
+
+
+def test_the_counter_tells_steps_from_checks_and_stops_when_closed():
+    model = torch.nn.Linear(3, 2)
+    with Counter(model) as counter:
+        x = torch.zeros(5, 3, requires_grad=True)
+        torch.autograd.grad(model(x).sum(), x)
+        model(torch.zeros(2, 3))
+        with torch.no_grad():
+            model(torch.zeros(4, 3))
+    model(torch.zeros(7, 3))
+    assert counter.figures() == {"calls": 2, "rows": 7, "checks": 1, "check_rows": 4}
+
+
+def test_a_prediction_prices_steps_and_checks_each_by_their_own_fit():
+    fits = {"step_fixed_s": 2.0, "step_per_row_s": 0.5, "check_fixed_s": 1.0,
+            "check_per_row_s": 0.25}
+    counts = {"calls": 3, "rows": 10, "checks": 2, "check_rows": 4}
+    assert predicted_seconds(fits, counts) == pytest.approx(6 + 5 + 2 + 1)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+def test_onednn_reorder_share_reads_the_log_of_a_convolution(capfd):
+    model = torch.nn.Conv2d(16, 16, 3).eval().requires_grad_(False)
+    total, share = onednn_reorder_share(model, torch.rand(2, 16, 8, 8))
+    assert total > 0 and 0 < share < 1
+    print("still printing")
+    out = capfd.readouterr().out
+    assert out == "still printing\n"  # the log stayed out, standard output came back
