@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from advfast.errors import UserError
 from advfast.io import models
 from advfast.io.files import write_json
 
@@ -129,8 +130,13 @@ def main() -> int:
     args = parser.parse_args()
     if any(n < 1 for n in args.sizes) or args.size < 1:
         parser.error("--sizes, --size: at least 1")
+    if len(set(args.sizes)) < 2:
+        parser.error("--sizes: at least two different batch sizes to fit a line through")
     torch.set_num_threads(1)
-    model = models.load(args.model, device=torch.device("cpu")).eval().requires_grad_(False)
+    try:
+        model = models.load(args.model, device=torch.device("cpu")).eval().requires_grad_(False)
+    except UserError as error:
+        parser.error(str(error))
     shape = (models.input_channels(model), args.size, args.size)
     seconds = measure(model, shape, args.sizes, args.repeats)
     fixed, per_row = fit(seconds)
