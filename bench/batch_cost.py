@@ -7,8 +7,13 @@ goes to these reorders).  An attack's time then follows its number of batch iter
 than its number of rows: compacting the batch to the samples still running saves the rows'
 part only.  bench/cw_paired.py uses the fit to explain its times.
 
+With ``--amp bf16`` it also times each call under autocast as a plain loop runs it (autocast
+casts every conv and linear weight again on every call) and with the weights cast once for the
+whole attack, as advfast's attacks do (``engine.core.weights_cast_once``; the same bits).
+
     python bench/batch_cost.py [--model resnet18] [--size 32] [--sizes 1 2 4 8 16]
-                               [--repeats 5] [--onednn] [--json out.json]
+                               [--repeats 5] [--onednn] [--amp bf16 [--channels-last]]
+                               [--json out.json]
 """
 
 from __future__ import annotations
@@ -19,33 +24,46 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 
 import torch
 
+from advfast.engine.core import autocast, weights_cast_once
 from advfast.errors import UserError
 from advfast.io import models
 from advfast.io.files import write_json
 
 
-def call_seconds(model: torch.nn.Module, x: torch.Tensor, grad: bool) -> float:
-    """Per-thread CPU seconds of one call: the forward, and with ``grad`` the gradient of
-    the logits' sum w.r.t. the input (what an attack's iteration asks of the model)."""
+def call_seconds(model: torch.nn.Module, x: torch.Tensor, grad: bool,
+                 amp: str | None = None) -> float:
+    """Per-thread CPU seconds of one call: the forward (under autocast to ``amp``'s dtype if
+    given), and with ``grad`` the gradient of the logits' sum w.r.t. the input (what an
+    attack's iteration asks of the model)."""
     begin = time.thread_time()
     if grad:
         x = x.detach().requires_grad_(True)
-        torch.autograd.grad(model(x).sum(), x)
+        with autocast(x.device, amp):
+            logits = model(x)
+        torch.autograd.grad(logits.float().sum(), x)
     else:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(x.device, amp):
             model(x)
     return time.thread_time() - begin
+
+
+def batches(image_shape: tuple[int, ...], sizes: list[int],
+            channels_last: bool = False) -> dict[int, torch.Tensor]:
+    """Batch size -> a seeded uniform batch of that size (channels_last: in that layout)."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return {n: torch.rand(n, *image_shape, generator=torch.Generator().manual_seed(n))
+            .contiguous(memory_format=layout) for n in sizes}
 
 
 def measure(model: torch.nn.Module, image_shape: tuple[int, ...], sizes: list[int],
             repeats: int, grad: bool = True) -> dict[int, float]:
     """Batch size -> median over ``repeats`` of the fastest of three calls, the sizes taken
     in turn within each repeat so that a change of load falls on all of them."""
-    inputs = {n: torch.rand(n, *image_shape, generator=torch.Generator().manual_seed(n))
-              for n in sizes}
+    inputs = batches(image_shape, sizes)
     for n in sizes:  # oneDNN builds its primitives for a new shape on the first call
         call_seconds(model, inputs[n], grad)
     times: dict[int, list[float]] = {n: [] for n in sizes}
@@ -53,6 +71,25 @@ def measure(model: torch.nn.Module, image_shape: tuple[int, ...], sizes: list[in
         for n in sizes:
             times[n].append(min(call_seconds(model, inputs[n], grad) for _ in range(3)))
     return {n: statistics.median(t) for n, t in times.items()}
+
+
+def cast_once_gain(model: torch.nn.Module, image_shape: tuple[int, ...], sizes: list[int],
+                   repeats: int, amp: str,
+                   channels_last: bool = False) -> dict[int, tuple[float, float]]:
+    """Batch size -> (seconds of a call under autocast as a plain loop runs it, seconds with
+    the attacks' weights cast once, engine.core.weights_cast_once): medians over ``repeats``
+    of the fastest of three, the two taken in turn; inputs channels_last if asked (the model's
+    layout is the caller's)."""
+    inputs = batches(image_shape, sizes, channels_last)
+    times: dict[int, tuple[list[float], list[float]]] = {n: ([], []) for n in sizes}
+    for _ in range(repeats):
+        for n in sizes:
+            for kept, cast in zip(times[n], (nullcontext(), weights_cast_once(model, amp))):
+                with cast:
+                    call_seconds(model, inputs[n], True, amp)  # the first call of a layout
+                    kept.append(min(call_seconds(model, inputs[n], True, amp)
+                                    for _ in range(3)))
+    return {n: (statistics.median(a), statistics.median(b)) for n, (a, b) in times.items()}
 
 
 def fit(seconds: dict[int, float]) -> tuple[float, float]:
@@ -126,10 +163,17 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--onednn", action="store_true",
                         help="also show oneDNN's reorder share of one call at each size")
+    parser.add_argument("--amp", choices=["bf16", "fp16"],
+                        help="also time the calls under autocast, as a plain loop runs them "
+                             "and with the weights cast once as advfast's attacks do")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="with --amp: the model and inputs in channels_last")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     if any(n < 1 for n in args.sizes) or args.size < 1:
         parser.error("--sizes, --size: at least 1")
+    if args.channels_last and not args.amp:
+        parser.error("--channels-last: only with --amp")
     if len(set(args.sizes)) < 2:
         parser.error("--sizes: at least two different batch sizes to fit a line through")
     torch.set_num_threads(1)
@@ -151,6 +195,16 @@ def main() -> int:
             line += f"; oneDNN {total:.1f} ms, {share:.0%} of it reorders"
         print(line)
     print(f"  fit: {fixed * 1e3:.1f} ms a call + {per_row * 1e3:.2f} ms a row")
+    if args.amp:
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
+        report["amp"] = {"amp": args.amp, "channels_last": args.channels_last,
+                         "seconds": cast_once_gain(model, shape, args.sizes, args.repeats,
+                                                   args.amp, args.channels_last)}
+        print(f"under {args.amp} autocast{', channels_last' if args.channels_last else ''}: "
+              "casting each call / weights cast once")
+        for n, (each, once) in report["amp"]["seconds"].items():
+            print(f"  batch {n}: {each * 1e3:.1f} / {once * 1e3:.1f} ms ({each / once:.2f}x)")
     if args.json:
         write_json(args.json, report)  # strict JSON, written durably
     return 0

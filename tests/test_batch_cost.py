@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-from batch_cost import Counter, fit, onednn_reorder_share  # noqa: E402
+from batch_cost import Counter, cast_once_gain, fit, onednn_reorder_share  # noqa: E402
 from cw_paired import predicted_seconds  # noqa: E402
 
 
@@ -48,3 +48,11 @@ def test_onednn_reorder_share_reads_the_log_of_a_convolution(capfd):
     print("still printing")
     out = capfd.readouterr().out
     assert out == "still printing\n"  # the log stayed out, standard output came back
+
+
+def test_the_cast_once_timing_leaves_the_model_in_float32():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 5)).eval().requires_grad_(False)
+    times = cast_once_gain(model, (3, 8, 8), [1, 3], 1, "bf16")
+    assert sorted(times) == [1, 3] and all(a > 0 and b > 0 for a, b in times.values())
+    assert all(p.dtype == torch.float32 for p in model.parameters())

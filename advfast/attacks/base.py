@@ -15,7 +15,7 @@ from torch import nn
 from advfast import ops
 from advfast.engine.core import (AMPS, COMPILE_MODES, FAILURES, TRAJECTORY, Control, Engine,
                                  Head, Optimizer, autocast, compiled_forward_head, frozen,
-                                 model_device, trajectory_buffer)
+                                 model_device, trajectory_buffer, weights_cast_once)
 from advfast.engine.drivers import Progress, Stream, buckets, run_fixed
 from advfast.engine.rows import Rows, start_rows
 from advfast.engine.timing import PhaseTimer, Timing
@@ -121,7 +121,10 @@ class BaseAttack:
         record: keep the per-iteration trajectory (device buffers, no host sync; refused when
             it would exceed ``engine.MAX_TRAJECTORY_BYTES``).
         amp: None, "bf16" or "fp16": forward and backward under autocast; images and the update
-            stay float32.
+            stay float32.  A call (not a stream, not under ``compile``) casts the model's conv
+            and linear weights to amp's dtype once, for its duration
+            (:func:`advfast.engine.core.weights_cast_once`: the bits autocast would cast them
+            to on every model call).
         channels_last: run model and images in channels_last memory format.
         compact_every: with stop rules or searches, restart the samples whose run of the
             search ended and drop the finished ones every this many iterations (the only host
@@ -201,7 +204,10 @@ class BaseAttack:
         target = check_labels(target, "target", len(x0)).to(device)
         if source is not None:
             source = check_labels(source, "source", len(x0)).to(device)
-        with frozen(self.model, self.channels_last):
+        # weights cast once (not under torch.compile, whose graphs guard on the dtypes; not in
+        # streams, which hand control back to the caller while the model is frozen)
+        cast_once = self.amp if self.compile is None else None
+        with frozen(self.model, self.channels_last), weights_cast_once(self.model, cast_once):
             x0 = self._layout(x0)
             with torch.no_grad(), self._autocast(device):  # a given source needs one probe row
                 logits = self.model(x0 if source is None else x0[:1])

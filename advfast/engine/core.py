@@ -258,6 +258,41 @@ def frozen(model: nn.Module, channels_last: bool = False) -> Iterator[nn.Module]
         model.train(was_training)
 
 
+# Modules whose floating parameters autocast casts to its lower precision on every call (they
+# reach only conv and linear ops): exactly these types, not subclasses, whose forward may differ.
+CAST_ONCE_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+@contextmanager
+def weights_cast_once(model: nn.Module, amp: str | None) -> Iterator[nn.Module]:
+    """Under amp, the float32 weights and biases of the model's conv and linear modules
+    (:data:`CAST_ONCE_MODULES`, and only parameters no other module holds) hold amp's dtype
+    for the attack and their own data again afterwards.  Autocast would cast each of them on
+    every call to the same bits (a conv or linear op casts all its inputs; one already in the
+    dtype passes as is), so the attack's results do not change; it saves the casts: 1.5-1.9 ms
+    of a 17-40 ms bf16 call of ResNet-18 at 3x32x32 on one CPU thread.  Every model call
+    inside must run under autocast."""
+    dtype = AMPS[amp]
+    kept: list[tuple[nn.Parameter, torch.Tensor]] = []
+    if dtype is not None:
+        owners: dict[int, list[nn.Module]] = {}
+        params: dict[int, nn.Parameter] = {}
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                owners.setdefault(id(p), []).append(module)
+                params[id(p)] = p
+        for key, p in params.items():
+            if p.dtype == torch.float32 and all(type(m) in CAST_ONCE_MODULES
+                                                for m in owners[key]):
+                kept.append((p, p.data))
+                p.data = p.data.to(dtype)
+    try:
+        yield model
+    finally:
+        for p, data in kept:
+            p.data = data
+
+
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
     if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
             and not t.is_contiguous():
