@@ -51,6 +51,12 @@ def call_seconds(model: torch.nn.Module, x: torch.Tensor, grad: bool,
     return time.thread_time() - begin
 
 
+def fastest(model: torch.nn.Module, x: torch.Tensor, grad: bool,
+            amp: str | None = None) -> float:
+    """The fastest of three calls (:func:`call_seconds`): the least disturbed by other load."""
+    return min(call_seconds(model, x, grad, amp) for _ in range(3))
+
+
 def batches(image_shape: tuple[int, ...], sizes: list[int],
             channels_last: bool = False) -> dict[int, torch.Tensor]:
     """Batch size -> a seeded uniform batch of that size (channels_last: in that layout)."""
@@ -69,7 +75,7 @@ def measure(model: torch.nn.Module, image_shape: tuple[int, ...], sizes: list[in
     times: dict[int, list[float]] = {n: [] for n in sizes}
     for _ in range(repeats):
         for n in sizes:
-            times[n].append(min(call_seconds(model, inputs[n], grad) for _ in range(3)))
+            times[n].append(fastest(model, inputs[n], grad))
     return {n: statistics.median(t) for n, t in times.items()}
 
 
@@ -87,8 +93,7 @@ def cast_once_gain(model: torch.nn.Module, image_shape: tuple[int, ...], sizes: 
             for kept, cast in zip(times[n], (nullcontext(), weights_cast_once(model, amp))):
                 with cast:
                     call_seconds(model, inputs[n], True, amp)  # the first call of a layout
-                    kept.append(min(call_seconds(model, inputs[n], True, amp)
-                                    for _ in range(3)))
+                    kept.append(fastest(model, inputs[n], True, amp))
     return {n: (statistics.median(a), statistics.median(b)) for n, (a, b) in times.items()}
 
 

@@ -353,9 +353,9 @@ ADVFAST_HD float exact_step(ExactScale sc, float p, float s) {
 // X' = 1 / (1 + e) and the slope 2 / (e + 2 + 1 / e).  Why not tanh: in float32 tanh(w) + 1
 // cancels for w << 0 (X' = e^{2w} comes out 0 below w = -9) and 1 - tanh(w)^2 rounds to 0 for
 // |w| > 8.7, which would freeze a saturated pixel; with these X' stays within 4 ulp of the
-// float64 truth and the step within 1e-5 of it for |w| <= 40 (tests/test_adam_tanh_step.py).  They need no call, so the CPU loop
-// vectorises (two exp_of per element instead of two scalar tanhf).  Where e overflows or
-// underflows, X' is 0 or 1 and the slope 0.
+// float64 truth and the step within 1e-5 of it for |w| <= 40 (tests/test_adam_tanh_step.py).
+// They need no call, so the CPU loop vectorises (two exp_of per element instead of two scalar
+// tanhf).  Where e overflows or underflows, X' is 0 or 1 and the slope 0.
 ADVFAST_HD float exp_neg2(float w) { return exp_of(-2.f * w); }
 ADVFAST_HD float tanh_image(float e) { return 1.f / (1.f + e); }
 ADVFAST_HD float tanh_slope(float e) { return 2.f / ((e + 2.f) + 1.f / e); }

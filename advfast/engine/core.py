@@ -269,9 +269,10 @@ def weights_cast_once(model: nn.Module, amp: str | None) -> Iterator[nn.Module]:
     (:data:`CAST_ONCE_MODULES`, and only parameters no other module holds) hold amp's dtype
     for the attack and their own data again afterwards.  Autocast would cast each of them on
     every call to the same bits (a conv or linear op casts all its inputs; one already in the
-    dtype passes as is), so the attack's results do not change; it saves the casts: 1.5-1.9 ms
-    of a 17-40 ms bf16 call of ResNet-18 at 3x32x32 on one CPU thread.  Every model call
-    inside must run under autocast."""
+    dtype passes as is), so the attack's results do not change; it saves the casts: a bf16
+    call of ResNet-18 at 3x32x32 on one CPU thread is 1.28-1.88x faster, 1.01-1.23x with
+    channels_last (bench/batch_cost.py --amp bf16).  Every model call inside must run under
+    autocast."""
     dtype = AMPS[amp]
     kept: list[tuple[nn.Parameter, torch.Tensor]] = []
     if dtype is not None:
