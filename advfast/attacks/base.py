@@ -207,14 +207,23 @@ class BaseAttack:
         # weights cast once (not under torch.compile, whose graphs guard on the dtypes; not in
         # streams, which hand control back to the caller while the model is frozen)
         cast_once = self.amp if self.compile is None else None
+        # rows that start at x0 take the source from their first forward, eager only (a
+        # compiled graph has the head inside); else the source costs a forward of its own
+        _, optimizer, _ = parts
+        derive = source is None and self.compile is None and optimizer.starts_at_x0
         with frozen(self.model, self.channels_last), weights_cast_once(self.model, cast_once):
             x0 = self._layout(x0)
-            with torch.no_grad(), self._autocast(device):  # a given source needs one probe row
-                logits = self.model(x0 if source is None else x0[:1])
-            source = logits.argmax(dim=1) if source is None else source
+            with torch.no_grad(), self._autocast(device):  # one probe row: the class count
+                logits = self.model(x0 if source is None and not derive else x0[:1])
             ops._check_indices(target, logits.shape[1], "target")
-            ops._check_indices(source, logits.shape[1], "source")
+            if derive:
+                source = torch.zeros_like(target)  # written by the first forward
+            elif source is None:
+                source = logits.argmax(dim=1)
+            else:
+                ops._check_indices(source, logits.shape[1], "source")
             engine = self._engine(device, parts, batch=len(x0))
+            engine.source_pending = derive
             rows = start_rows(torch.arange(len(x0), device=device), x0, target, source)
             engine.timer.start()
             if len(rows) == 0:

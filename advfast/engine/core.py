@@ -65,7 +65,11 @@ class Head:
 
 
 class Optimizer(Protocol):
-    """The per-sample update rule (see :mod:`advfast.engine.optim`)."""
+    """The per-sample update rule (see :mod:`advfast.engine.optim`).  ``starts_at_x0``: its
+    ``begin`` puts every row exactly at its clean image, so that the first forward is the
+    clean images' own (a call then takes the source class from it)."""
+
+    starts_at_x0: bool
 
     def begin(self, rows: Rows) -> None:
         """Sets ``rows.x`` to each new row's starting point and ``rows.optim`` to its record."""
@@ -163,6 +167,9 @@ class Engine:
         self.model, self.head, self.optimizer, self.control = model, head, optimizer, control
         self.timer, self.trajectory, self.compiled = timer, trajectory, compiled
         self.autocast = autocast(timer.device, amp)
+        # set by a call whose rows start at x0 with no source given: the first forward's
+        # argmax is the clean images' prediction, written into rows.source before the head
+        self.source_pending = False
 
     def begin(self, rows: Rows) -> Rows:
         self.optimizer.begin(rows)
@@ -180,6 +187,9 @@ class Engine:
         else:
             with self.timer.phase(n, phase), self.autocast:
                 logits = self.model(rows.x)
+            if self.source_pending:
+                rows.source.copy_(logits.detach().argmax(dim=1))
+                self.source_pending = False
         with self.timer.phase(n, "head" if phase == "forward" else phase):
             if self.compiled is None:
                 h = self.head

@@ -46,6 +46,10 @@ class PaperStep:
         self.sign, self.alpha, self.beta, self.eps = sign, alpha, beta, eps
         self.random_start, self.lo, self.hi, self.exact_l1 = random_start, lo, hi, exact_l1
 
+    @property
+    def starts_at_x0(self) -> bool:
+        return not self.random_start
+
     def _start(self, x0: torch.Tensor) -> torch.Tensor:
         if not self.random_start:
             return x0.clone()
@@ -96,6 +100,9 @@ class AdamTanh:
             and Wagner's original does (the default, False).  A deviation from the original,
             off by default: each run of the search goes on from the last one's end.
     """
+
+    # X'(w0) lies within float32 rounding of x0, not on it: the prediction there may differ
+    starts_at_x0 = False
 
     def __init__(self, lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.999,
                  eps: float = 1e-8, warm_start: bool = False) -> None:
@@ -189,6 +196,8 @@ class ProjectedLBFGS:
     relative decrease is below ``ftol``, or when the line search fails ``max_backtracks`` times
     in a row.
     """
+
+    starts_at_x0 = True
 
     def __init__(self, steps: int = 100, history: int = 10, pgtol: float = 1e-5,
                  ftol: float = 1e-7, max_backtracks: int = 20, c1: float = 1e-4,
