@@ -11,9 +11,12 @@ With ``--amp bf16`` it also times each call under autocast as a plain loop runs 
 casts every conv and linear weight again on every call) and with the weights cast once for the
 whole attack, as advfast's attacks do (``engine.core.weights_cast_once``; the same bits).
 
+With ``--pack-weights`` it times float32 calls of the plain model against the same model with
+its conv weights packed once, as ``pack_weights`` does (``engine.packing``), and fits those.
+
     python bench/batch_cost.py [--model resnet18] [--size 32] [--sizes 1 2 4 8 16]
-                               [--repeats 5] [--onednn] [--amp bf16 [--channels-last]]
-                               [--json out.json]
+                               [--repeats 5] [--onednn] [--amp bf16 | --pack-weights]
+                               [--channels-last] [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from contextlib import nullcontext
 import torch
 
 from advfast.engine.core import autocast, weights_cast_once
+from advfast.engine.packing import weights_packed
 from advfast.errors import UserError
 from advfast.io import models
 from advfast.io.files import write_json
@@ -95,6 +99,37 @@ def cast_once_gain(model: torch.nn.Module, image_shape: tuple[int, ...], sizes: 
                     call_seconds(model, inputs[n], True, amp)  # the first call of a layout
                     kept.append(fastest(model, inputs[n], True, amp))
     return {n: (statistics.median(a), statistics.median(b)) for n, (a, b) in times.items()}
+
+
+def packed_gain(model: torch.nn.Module, image_shape: tuple[int, ...], sizes: list[int],
+                repeats: int, channels_last: bool = False) -> dict[int, tuple[float, float]]:
+    """Batch size -> (seconds of a float32 call of the plain model, seconds with its conv
+    weights packed once as ``pack_weights`` does, engine.packing.weights_packed): medians over
+    ``repeats`` of the fastest of three, the two taken in turn; the call that makes the packs
+    is not timed (an attack makes them once for all its iterations)."""
+    inputs = batches(image_shape, sizes, channels_last)
+    times: dict[int, tuple[list[float], list[float]]] = {n: ([], []) for n in sizes}
+    for _ in range(repeats):
+        for n in sizes:
+            plain, kept = times[n]
+            plain.append(fastest(model, inputs[n], True))
+            with weights_packed(model):
+                call_seconds(model, inputs[n], True)
+                kept.append(fastest(model, inputs[n], True))
+    return {n: (statistics.median(a), statistics.median(b)) for n, (a, b) in times.items()}
+
+
+def _print_packed(model: torch.nn.Module, shape: tuple[int, ...], args) -> dict:
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    gains = packed_gain(model, shape, args.sizes, args.repeats, args.channels_last)
+    print(f"float32{', channels_last' if args.channels_last else ''}: plain / weights packed")
+    for n, (plain, packed) in gains.items():
+        print(f"  batch {n}: {plain * 1e3:.1f} / {packed * 1e3:.1f} ms ({plain / packed:.2f}x)")
+    fixed, per_row = fit({n: b for n, (_, b) in gains.items()})
+    print(f"  fit, packed: {fixed * 1e3:.1f} ms a call + {per_row * 1e3:.2f} ms a row")
+    return {"channels_last": args.channels_last, "seconds": gains, "fixed_s": fixed,
+            "per_row_s": per_row}
 
 
 def fit(seconds: dict[int, float]) -> tuple[float, float]:
@@ -171,14 +206,20 @@ def main() -> int:
     parser.add_argument("--amp", choices=["bf16", "fp16"],
                         help="also time the calls under autocast, as a plain loop runs them "
                              "and with the weights cast once as advfast's attacks do")
+    parser.add_argument("--pack-weights", action="store_true",
+                        help="also time float32 calls with the conv weights packed once, as "
+                             "pack_weights does, against the plain model")
     parser.add_argument("--channels-last", action="store_true",
-                        help="with --amp: the model and inputs in channels_last")
+                        help="with --amp or --pack-weights: the model and inputs in "
+                             "channels_last")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     if any(n < 1 for n in args.sizes) or args.size < 1:
         parser.error("--sizes, --size: at least 1")
-    if args.channels_last and not args.amp:
-        parser.error("--channels-last: only with --amp")
+    if args.channels_last and not (args.amp or args.pack_weights):
+        parser.error("--channels-last: only with --amp or --pack-weights")
+    if args.amp and args.pack_weights:
+        parser.error("--amp and --pack-weights: one at a time")
     if len(set(args.sizes)) < 2:
         parser.error("--sizes: at least two different batch sizes to fit a line through")
     torch.set_num_threads(1)
@@ -210,6 +251,8 @@ def main() -> int:
               "casting each call / weights cast once")
         for n, (each, once) in report["amp"]["seconds"].items():
             print(f"  batch {n}: {each * 1e3:.1f} / {once * 1e3:.1f} ms ({each / once:.2f}x)")
+    if args.pack_weights:
+        report["packed"] = _print_packed(model, shape, args)
     if args.json:
         write_json(args.json, report)  # strict JSON, written durably
     return 0

@@ -20,7 +20,7 @@ every configuration page-faults its activations in again, by an amount that depe
 heap's state, not on the configuration.
 
     python bench/bench_overhead.py [--batch 64] [--iterations 20 60] [--repeats 15]
-                                   [--rounds 200] [--per-round 10] [--json F]
+                                   [--rounds 200] [--per-round 10] [--pack-weights] [--json F]
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ from advfast.engine.runtime import keep_freed_memory
 from advfast.io import models, selection
 
 
-def configurations(model, x: torch.Tensor, t: torch.Tensor) -> dict[str, Callable[[int], None]]:
-    """name -> run(n): n iterations of that configuration on (x, t)."""
+def configurations(model, x: torch.Tensor, t: torch.Tensor,
+                   pack: bool = False) -> dict[str, Callable[[int], None]]:
+    """name -> run(n): n iterations of that configuration on (x, t); with ``pack`` also
+    advfast with recording and ``pack_weights`` (its conv weights laid out once per call)."""
 
     iteration = _floor_iteration(model, x)
 
@@ -58,6 +60,10 @@ def configurations(model, x: torch.Tensor, t: torch.Tensor) -> dict[str, Callabl
                                 iterations=2, time_phases=False)
         runs[f"advfast, record {'on' if record else 'off'}"] = (
             lambda n, attack=attack: attack.shortened(n)(x, t))
+    if pack:
+        packed = advfast.Attack(model, loss="ce", beta=0.1, record=True, stop="never",
+                                iterations=2, time_phases=False, pack_weights=True)
+        runs["advfast, record on, packed"] = lambda n: packed.shortened(n)(x, t)
     try:
         import torchattacks
     except ImportError:
@@ -188,13 +194,15 @@ def main() -> int:
                         help="rounds of the interleaved measurement (0: none)")
     parser.add_argument("--per-round", type=int, default=10,
                         help="iterations of each configuration per round")
+    parser.add_argument("--pack-weights", action="store_true",
+                        help="also advfast with pack_weights (differenced measure only)")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     kept = keep_freed_memory()
     torch.set_num_threads(1)
     model = models.load("digits")
     chosen, _ = selection.prepare(model, selection.DigitsSource("test"), args.batch, seed=0)
-    figures = measure(configurations(model, chosen.images, chosen.targets),
+    figures = measure(configurations(model, chosen.images, chosen.targets, args.pack_weights),
                       tuple(args.iterations), args.repeats)
     print(f"digits, batch {args.batch}, one thread, CPU time, {args.repeats} repeats")
     print("| configuration | in the loop ms/it | vs floor (95 % CI) | whole call ms/it "

@@ -3,7 +3,8 @@
 The settings of bench/bench_attacks.py ("CW-L2 with search").  Configurations: advfast as the
 original algorithm; advfast with ``warm_start=True`` (each run of the search goes on from the
 last one's end, a deviation from the original) at each fraction of the steps in --warm-steps;
-with --bf16 each of these again under ``amp="bf16", channels_last=True``, and with
+with --bf16 each of these again under ``amp="bf16", channels_last=True``, with --pack-weights
+each again with ``pack_weights=True`` (its conv weights laid out once per call), and with
 --compact-every at each cadence given (a search restarts a sample whose run ended, and the
 finished leave, every ``compact_every`` iterations); Foolbox (fp32).  Each repeat runs every
 configuration once, in turn, timed with ``time.thread_time`` so that other tenants' load counts
@@ -14,8 +15,9 @@ when its success is at most 1 point below Foolbox's and that L2 ratio at most 1.
 model's calls and rows in each (bench/batch_cost.py's counter), and with --cost-model the time
 those predict by the model's cost per call and per row, fitted in the same process (fp32).
 
-    python bench/cw_paired.py [--repeats 5] [--warm-steps 1.0 0.4] [--bf16]
-                               [--compact-every 8 1] [--cost-model] [--json out.json]
+    python bench/cw_paired.py [--repeats 5] [--warm-steps 1.0 0.4] [--bf16] [--pack-weights]
+                               [--compact-every 8 1] [--cost-model] [--only resnet18]
+                               [--json out.json]
 """
 
 from __future__ import annotations
@@ -36,12 +38,16 @@ from advfast.io.files import write_json
 Run = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def variants(bf16: bool, compact_every: list[int]) -> dict[str, dict]:
+def variants(bf16: bool, compact_every: list[int], pack: bool = False) -> dict[str, dict]:
     """Name suffix -> engine options of advfast's configurations: fp32 (and bf16 with
-    channels_last), at the attack's default ``compact_every`` or at each one given."""
+    channels_last), each also with its weights packed (``pack``), at the attack's default
+    ``compact_every`` or at each one given."""
     precisions = {"": {}}
     if bf16:
         precisions[", bf16 + channels_last"] = {"amp": "bf16", "channels_last": True}
+    if pack:
+        precisions.update({f"{p}, packed": {**o, "pack_weights": True}
+                           for p, o in precisions.items()})
     cadences = {f", compact_every {k}": {"compact_every": k} for k in compact_every} or {"": {}}
     return {p + c: {**precision, **cadence} for p, precision in precisions.items()
             for c, cadence in cadences.items()}
@@ -147,6 +153,10 @@ def main() -> int:
                         help="fractions of the steps to run advfast's warm start at")
     parser.add_argument("--bf16", action="store_true",
                         help="also run advfast's configurations in bf16 with channels_last")
+    parser.add_argument("--pack-weights", action="store_true",
+                        help="also run each of advfast's configurations with pack_weights")
+    parser.add_argument("--only", help="the settings whose name starts with this "
+                                       "(digits, resnet18; default: both)")
     parser.add_argument("--compact-every", type=int, nargs="*", default=[],
                         help="run advfast's configurations at each of these compact_every "
                              "(default: the attack's own)")
@@ -158,9 +168,11 @@ def main() -> int:
     torch.set_num_threads(1)
     report = []
     for name, model, x0, target, params in bench_attacks.settings(torch.device("cpu"), False):
+        if args.only and not name.startswith(args.only):
+            continue
         model.requires_grad_(False)
         runs = configurations(params["cw"], args.warm_steps,
-                              variants(args.bf16, args.compact_every))
+                              variants(args.bf16, args.compact_every, args.pack_weights))
         rows = measure(model, x0, target, runs, args.repeats)
         fits = cost_model(model, x0, args.repeats) if args.cost_model else None
         report.append({"setting": name, "params": params["cw"], "configurations": rows,
@@ -168,7 +180,7 @@ def main() -> int:
         print(f"{name}:" + (f" a step costs {fits['step_fixed_s'] * 1e3:.1f} ms a call + "
                             f"{fits['step_per_row_s'] * 1e3:.2f} ms a row" if fits else ""))
         for key, r in rows.items():
-            if fits and "bf16" not in key:  # the fit is the model's in fp32
+            if fits and "bf16" not in key and "packed" not in key:  # the fp32 model's fit
                 r["predicted_s"] = predicted_seconds(fits, r)
             print(f"  {key}: {r['median_s']:.2f} s, Foolbox / it "
                   f"{', '.join(f'{x:.2f}' for x in r['foolbox_over_this'])}; success "

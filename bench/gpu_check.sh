@@ -15,7 +15,8 @@
 # mode on the GPU machine's own software stack.
 #
 # ADVFAST_CHECK_DEVICE=cpu runs the same steps on the CPU at tiny sizes (CI does, so this
-# script never rots).  PYTHON picks the interpreter (default python3).
+# script never rots); its tests are the CPU halves of those and pack_weights' (torch's oneDNN
+# ops it calls, on the stack check's older torch too).  PYTHON picks the interpreter (default python3).
 set -uo pipefail
 
 out="${1:?usage: bench/gpu_check.sh OUT}"
@@ -69,7 +70,7 @@ if [ "$mode" = "cuda" ]; then
               --channels-last --compile none --iterations 10 --repeats 3)
   digits_args=(--batch-size 256 1024 --compile none reduce-overhead --iterations 20 --repeats 3)
 else
-  dev=cpu; tiny=(--tiny); test_args=(-k "opcheck or cpu_and_cuda")
+  dev=cpu; tiny=(--tiny); test_args=(-k "opcheck or cpu_and_cuda or packed_weights")
   bench_args=(--model resnet18 --input-size 3,32,32 --batch-size 2 --iterations 2 --repeats 1)
   digits_args=(--batch-size 8 --iterations 2 --repeats 1)
 fi

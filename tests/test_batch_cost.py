@@ -8,7 +8,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-from batch_cost import Counter, cast_once_gain, fit, onednn_reorder_share  # noqa: E402
+from batch_cost import (Counter, cast_once_gain, fit, onednn_reorder_share,  # noqa: E402
+                        packed_gain)
 from cw_paired import predicted_seconds  # noqa: E402
 
 
@@ -56,3 +57,12 @@ def test_the_cast_once_timing_leaves_the_model_in_float32():
     times = cast_once_gain(model, (3, 8, 8), [1, 3], 1, "bf16")
     assert sorted(times) == [1, 3] and all(a > 0 and b > 0 for a, b in times.values())
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+def test_the_packed_timing_leaves_every_forward_as_it_was():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 5)).eval().requires_grad_(False)
+    times = packed_gain(model, (3, 8, 8), [1, 3], 1)
+    assert sorted(times) == [1, 3] and all(a > 0 and b > 0 for a, b in times.values())
+    assert all("forward" not in m.__dict__ for m in model.modules())

@@ -32,7 +32,8 @@ class CarliniWagnerL2(BaseAttack):
         warm_start: each run of the search starts where the sample's last run ended (Adam's
             moments reset) instead of at the clean image; a deviation from the original, off
             by default (False), measured in docs/benchmarks.md ("CW-L2 with warm start").
-        record, amp, channels_last, compact_every, time_phases: see :class:`BaseAttack`.
+        record, amp, channels_last, compact_every, time_phases, pack_weights: see
+            :class:`BaseAttack`.
 
     Samples with no success return their clean image (``first_flip``, ``failure`` and
     ``constant`` tell what happened).

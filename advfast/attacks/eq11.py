@@ -69,7 +69,8 @@ class Eq11(BaseAttack):
         ce_seed: CE's seed at the target, "exact" (the other classes' probabilities summed: no
             cancellation where p_c rounds to 1) or "eager" (1 - p_c in float32, as eager
             PyTorch); see :func:`advfast.ops.loss_head`.
-        amp, channels_last, compact_every, time_phases, compile: see :class:`BaseAttack`.
+        amp, channels_last, compact_every, time_phases, compile, pack_weights: see
+            :class:`BaseAttack`.
 
     With stop="never" every sample runs all iterations and the loop never synchronises with the
     host; with a stop rule, finished samples are masked at once and leave the batch every
@@ -84,9 +85,10 @@ class Eq11(BaseAttack):
                  compact_every: int | None = None,
                  time_phases: bool = True, random_start: bool = False,
                  compile: str | None = None, exact_l1: bool = False,
-                 ce_seed: str = "exact") -> None:
+                 ce_seed: str = "exact", pack_weights: bool = False) -> None:
         super().__init__(model, record=record, amp=amp, channels_last=channels_last,
-                         compact_every=compact_every, time_phases=time_phases, compile=compile)
+                         compact_every=compact_every, time_phases=time_phases, compile=compile,
+                         pack_weights=pack_weights)
         choice("loss", loss, ops.LOSSES)
         choice("kappa_mode", kappa_mode, ops.KAPPA_MODES)
         choice("step", step, STEPS)

@@ -20,7 +20,8 @@ class IFGS(Eq11):
         steps: iterations.
         random_start: PGD's random start (torch's global generator).
         stop: "never" (all steps, as BIM), "flip" or "confidence" (see :class:`advfast.attacks.Eq11`).
-        record, amp, channels_last, compact_every, time_phases: see :class:`BaseAttack`.
+        record, amp, channels_last, compact_every, time_phases, pack_weights: see
+            :class:`BaseAttack`.
     """
 
     def __init__(self, model: nn.Module, eps: float, alpha: float, steps: int,

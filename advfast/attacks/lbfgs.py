@@ -25,7 +25,8 @@ class LBFGS(BaseAttack):
         steps: L-BFGS iterations per constant (100).
         history: (s, y) pairs kept per sample (10).
         binary_search_steps: constants tried per sample (10).
-        record, amp, channels_last, compact_every, time_phases: see :class:`BaseAttack`.
+        record, amp, channels_last, compact_every, time_phases, pack_weights: see
+            :class:`BaseAttack`.
 
     Samples with no success return their clean image.  :meth:`minimize` solves Eq. 1 for the
     given b alone and returns where each run ends, successful or not.

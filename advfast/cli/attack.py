@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     out.check()
     device, model, chosen = setup(args)
     attack = specs.build(args.attack, model, params, amp=args.amp,
-                         channels_last=args.channels_last, compile=args.compile)
+                         channels_last=args.channels_last, compile=args.compile,
+                         pack_weights=args.pack_weights)
     with claimed(out):
         started = time.perf_counter()
         adv, rows = _attack_all(args, attack, device, chosen)

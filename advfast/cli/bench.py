@@ -22,8 +22,8 @@ def register(sub) -> None:
                                       "(bare forward + backward) and installed peers")
     add_model_options(be)
     add_attack_options(be, iterations={"default": 20, "help": "iterations per timed run"})
-    add_run_options(be, names=("device", "amp", "channels_last", "batch_size", "compile",
-                                "threads", "quiet"),
+    add_run_options(be, names=("device", "amp", "channels_last", "pack_weights", "batch_size",
+                                "compile", "threads", "quiet"),
                     batch_size={"nargs": "+", "default": [64],
                                 "help": "one table row group per batch size"},
                     compile={"nargs": "+", "default": ["none"],
@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     config = bench.BenchConfig(
         model=args.model, weights=args.weights, num_classes=args.num_classes,
         input_size=args.input_size, batch_sizes=tuple(args.batch_size), amp=args.amp,
-        channels_last=args.channels_last, compile=tuple(args.compile), attack=args.attack,
+        channels_last=args.channels_last, pack_weights=args.pack_weights,
+        compile=tuple(args.compile), attack=args.attack,
         params=params, iterations=args.iterations, repeats=args.repeats,
         peers=tuple(args.peers), device=device)
     progress = (lambda text: None) if args.quiet else (

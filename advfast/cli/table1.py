@@ -54,7 +54,7 @@ def _run(args: argparse.Namespace, out: OutputFolder, device, model, chosen) -> 
               f"kernels={ops.backend()}, {torch.get_num_threads()} threads", file=sys.stderr)
     cells = table1.run(model, chosen, iterations=args.iterations, alpha=alpha, beta=beta,
                        batch_size=args.batch_size, device=device, amp=args.amp,
-                       channels_last=args.channels_last,
+                       channels_last=args.channels_last, pack_weights=args.pack_weights,
                        kappa=args.kappa, quiet=args.quiet, compile=args.compile,
                        exact_l1=bool(args.exact_l1), ce_seed=args.ce_seed or "exact")
     print(table1.format_table(cells, alpha, beta))

@@ -109,11 +109,12 @@ def warm_up(attacks: list[Eq11], inputs: AttackInputs, batch_size: int,
 
 def run(model: torch.nn.Module, inputs: AttackInputs, *, iterations: int, alpha: float,
         beta: float, batch_size: int, device: torch.device, amp: str | None = None,
-        channels_last: bool = False, kappa: float = 20.0, quiet: bool = False,
-        compile: str | None = None, exact_l1: bool = False,
+        channels_last: bool = False, pack_weights: bool = False, kappa: float = 20.0,
+        quiet: bool = False, compile: str | None = None, exact_l1: bool = False,
         ce_seed: str = "exact") -> list[Cell]:
     """Runs the 8 configurations after a warm-up; returns one Cell per (step rule, loss).
-    ``amp``, ``channels_last``, ``compile``: see :class:`advfast.attacks.BaseAttack`;
+    ``amp``, ``channels_last``, ``pack_weights``, ``compile``: see
+    :class:`advfast.attacks.BaseAttack`;
     ``exact_l1``: the equal-perturbation cells add exactly beta per step where the box leaves
     room (the box-aware table); ``ce_seed``: the CE seed (see :class:`Eq11`)."""
     n = len(inputs.labels)
@@ -123,7 +124,8 @@ def run(model: torch.nn.Module, inputs: AttackInputs, *, iterations: int, alpha:
             "equal-perturbation": {"beta": beta, "exact_l1": exact_l1}}
     attacks = {(step, loss): Eq11(model, loss=loss, step=step, **rule[step],
                                   iterations=iterations, kappa=kappa, amp=amp,
-                                  channels_last=channels_last, record=True, compile=compile,
+                                  channels_last=channels_last, pack_weights=pack_weights,
+                                  record=True, compile=compile,
                                   ce_seed=ce_seed)
                for step in STEPS for loss in ops.LOSSES}
     warm_up(list(attacks.values()), inputs, batch_size, device)

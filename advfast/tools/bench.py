@@ -49,6 +49,7 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (64,)
     amp: str | None = None
     channels_last: bool = False
+    pack_weights: bool = False
     compile: tuple[str, ...] = ("none",)
     attack: str = "eq11"
     params: dict = field(default_factory=dict)
@@ -219,7 +220,8 @@ def run(config: BenchConfig, progress: Callable[[str], None] = lambda s: None) -
         for mode in config.compile:
             attack = specs.build(config.attack, model, _timing_params(config), amp=config.amp,
                                    compile=None if mode == "none" else mode,
-                                   channels_last=config.channels_last)
+                                   channels_last=config.channels_last,
+                                   pack_weights=config.pack_weights)
             for record in (True, False):
                 name = (f"advfast{'' if mode == 'none' else ' ' + mode}, "
                         f"record {'on' if record else 'off'}")
@@ -254,10 +256,11 @@ def run(config: BenchConfig, progress: Callable[[str], None] = lambda s: None) -
 
 
 def _floors(model, x, config: BenchConfig) -> dict[str, tuple[Measured, Callable[[], None]]]:
-    """The floor in the configuration's precision and layout and, with --amp or
-    --channels-last, the fp32 eager floor in contiguous format (what a user runs today)."""
+    """The floor in the configuration's precision and layout and, with --amp,
+    --channels-last or --pack-weights, the fp32 eager floor in contiguous format (what a user
+    runs today; the floor itself never packs its weights)."""
     runs = {"floor": (Measured("floor"), floor(model, x, config.iterations, config.amp))}
-    if config.amp or config.channels_last:
+    if config.amp or config.channels_last or config.pack_weights:
         plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
         runs[FP32_FLOOR] = (Measured(FP32_FLOOR), floor(plain, x.contiguous(),
                                                         config.iterations, None))
@@ -348,7 +351,7 @@ def format_results(report: dict) -> str:
                  "own per-iteration time (timing.per_iteration_ms); own work: loss head and "
                  "update (everything but the model's forward and backward); vs fp32 floor: "
                  "against a bare fp32 eager forward + backward in contiguous format (with "
-                 "--amp or --channels-last, the speed-up over what runs without them).")
+                 "--amp, --channels-last or --pack-weights, the speed-up over what runs without them).")
     return "\n".join(lines)
 
 

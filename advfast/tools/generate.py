@@ -64,6 +64,7 @@ class GenerateConfig:
     format: str = "safetensors"
     amp: str | None = None
     channels_last: bool = False
+    pack_weights: bool = False
     compile: str | None = None
     device: str = "auto"
     workers: int = 0
@@ -341,6 +342,7 @@ def _attack(model, source: selection.Source, work: list[dict], config: GenerateC
 
     attack = specs.build(config.attack, model, config.params, amp=config.amp,
                            channels_last=config.channels_last,
+                           pack_weights=config.pack_weights,
                            compact_every=config.compact_every, time_phases=False,
                            compile=config.compile)
     png = config.format == "png"

@@ -1,0 +1,159 @@
+"""Convolution weights laid out for oneDNN once per attack call, on the CPU (``pack_weights``).
+
+Eager PyTorch hands oneDNN each convolution weight in its plain layout, and oneDNN lays it out
+again (a reorder) on every call, forward and backward: on one CPU thread that is a fixed cost
+per call of the model, the same at every batch size (ResNet-18 at 3x32x32: ~40 % of a call at
+batch 16; bench/batch_cost.py --onednn).  An attack's weights never change, so
+:func:`weights_packed` replaces, for the duration of a call, the forward of each plain
+``nn.Conv2d`` with one that uses two layouts made once from the weight: one for the forward
+convolution and one for the input gradient, which is the transposed convolution of the output
+gradient with the same weight (``mkldnn._convolution_transpose_pointwise``).  Only the input
+gradient exists: the weights are frozen (:func:`advfast.engine.core.frozen`).
+
+The maths is the same convolution; the rounding is oneDNN's packed kernels' instead of eager
+PyTorch's choice (which is not oneDNN at every shape), so results agree with the plain model to
+float32 rounding, not bit for bit (tests/test_packed_weights.py: within 1e-5 of float64 truth).
+Under bf16 autocast the packs hold the weights in bfloat16 and the input is cast as autocast
+would cast it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from advfast.errors import InvalidValue
+
+_mkldnn = torch.ops.mkldnn
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def check_packable(device: torch.device, amp: str | None, compile: str | None) -> None:
+    """One-line InvalidValue where ``pack_weights`` cannot apply: it is for eager calls of a
+    model on the CPU with oneDNN, in float32 or under bf16 autocast."""
+    if device.type != "cpu":
+        raise InvalidValue(f"pack_weights is for models on the CPU (oneDNN), this one is on "
+                           f"{device.type}")
+    if not torch.backends.mkldnn.is_available():
+        raise InvalidValue("pack_weights needs PyTorch built with oneDNN (mkldnn); this one "
+                           "is not")
+    if compile is not None:
+        raise InvalidValue("pack_weights is for eager calls; with compile, inductor lays the "
+                           "weights out itself")
+    if amp not in (None, "bf16"):
+        raise InvalidValue(f"pack_weights runs in float32 or bf16, not under amp={amp!r}")
+
+
+class _PackedConvolution(torch.autograd.Function):
+    """y = conv2d(x, W) + b with W in its forward pack; dL/dx = conv_transpose2d(dL/dy, W) with
+    W in its transposed pack and the output padding that gives back x's size."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, pack: _Layouts) -> torch.Tensor:  # type: ignore[override]
+        ctx.pack, ctx.input_size = pack, x.shape[2:]
+        conv = pack.conv
+        return _mkldnn._convolution_pointwise(x, pack.forward_weight(x), pack.bias,
+                                              conv.padding, conv.stride, conv.dilation,
+                                              conv.groups, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        pack, conv = ctx.pack, ctx.pack.conv
+        padding = output_padding(conv, ctx.input_size, grad.shape[2:])
+        weight = pack.transposed_weight(grad, padding)
+        x_grad = _mkldnn._convolution_transpose_pointwise(
+            grad.contiguous(memory_format=_layout(grad)), weight, None, conv.padding, padding,
+            conv.stride, conv.dilation, conv.groups, "none", [], "")
+        return x_grad, None
+
+
+def output_padding(conv: nn.Conv2d, input_size: torch.Size,
+                   output_size: torch.Size) -> list[int]:
+    """The transposed convolution's output padding that maps ``output_size`` back to
+    ``input_size`` (a strided convolution drops the last rows that no window reaches)."""
+    return [input_size[i] - ((output_size[i] - 1) * conv.stride[i] - 2 * conv.padding[i]
+                             + conv.dilation[i] * (conv.kernel_size[i] - 1) + 1)
+            for i in range(2)]
+
+
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() \
+            and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class _Layouts:
+    """One convolution's two weight layouts in one dtype, made at their first use from the
+    shapes seen there (oneDNN takes them for any batch size: the same bits), and its bias in
+    that dtype: autocast's casts, made once."""
+
+    def __init__(self, conv: nn.Conv2d, dtype: torch.dtype) -> None:
+        self.conv, self.dtype = conv, dtype
+        self.bias = None if conv.bias is None else conv.bias.detach().to(dtype)
+        self._forward: torch.Tensor | None = None
+        self._transposed: torch.Tensor | None = None
+
+    def forward_weight(self, x: torch.Tensor) -> torch.Tensor:
+        if self._forward is None:
+            c = self.conv
+            self._forward = _mkldnn._reorder_convolution_weight(
+                self._weight(), c.padding, c.stride, c.dilation, c.groups, x.shape)
+        return self._forward
+
+    def transposed_weight(self, grad: torch.Tensor, padding: list[int]) -> torch.Tensor:
+        if self._transposed is None:
+            c = self.conv
+            self._transposed = _mkldnn._reorder_convolution_transpose_weight(
+                self._weight(), c.padding, padding, c.stride, c.dilation, c.groups, grad.shape)
+        return self._transposed
+
+    def _weight(self) -> torch.Tensor:
+        return self.conv.weight.detach().to(self.dtype)
+
+
+class _Pack:
+    """The packed forward of one convolution: it computes in the dtype the plain one would,
+    autocast's where autocast is on (the input cast as autocast casts it), else the weight's,
+    with that dtype's layouts (one set per dtype met)."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        self.conv = conv
+        self._layouts: dict[torch.dtype, _Layouts] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = (torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+                 else self.conv.weight.dtype)
+        layouts = self._layouts.get(dtype)
+        if layouts is None:
+            layouts = self._layouts[dtype] = _Layouts(self.conv, dtype)
+        return _PackedConvolution.apply(x.to(dtype), layouts)
+
+
+def packable(module: nn.Module) -> bool:
+    """A plain ``nn.Conv2d`` (not a subclass, nor one with a forward of its own: either may
+    differ) with zero padding given as numbers, frozen weights in a packed dtype, on the CPU."""
+    return (type(module) is nn.Conv2d and "forward" not in module.__dict__
+            and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str) and module.weight.device.type == "cpu"
+            and module.weight.dtype in PACKED_DTYPES and not module.weight.requires_grad)
+
+
+@contextmanager
+def weights_packed(model: nn.Module, enabled: bool = True) -> Iterator[int]:
+    """For the duration, every :func:`packable` convolution of ``model`` runs with its weight
+    laid out for oneDNN once (at its first call) instead of on every call; yields how many
+    convolutions that is.  Enter inside :func:`advfast.engine.core.frozen` (and
+    ``weights_cast_once``): the packs copy the weights as they are then.  Each module's own
+    forward is back afterwards."""
+    replaced = [m for m in model.modules() if packable(m)] if enabled else []
+    for module in replaced:
+        module.forward = _Pack(module)
+    try:
+        yield len(replaced)
+    finally:
+        for module in replaced:
+            del module.forward

@@ -1,0 +1,218 @@
+"""``pack_weights``: each plain nn.Conv2d runs with its weight laid out for oneDNN once per call
+(engine.packing): the convolution and its input gradient against float64 truth, the packs made
+once, only plain convolutions touched and every module as it was afterwards, attacks that
+return what the plain model gives them, and one-line refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import advfast
+from advfast import cli
+from advfast.attacks import CarliniWagnerL2
+from advfast.engine import packing
+from advfast.engine.core import frozen
+from advfast.engine.packing import weights_packed
+from tests.fixtures import small_batch, small_model
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                reason="PyTorch without oneDNN")
+
+# (in, out, kernel, stride, padding, dilation, groups, bias, H, W): strided sizes that a window
+# does not reach to the end (an output padding back), grouped and depthwise, dilated, 1x1
+CONVOLUTIONS = [
+    (3, 8, 3, 1, 1, 1, 1, True, 9, 9),
+    (3, 8, 3, 2, 1, 1, 1, True, 10, 9),
+    (4, 6, 3, 2, 0, 1, 2, False, 11, 8),
+    (6, 6, 3, 1, 1, 1, 6, True, 7, 7),
+    (3, 5, 3, 1, 2, 2, 1, True, 9, 10),
+    (4, 7, 1, 2, 0, 1, 1, False, 9, 9),
+    (2, 4, (3, 2), (3, 1), (1, 0), 1, 1, True, 10, 7),
+]
+
+
+def _truth(conv: nn.Conv2d, x: torch.Tensor, up: torch.Tensor):
+    """The float64 convolution and input gradient of eager PyTorch (no oneDNN in float64)."""
+    x64 = x.double().requires_grad_(True)
+    bias = None if conv.bias is None else conv.bias.double()
+    y = F.conv2d(x64, conv.weight.double(), bias, conv.stride, conv.padding, conv.dilation,
+                 conv.groups)
+    (grad,) = torch.autograd.grad(y, x64, up.double())
+    return y.detach(), grad
+
+
+def _packed(conv: nn.Module, x: torch.Tensor, up: torch.Tensor):
+    x = x.clone().requires_grad_(True)
+    with weights_packed(conv) as count:
+        y = conv(x)
+        (grad,) = torch.autograd.grad(y, x, up)
+    assert count == 1
+    return y.detach(), grad
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("spec", CONVOLUTIONS)
+def test_the_convolution_and_its_input_gradient_match_float64(spec, channels_last):
+    cin, cout, k, stride, padding, dilation, groups, bias, h, w = spec
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, stride, padding, dilation, groups, bias).requires_grad_(False)
+    x = torch.randn(5, cin, h, w)
+    if channels_last:
+        conv, x = conv.to(memory_format=torch.channels_last), x.to(
+            memory_format=torch.channels_last)
+    up = torch.randn(F.conv2d(x, conv.weight, None, stride, padding, dilation, groups).shape)
+    want_y, want_grad = _truth(conv, x, up)
+    got_y, got_grad = _packed(conv, x, up)
+    assert got_y.dtype == got_grad.dtype == torch.float32
+    assert got_grad.shape == x.shape
+    for got, want in ((got_y, want_y), (got_grad, want_grad)):
+        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+class _Counting:
+    """torch.ops.mkldnn with its weight reorders counted."""
+
+    def __init__(self) -> None:
+        self.reorders = 0
+
+    def __getattr__(self, name: str):
+        op = getattr(torch.ops.mkldnn, name)
+        if not name.startswith("_reorder"):
+            return op
+
+        def counted(*args):
+            self.reorders += 1
+            return op(*args)
+        return counted
+
+
+def test_each_weight_is_laid_out_once_for_every_batch_size(monkeypatch):
+    counting = _Counting()
+    monkeypatch.setattr(packing, "_mkldnn", counting)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, 2))
+    model.requires_grad_(False)
+    with weights_packed(model):
+        for batch in (6, 2, 6, 1):
+            x = torch.rand(batch, 1, 9, 9, requires_grad=True)
+            (grad,) = torch.autograd.grad(model(x).sum(), x)
+            assert grad.shape == x.shape
+    assert counting.reorders == 4  # two convolutions, a forward and a transposed layout each
+
+
+class _Subclass(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_only_plain_frozen_conv2d_is_packed_and_every_forward_comes_back():
+    own = nn.Conv2d(1, 1, 1)
+    model = nn.ModuleList([nn.Conv2d(1, 1, 3), _Subclass(1, 1, 3),
+                           nn.Conv2d(1, 1, 3, padding="same"),
+                           nn.Conv2d(1, 1, 3, padding_mode="reflect"), nn.Conv1d(1, 1, 3),
+                           nn.Conv2d(1, 1, 3).double(), own, nn.Conv2d(1, 1, 3)])
+    model.requires_grad_(False)
+    model[-1].weight.requires_grad_(True)  # a weight being trained is left alone
+    # a module with a forward of its own keeps it
+
+    def mine(x):
+        return x
+    own.forward = mine
+    with pytest.raises(RuntimeError, match="inside"):
+        with weights_packed(model) as count:
+            replaced = [i for i, m in enumerate(model) if isinstance(m.forward, packing._Pack)]
+            raise RuntimeError("inside")
+    assert count == 1 and replaced == [0]
+    assert own.forward is mine
+    assert all("forward" not in m.__dict__ for m in model if m is not own)
+
+
+def test_an_attack_returns_what_the_plain_model_gives_it(monkeypatch):
+    counting = _Counting()
+    monkeypatch.setattr(packing, "_mkldnn", counting)
+    model = small_model()
+    x, target, source = small_batch(model, n=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for make in (lambda **kw: advfast.Attack(model, loss="ce", beta=0.5, iterations=6, **kw),
+                 lambda **kw: advfast.Attack(model, loss="ce", beta=0.5, iterations=30,
+                                             stop="flip", **kw),
+                 lambda **kw: CarliniWagnerL2(model, c=1.0, steps=20, binary_search_steps=2,
+                                              **kw)):
+        plain, packed = make()(x, target, source), make(pack_weights=True)(x, target, source)
+        assert (packed.adversarial - plain.adversarial).abs().max() <= 1e-5
+        assert torch.equal(packed.first_flip, plain.first_flip)
+        assert torch.equal(packed.steps, plain.steps)
+    assert counting.reorders == 3 * 2  # one convolution's two layouts, once per call
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_a_stream_packs_too(monkeypatch):
+    counting = _Counting()
+    monkeypatch.setattr(packing, "_mkldnn", counting)
+    model = small_model()
+    x, target, source = small_batch(model, n=5)
+    attack = advfast.Attack(model, loss="ce", beta=0.5, iterations=10, stop="flip",
+                            pack_weights=True)
+    given = [(x, target, source, torch.arange(5))]
+    groups = list(attack.stream(lambda k: given.pop() if given else None, capacity=3))
+    assert sum(len(g.key) for g in groups) == 5 and counting.reorders == 2
+
+
+def test_under_bf16_the_packs_compute_as_autocast():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, padding=1).requires_grad_(False)
+    x = torch.rand(4, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = conv(x)
+        with weights_packed(conv):
+            got = conv(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    truth = _truth(conv, x, torch.ones(want.shape))[0]
+    # both within bf16's rounding of the inputs and weights of the float64 truth
+    for y in (got, want):
+        assert (y.double() - truth).abs().max() <= 2e-2 * truth.abs().max()
+    assert conv.weight.dtype == torch.float32
+
+
+def test_a_call_outside_autocast_after_one_inside_stays_float32():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3).requires_grad_(False)
+    x = torch.rand(2, 3, 6, 6)
+    with weights_packed(conv):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert conv(x).dtype == torch.bfloat16
+        y = conv(x)
+    truth = _truth(conv, x, torch.ones(2, 4, 4, 4))[0]
+    assert y.dtype == torch.float32 and (y.double() - truth).abs().max() <= 1e-5 * truth.abs().max()
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(compile="aot_eager"), "eager calls"),
+    (dict(amp="fp16"), "float32 or bf16"),
+])
+def test_refused_where_it_cannot_apply(kw, message):
+    with pytest.raises(ValueError, match=message):
+        advfast.Attack(small_model(), beta=0.1, pack_weights=True, **kw)
+
+
+def test_refused_off_the_cpu():
+    with pytest.raises(ValueError, match="on the CPU"):
+        advfast.Attack(small_model().to("meta"), beta=0.1, pack_weights=True)
+
+
+def test_the_command_line_passes_it_on(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--iterations", "2", "--repeats", "1", "--batch-size", "4",
+                     "--pack-weights", "--peers", "none", "--quiet", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["pack_weights"] is True
+    assert "floor, fp32 eager" in report["results"][0]["configs"]
+    assert cli.main(["attack", "--model", "digits", "--n", "3", "--iterations", "5",
+                     "--pack-weights", "--out", str(tmp_path / "a"), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["config"]["pack_weights"] is True and summary["n"] == 3
