@@ -16,7 +16,7 @@ import advfast
 from advfast import cli
 from advfast.attacks import CarliniWagnerL2
 from advfast.engine import packing
-from advfast.engine.core import frozen
+from advfast.engine.core import weights_cast_once
 from advfast.engine.packing import weights_packed
 from tests.fixtures import small_batch, small_model
 
@@ -66,6 +66,8 @@ def test_the_convolution_and_its_input_gradient_match_float64(spec, channels_las
         conv, x = conv.to(memory_format=torch.channels_last), x.to(
             memory_format=torch.channels_last)
     up = torch.randn(F.conv2d(x, conv.weight, None, stride, padding, dilation, groups).shape)
+    if channels_last:  # the gradient arriving in the layout the next layer gives it
+        up = up.to(memory_format=torch.channels_last)
     want_y, want_grad = _truth(conv, x, up)
     got_y, got_grad = _packed(conv, x, up)
     assert got_y.dtype == got_grad.dtype == torch.float32
@@ -102,6 +104,40 @@ def test_each_weight_is_laid_out_once_for_every_batch_size(monkeypatch):
             (grad,) = torch.autograd.grad(model(x).sum(), x)
             assert grad.shape == x.shape
     assert counting.reorders == 4  # two convolutions, a forward and a transposed layout each
+
+
+def test_one_module_called_at_two_image_sizes_is_right_at_both():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1).requires_grad_(False)
+    with weights_packed(conv):
+        for h, w in ((16, 16), (15, 13), (16, 16)):
+            x = torch.randn(2, 2, h, w)
+            up = torch.randn(F.conv2d(x, conv.weight, None, 2, 1).shape)
+            x_ = x.clone().requires_grad_(True)
+            y = conv(x_)
+            (grad,) = torch.autograd.grad(y, x_, up)
+            want_y, want_grad = _truth(conv, x, up)
+            assert (y.double() - want_y).abs().max() <= 1e-5 * want_y.abs().max()
+            assert (grad.double() - want_grad).abs().max() <= 1e-5 * want_grad.abs().max()
+
+
+def test_what_the_packs_are_not_for_goes_the_plain_way():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3).requires_grad_(False)
+    image = torch.rand(2, 6, 6)  # unbatched, as nn.Conv2d takes it
+    with weights_packed(conv):
+        assert torch.equal(conv(image), nn.Conv2d.forward(conv, image))
+        with pytest.raises(RuntimeError):  # float64 against float32 weights, as plain
+            conv(image.double()[None])
+
+
+def test_a_second_derivative_is_refused_not_zero():
+    conv = nn.Conv2d(1, 1, 3).requires_grad_(False)
+    x = torch.rand(1, 1, 5, 5, requires_grad=True)
+    with weights_packed(conv):
+        (grad,) = torch.autograd.grad((conv(x) ** 2).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError):  # not a silent zero
+            torch.autograd.grad(grad.sum(), x)
 
 
 class _Subclass(nn.Conv2d):
@@ -158,25 +194,43 @@ def test_a_stream_packs_too(monkeypatch):
     x, target, source = small_batch(model, n=5)
     attack = advfast.Attack(model, loss="ce", beta=0.5, iterations=10, stop="flip",
                             pack_weights=True)
-    given = [(x, target, source, torch.arange(5))]
-    groups = list(attack.stream(lambda k: given.pop() if given else None, capacity=3))
-    assert sum(len(g.key) for g in groups) == 5 and counting.reorders == 2
+    results = []
+    for pack in (True, False):
+        attack.pack_weights = pack
+        given = [(x, target, source, torch.arange(5))]
+        groups = list(attack.stream(lambda k: given.pop() if given else None, capacity=3))
+        order = torch.argsort(torch.cat([g.key for g in groups]))
+        results.append((torch.cat([g.adversarial for g in groups])[order],
+                        torch.cat([g.steps for g in groups])[order]))
+    assert counting.reorders == 2  # the packed stream's, once for all its batches
+    assert (results[0][0] - results[1][0]).abs().max() <= 1e-5
+    assert torch.equal(results[0][1], results[1][1])
 
 
-def test_under_bf16_the_packs_compute_as_autocast():
-    torch.manual_seed(0)
-    conv = nn.Conv2d(3, 8, 3, padding=1).requires_grad_(False)
-    x = torch.rand(4, 3, 8, 8)
+def _bf16_call(model, x):
+    x = x.clone().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        want = conv(x)
-        with weights_packed(conv):
-            got = conv(x)
-    assert got.dtype == want.dtype == torch.bfloat16
-    truth = _truth(conv, x, torch.ones(want.shape))[0]
-    # both within bf16's rounding of the inputs and weights of the float64 truth
-    for y in (got, want):
-        assert (y.double() - truth).abs().max() <= 2e-2 * truth.abs().max()
-    assert conv.weight.dtype == torch.float32
+        y = model(x)
+    (grad,) = torch.autograd.grad(y.float().sum(), x)
+    return y.detach(), grad
+
+
+@pytest.mark.parametrize("cast_once", [False, True])
+def test_under_bf16_the_packs_compute_as_autocast(cast_once, monkeypatch):
+    counting = _Counting()
+    monkeypatch.setattr(packing, "_mkldnn", counting)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, 2))
+    model.requires_grad_(False)
+    x = torch.rand(4, 3, 9, 9)
+    want = _bf16_call(model, x)
+    with weights_cast_once(model, "bf16" if cast_once else None), weights_packed(model):
+        got = _bf16_call(model, x)
+    assert got[0].dtype == want[0].dtype == torch.bfloat16
+    assert counting.reorders == 4  # both packed, the second on the first one's bf16 output
+    for g, w in zip(got, want):  # the same bf16 maths (kernels may round differently)
+        assert (g.float() - w.float()).abs().max() <= 1e-2 * w.float().abs().max()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 def test_a_call_outside_autocast_after_one_inside_stays_float32():

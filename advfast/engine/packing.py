@@ -60,6 +60,7 @@ class _PackedConvolution(torch.autograd.Function):
                                               conv.groups, "none", [], "")
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # oneDNN's ops have no derivative: say so
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         pack, conv = ctx.pack, ctx.pack.conv
         padding = output_padding(conv, ctx.input_size, grad.shape[2:])
@@ -125,8 +126,13 @@ class _Pack:
         self._layouts: dict[torch.dtype, _Layouts] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = (torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
-                 else self.conv.weight.dtype)
+        autocasting = torch.is_autocast_enabled("cpu")
+        dtype = torch.get_autocast_dtype("cpu") if autocasting else self.conv.weight.dtype
+        # what the packs are not for goes the plain way, which treats (or refuses) it as
+        # before: an unbatched image, another input dtype than the float32 autocast casts or
+        # the one the convolution computes in
+        if x.dim() != 4 or x.dtype not in ((torch.float32, dtype) if autocasting else (dtype,)):
+            return nn.Conv2d.forward(self.conv, x)
         layouts = self._layouts.get(dtype)
         if layouts is None:
             layouts = self._layouts[dtype] = _Layouts(self.conv, dtype)
