@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from advfast import ops
-from advfast.engine.rows import Rows
+from advfast.engine.rows import Rows, memory_format_of
 from advfast.engine.timing import PhaseTimer
 from advfast.errors import InvalidValue
 
@@ -251,7 +251,7 @@ def frozen(model: nn.Module, channels_last: bool = False) -> Iterator[nn.Module]
     flags and the memory format of its parameters are restored afterwards."""
     was_training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    layouts = [(t, _memory_format(t)) for t in (*model.parameters(), *model.buffers())]
+    layouts = [(t, memory_format_of(t)) for t in (*model.parameters(), *model.buffers())]
     model.eval()
     model.requires_grad_(False)
     if channels_last:
@@ -302,13 +302,6 @@ def weights_cast_once(model: nn.Module, amp: str | None) -> Iterator[nn.Module]:
     finally:
         for p, data in kept:
             p.data = data
-
-
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
-            and not t.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def norms_of(delta: torch.Tensor) -> torch.Tensor:

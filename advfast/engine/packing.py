@@ -25,6 +25,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from advfast.engine.rows import memory_format_of
 from advfast.errors import InvalidValue
 
 _mkldnn = torch.ops.mkldnn
@@ -65,9 +66,10 @@ class _PackedConvolution(torch.autograd.Function):
         pack, conv = ctx.pack, ctx.pack.conv
         padding = output_padding(conv, ctx.input_size, grad.shape[2:])
         weight = pack.transposed_weight(grad, padding)
+        grad = grad.contiguous(memory_format=memory_format_of(grad))
         x_grad = _mkldnn._convolution_transpose_pointwise(
-            grad.contiguous(memory_format=_layout(grad)), weight, None, conv.padding, padding,
-            conv.stride, conv.dilation, conv.groups, "none", [], "")
+            grad, weight, None, conv.padding, padding, conv.stride, conv.dilation, conv.groups,
+            "none", [], "")
         return x_grad, None
 
 
@@ -78,13 +80,6 @@ def output_padding(conv: nn.Conv2d, input_size: torch.Size,
     return [input_size[i] - ((output_size[i] - 1) * conv.stride[i] - 2 * conv.padding[i]
                              + conv.dilation[i] * (conv.kernel_size[i] - 1) + 1)
             for i in range(2)]
-
-
-def _layout(t: torch.Tensor) -> torch.memory_format:
-    if t.dim() == 4 and not t.is_contiguous() \
-            and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 class _Layouts:

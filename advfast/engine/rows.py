@@ -26,20 +26,21 @@ class State:
     def take(self, index: torch.Tensor, like: torch.Tensor):
         """The record of the rows at ``index`` [K] int64; image-shaped fields (the shape of
         ``like`` past the batch) in ``like``'s memory format."""
-        layout = _layout_of(like)
+        layout = memory_format_of(like)
         return type(self)(**{f.name: _take(getattr(self, f.name), index, like, layout)
                              for f in dataclasses.fields(self)})
 
     def cat(self, other, like: torch.Tensor):
         """This record's rows followed by ``other``'s (the same type)."""
-        layout = _layout_of(like)
+        layout = memory_format_of(like)
         return type(self)(**{f.name: _cat(getattr(self, f.name), getattr(other, f.name), like,
                                           layout) for f in dataclasses.fields(self)})
 
 
-def _layout_of(like: torch.Tensor) -> torch.memory_format:
-    channels_last = like.dim() == 4 and not like.is_contiguous() \
-        and like.is_contiguous(memory_format=torch.channels_last)
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor laid out so (and not also contiguous), else contiguous."""
+    channels_last = t.dim() == 4 and not t.is_contiguous() \
+        and t.is_contiguous(memory_format=torch.channels_last)
     return torch.channels_last if channels_last else torch.contiguous_format
 
 

@@ -351,7 +351,8 @@ def format_results(report: dict) -> str:
                  "own per-iteration time (timing.per_iteration_ms); own work: loss head and "
                  "update (everything but the model's forward and backward); vs fp32 floor: "
                  "against a bare fp32 eager forward + backward in contiguous format (with "
-                 "--amp, --channels-last or --pack-weights, the speed-up over what runs without them).")
+                 "--amp, --channels-last or --pack-weights, the speed-up over what runs "
+                 "without them).")
     return "\n".join(lines)
 
 
