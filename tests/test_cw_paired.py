@@ -67,3 +67,24 @@ def test_every_advfast_configuration_runs_once_per_precision_and_cadence(monkeyp
         (None, None, 1, True, 4), ("bf16", True, 8, False, 10), ("bf16", True, 8, True, 4),
         ("bf16", True, 1, False, 10), ("bf16", True, 1, True, 4)]
     assert list(runs)[-1] == "foolbox"
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+def test_the_replay_records_each_call_and_makes_the_same_calls_again():
+    from cw_replay import recorded, replay_seconds
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 5)).eval().requires_grad_(False)
+
+    def run():
+        x = torch.rand(3, 3, 8, 8, requires_grad=True)
+        torch.autograd.grad(model(x).sum(), x)
+        with torch.no_grad():
+            model(torch.rand(2, 3, 8, 8))
+
+    calls = recorded(model, run)
+    assert calls == [(3, True), (2, False)]
+    model(torch.rand(1, 3, 8, 8))  # the hook is gone
+    assert len(calls) == 2
+    again = recorded(model, lambda: replay_seconds(model, calls, (3, 8, 8)))
+    assert again[-2:] == calls  # after one warm call per size, the same calls in order
+    assert all("forward" not in m.__dict__ for m in model.modules())
