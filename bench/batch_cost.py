@@ -194,7 +194,8 @@ def onednn_reorder_share(model: torch.nn.Module, x: torch.Tensor) -> tuple[float
     return total, reorders / total if total else 0.0
 
 
-def main() -> int:
+def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The command line, checked; the parser too, for errors found after parsing."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet18",
                         help="digits, mnist or a torchvision classifier (random weights)")
@@ -222,6 +223,11 @@ def main() -> int:
         parser.error("--amp and --pack-weights: one at a time")
     if len(set(args.sizes)) < 2:
         parser.error("--sizes: at least two different batch sizes to fit a line through")
+    return parser, args
+
+
+def main() -> int:
+    parser, args = parse_args()
     torch.set_num_threads(1)
     try:
         model = models.load(args.model, device=torch.device("cpu")).eval().requires_grad_(False)
