@@ -257,7 +257,7 @@ def attack_params(args: argparse.Namespace) -> dict:
 
 
 # Why --compile on a CPU is not the default: measured in advfast bench (docs/benchmarks.md).
-CPU_COMPILE_NOTE = ("note: torch.compile on the CPU ran 1.3-1.9x the eager floor for the models "
+CPU_COMPILE_NOTE = ("note: torch.compile on the CPU ran 1.3-1.8x the eager floor for the models "
                     "measured (inductor's convolution backward is slower than oneDNN's), "
                     "which is why eager is the default; compiling as asked ("
                     "'advfast bench --compile none {mode}' measures your model)")
