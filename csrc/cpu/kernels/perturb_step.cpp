@@ -1,8 +1,9 @@
 // CPU fused step, one translation unit compiled once per capability (kernels.h): P = sign(grad)
 // or grad -> per-sample scale -> box clip -> eps ball, plus the L1/L2/Linf of x - x0 and the L1
 // the step added, in one pass over x and x0 (and a first pass over grad for sum|P| in the
-// equal perturbation rule).  exact_l1: the exact equal perturbation of advfast_math.h, read-only
-// passes for Newton's method on the scale, then one update pass.
+// equal perturbation rule, per sample just before its update where that idles no thread).
+// exact_l1: the exact equal perturbation of advfast_math.h, read-only passes for Newton's method
+// on the scale, then one update pass.
 // Work is split into fixed chunks of every sample (sample_chunks.h), so results do not depend
 // on the thread count; lanes of partial sums let the compiler vectorise the reductions.  The
 // AVX512 copy runs float gradients through perturb_step_avx512.h's intrinsics instead: the same
@@ -100,40 +101,78 @@ Partial update_chunk_dispatch(float* x, const g_t* g, const float* x0, int64_t n
                  : update_chunk<SIGN, false, false, SUM_P>(x, g, x0, n, st, p_l1, lo, hi, eps);
 }
 
+// One chunk of the step for sample b under its sum|P| (used by the equal perturbation rule).
+template <bool SIGN, typename g_t>
+Partial step_chunk(const g_t* g, const StepArgs& a, int64_t begin, int64_t n, float p_l1) {
+  const StepScale st = step_scale(a.equal_perturbation, a.alpha, a.beta, p_l1);
+  float* x = a.x + begin;
+  const float* x0 = a.x0 + begin;
+  return a.equal_perturbation
+             ? update_chunk_dispatch<SIGN, false>(x, g + begin, x0, n, st, p_l1, a.lo, a.hi,
+                                                  a.use_eps, a.eps)
+             : update_chunk_dispatch<SIGN, true>(x, g + begin, x0, n, st, p_l1, a.lo, a.hi,
+                                                 a.use_eps, a.eps);
+}
+
+// sum|P| of every active sample, chunk by chunk in parallel, then combined in order.
+template <bool SIGN, typename g_t>
+void sample_abs_sums(const g_t* g, const StepArgs& a, int64_t chunks, Partial* partial,
+                     float* p_l1) {
+  at::parallel_for(0, a.B * chunks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      int64_t b, begin, n;
+      chunk_range(task, chunks, a.N, &b, &begin, &n);
+      partial[task].v[kPL1] =
+          (a.active == nullptr || a.active[b]) ? abs_sum<SIGN>(g + begin, n) : 0.f;
+    }
+  });
+  for (int64_t b = 0; b < a.B; ++b) {
+    for (int64_t k = 0; k < chunks; ++k) p_l1[b] += partial[b * chunks + k].v[kPL1];
+  }
+}
+
+// The equal perturbation rule one sample per task: its sum|P| chunk by chunk, then its update,
+// back to back, so that the update reads the gradient from cache instead of a second time from
+// memory.  The same operations on the same values, in the same order, as the two parallel passes.
+template <bool SIGN, typename g_t>
+void per_sample_steps(const g_t* g, const StepArgs& a, int64_t chunks, Partial* partial,
+                      float* p_l1) {
+  at::parallel_for(0, a.B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const bool active = a.active == nullptr || a.active[b];
+      for (int64_t k = 0; active && k < chunks; ++k) {
+        int64_t sample, begin, n;
+        chunk_range(b * chunks + k, chunks, a.N, &sample, &begin, &n);
+        p_l1[b] += abs_sum<SIGN>(g + begin, n);
+      }
+      for (int64_t k = 0; k < chunks; ++k) {
+        int64_t sample, begin, n;
+        chunk_range(b * chunks + k, chunks, a.N, &sample, &begin, &n);
+        partial[b * chunks + k] = active ? step_chunk<SIGN>(g, a, begin, n, p_l1[b])
+                                         : delta_chunk(a.x + begin, a.x0 + begin, n);
+      }
+    }
+  });
+}
+
 template <bool SIGN, typename g_t>
 void perturb_step_rows(const g_t* g, const StepArgs& a) {
-  const int64_t B = a.B, N = a.N;
-  float* x = a.x;
-  const float* x0 = a.x0;
-  const bool* active = a.active;
-  const int64_t chunks = (N + kChunk - 1) / kChunk;
-  std::vector<Partial> partial(B * chunks);
-  std::vector<float> p_l1(B, 0.f);
-  if (a.equal_perturbation) {
-    at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t task = t0; task < t1; ++task) {
-        int64_t b, begin, n;
-        chunk_range(task, chunks, N, &b, &begin, &n);
-        partial[task].v[kPL1] =
-            (active == nullptr || active[b]) ? abs_sum<SIGN>(g + begin, n) : 0.f;
-      }
-    });
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t k = 0; k < chunks; ++k) p_l1[b] += partial[b * chunks + k].v[kPL1];
-    }
+  const int64_t chunks = (a.N + kChunk - 1) / kChunk;
+  std::vector<Partial> partial(a.B * chunks);
+  std::vector<float> p_l1(a.B, 0.f);
+  // One task per sample when that leaves no thread idle (or a sample is a single chunk anyway).
+  if (a.equal_perturbation && (chunks == 1 || a.B >= at::get_num_threads())) {
+    per_sample_steps<SIGN>(g, a, chunks, partial.data(), p_l1.data());
+  } else {
+    if (a.equal_perturbation) sample_abs_sums<SIGN>(g, a, chunks, partial.data(), p_l1.data());
+    update_chunks(a.B, a.N, chunks, a.active, a.x, a.x0, partial.data(),
+                  [&](int64_t b, int64_t begin, int64_t n) {
+                    return step_chunk<SIGN>(g, a, begin, n, p_l1[b]);
+                  });
   }
-  update_chunks(B, N, chunks, active, x, x0, partial.data(), [&](int64_t b, int64_t begin,
-                                                                 int64_t n) {
-    const StepScale st = step_scale(a.equal_perturbation, a.alpha, a.beta, p_l1[b]);
-    return a.equal_perturbation
-               ? update_chunk_dispatch<SIGN, false>(x + begin, g + begin, x0 + begin, n, st,
-                                                    p_l1[b], a.lo, a.hi, a.use_eps, a.eps)
-               : update_chunk_dispatch<SIGN, true>(x + begin, g + begin, x0 + begin, n, st,
-                                                   p_l1[b], a.lo, a.hi, a.use_eps, a.eps);
-  });
-  combine_chunks(partial.data(), B, chunks, a.stats);
+  combine_chunks(partial.data(), a.B, chunks, a.stats);
   if (a.equal_perturbation) {
-    for (int64_t b = 0; b < B; ++b) a.stats[b * kStepStats + kPL1] = p_l1[b];
+    for (int64_t b = 0; b < a.B; ++b) a.stats[b * kStepStats + kPL1] = p_l1[b];
   }
 }
 
