@@ -47,13 +47,14 @@ step() {
 
 # Step limits in seconds.  CUDA mode (16 cores and an H200): they add up to 475 s, so the whole
 # check stays under 8 minutes by construction.  CPU mode (2 cores, the whole build from
-# scratch, tiny sizes): generous, it runs in CI.
+# scratch, tiny sizes): generous, it runs in CI; the build took 272 s on a quiet machine and
+# ran past 420 s in a rehearsal where the whole CI ran 1.6x slower, hence 900.
 declare -A limit
 if [ "$mode" = "cuda" ]; then
   limit=([environment]=15 [build]=120 [backend]=15 [tests]=80 [bench_resnet50]=70 [bench_ops]=30
          [bench_digits]=60 [bench_attacks]=30 [bench_generate]=20 [bench_precision]=15 [nsys]=20)
 else
-  limit=([environment]=60 [build]=420 [backend]=60 [tests]=300 [bench_resnet50]=240 [bench_ops]=120
+  limit=([environment]=60 [build]=900 [backend]=60 [tests]=300 [bench_resnet50]=240 [bench_ops]=120
          [bench_digits]=120 [bench_attacks]=240 [bench_generate]=120 [bench_precision]=180 [nsys]=60)
 fi
 
