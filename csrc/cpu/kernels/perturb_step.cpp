@@ -101,7 +101,8 @@ Partial update_chunk_dispatch(float* x, const g_t* g, const float* x0, int64_t n
                  : update_chunk<SIGN, false, false, SUM_P>(x, g, x0, n, st, p_l1, lo, hi, eps);
 }
 
-// One chunk of the step for sample b under its sum|P| (used by the equal perturbation rule).
+// One chunk of the step, [begin, begin + n), under its sample's sum|P| (read by the equal
+// perturbation rule only).
 template <bool SIGN, typename g_t>
 Partial step_chunk(const g_t* g, const StepArgs& a, int64_t begin, int64_t n, float p_l1) {
   const StepScale st = step_scale(a.equal_perturbation, a.alpha, a.beta, p_l1);
