@@ -16,6 +16,7 @@ its conv weights packed once, as ``pack_weights`` does (``engine.packing``), and
 
     python bench/batch_cost.py [--model resnet18] [--size 32] [--sizes 1 2 4 8 16]
                                [--repeats 5] [--onednn] [--amp bf16 | --pack-weights]
+                               [--pack-weights --one-position [--amp bf16]]
                                [--channels-last] [--json out.json]
 """
 
@@ -32,6 +33,7 @@ from contextlib import nullcontext
 import torch
 
 from advfast.engine.core import autocast, weights_cast_once
+from advfast.engine import packing
 from advfast.engine.packing import weights_packed
 from advfast.errors import UserError
 from advfast.io import models
@@ -117,6 +119,41 @@ def packed_gain(model: torch.nn.Module, image_shape: tuple[int, ...], sizes: lis
                 call_seconds(model, inputs[n], True)
                 kept.append(fastest(model, inputs[n], True))
     return {n: (statistics.median(a), statistics.median(b)) for n, (a, b) in times.items()}
+
+
+def one_position_gain(model: torch.nn.Module, image_shape: tuple[int, ...], sizes: list[int],
+                      repeats: int, channels_last: bool = False,
+                      amp: str | None = None) -> dict[int, tuple[float, float]]:
+    """Batch size -> (seconds of a packed call without the one-position product, seconds
+    with it): the packs as ``pack_weights`` makes them, once with ``packing.single_window``
+    answering None for every convolution (each then runs as a packed convolution) and once as
+    it is, in turn; under ``amp`` with the weights cast once, as the attacks run; medians of
+    ``repeats`` of the fastest of three, the call that makes the packs not timed."""
+    inputs = batches(image_shape, sizes, channels_last)
+    times: dict[int, tuple[list[float], list[float]]] = {n: ([], []) for n in sizes}
+    window = packing.single_window
+    try:
+        for _ in range(repeats):
+            for n in sizes:
+                for kept, rule in zip(times[n], (lambda *_: None, window)):
+                    packing.single_window = rule
+                    with weights_cast_once(model, amp), weights_packed(model):
+                        call_seconds(model, inputs[n], True, amp)
+                        kept.append(fastest(model, inputs[n], True, amp))
+    finally:
+        packing.single_window = window
+    return {n: (statistics.median(a), statistics.median(b)) for n, (a, b) in times.items()}
+
+
+def _print_one_position(model: torch.nn.Module, shape: tuple[int, ...], args) -> dict:
+    gains = one_position_gain(model, shape, args.sizes, args.repeats, args.channels_last,
+                              args.amp)
+    print(f"packed, {args.amp or 'float32'}{', channels_last' if args.channels_last else ''}: "
+          "without / with the one-position product")
+    for n, (without, with_) in gains.items():
+        print(f"  batch {n}: {without * 1e3:.1f} / {with_ * 1e3:.1f} ms "
+              f"({without / with_:.2f}x)")
+    return {"amp": args.amp, "channels_last": args.channels_last, "seconds": gains}
 
 
 def _print_packed(model: torch.nn.Module, shape: tuple[int, ...], args) -> dict:
@@ -210,6 +247,10 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser.add_argument("--pack-weights", action="store_true",
                         help="also time float32 calls with the conv weights packed once, as "
                              "pack_weights does, against the plain model")
+    parser.add_argument("--one-position", action="store_true",
+                        help="with --pack-weights: also time the packed calls without and "
+                             "with the one-position product (in float32, or under --amp bf16 "
+                             "with the weights cast once)")
     parser.add_argument("--channels-last", action="store_true",
                         help="with --amp or --pack-weights: the model and inputs in "
                              "channels_last")
@@ -219,8 +260,11 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
         parser.error("--sizes, --size: at least 1")
     if args.channels_last and not (args.amp or args.pack_weights):
         parser.error("--channels-last: only with --amp or --pack-weights")
-    if args.amp and args.pack_weights:
-        parser.error("--amp and --pack-weights: one at a time")
+    if args.one_position and not args.pack_weights:
+        parser.error("--one-position: only with --pack-weights")
+    if args.amp and args.pack_weights and not (args.one_position and args.amp == "bf16"):
+        parser.error("--amp and --pack-weights: one at a time (both: only --amp bf16 with "
+                     "--one-position)")
     if len(set(args.sizes)) < 2:
         parser.error("--sizes: at least two different batch sizes to fit a line through")
     return parser, args
@@ -247,7 +291,7 @@ def main() -> int:
             line += f"; oneDNN {total:.1f} ms, {share:.0%} of it reorders"
         print(line)
     print(f"  fit: {fixed * 1e3:.1f} ms a call + {per_row * 1e3:.2f} ms a row")
-    if args.amp:
+    if args.amp and not args.pack_weights:
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
         report["amp"] = {"amp": args.amp, "channels_last": args.channels_last,
@@ -257,8 +301,12 @@ def main() -> int:
               "casting each call / weights cast once")
         for n, (each, once) in report["amp"]["seconds"].items():
             print(f"  batch {n}: {each * 1e3:.1f} / {once * 1e3:.1f} ms ({each / once:.2f}x)")
-    if args.pack_weights:
+    if args.pack_weights and not args.amp:
         report["packed"] = _print_packed(model, shape, args)
+    if args.one_position:
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
+        report["one_position"] = _print_one_position(model, shape, args)
     if args.json:
         write_json(args.json, report)  # strict JSON, written durably
     return 0

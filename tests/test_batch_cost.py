@@ -10,6 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 from batch_cost import (Counter, cast_once_gain, fit, onednn_reorder_share,  # noqa: E402
                         packed_gain)
+import batch_cost  # noqa: E402
 from cw_paired import predicted_seconds  # noqa: E402
 
 
@@ -65,4 +66,23 @@ def test_the_packed_timing_leaves_every_forward_as_it_was():
                                 torch.nn.Linear(4 * 6 * 6, 5)).eval().requires_grad_(False)
     times = packed_gain(model, (3, 8, 8), [1, 3], 1)
     assert sorted(times) == [1, 3] and all(a > 0 and b > 0 for a, b in times.values())
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+def test_the_one_position_timing_takes_both_paths_and_puts_the_rule_back(monkeypatch):
+    from advfast.engine import packing
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, 2, 1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 5)).eval().requires_grad_(False)
+    rule, answers = packing.single_window, []
+
+    def watched(*args):
+        answers.append(rule(*args))
+        return answers[-1]
+    monkeypatch.setattr(packing, "single_window", watched)
+    times = batch_cost.one_position_gain(model, (3, 2, 2), [1, 3], 1, amp="bf16")
+    assert sorted(times) == [1, 3] and all(a > 0 and b > 0 for a, b in times.values())
+    assert packing.single_window is watched  # put back, also after the timed calls
+    assert answers and all(a == (2, 2) for a in answers)  # the product timed, its input whole
+    assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all("forward" not in m.__dict__ for m in model.modules())

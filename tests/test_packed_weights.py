@@ -5,6 +5,7 @@ return what the plain model gives them, and one-line refusals."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -33,6 +34,11 @@ CONVOLUTIONS = [
     (3, 5, 3, 1, 2, 2, 1, True, 9, 10),
     (4, 7, 1, 2, 0, 1, 1, False, 9, 9),
     (2, 4, (3, 2), (3, 1), (1, 0), 1, 1, True, 10, 7),
+    # one output position: a linear map of the window its taps read (single_window)
+    (8, 5, 3, 1, 1, 1, 1, True, 1, 1),  # ResNet-18's last stage at 32x32 images
+    (6, 5, 3, 2, 1, 1, 1, False, 2, 2),  # its strided first convolution there
+    (4, 6, 3, 3, 1, 1, 1, True, 3, 3),  # a window smaller than the input
+    (3, 4, (3, 2), (2, 3), (1, 0), 1, 1, True, 2, 4),
 ]
 
 
@@ -74,6 +80,66 @@ def test_the_convolution_and_its_input_gradient_match_float64(spec, channels_las
     assert got_grad.shape == x.shape
     for got, want in ((got_y, want_y), (got_grad, want_grad)):
         assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def _live_taps(conv: nn.Conv2d, size: tuple[int, int]) -> tuple[torch.Size, torch.Tensor]:
+    """The output's spatial size and which kernel taps read the input, not its padding: the
+    taps where the gradient of the summed output w.r.t. the weight is non-zero on an all-ones
+    input (autograd's convolution, not single_window's arithmetic)."""
+    weight = conv.weight.detach().double().requires_grad_(True)
+    y = F.conv2d(torch.ones(1, conv.in_channels, *size, dtype=torch.float64), weight, None,
+                 conv.stride, conv.padding, conv.dilation, conv.groups)
+    (grad,) = torch.autograd.grad(y.sum(), weight)
+    return y.shape[2:], grad[0, 0] != 0
+
+
+@pytest.mark.parametrize("groups,dilation", [(1, 1), (2, 1), (1, 2)])
+def test_the_window_is_where_the_one_output_position_reads(groups, dilation):
+    checked = 0
+    for k, stride, padding in ((1, 1, 0), (3, 1, 1), (3, 2, 1), (3, 3, 0), (2, 2, 1), (3, 1, 3),
+                               (5, 4, 2), (7, 2, 3)):
+        conv = nn.Conv2d(2, 2, k, stride, padding, dilation, groups).requires_grad_(False)
+        for size in itertools.product(range(1, 9), repeat=2):
+            if any(n + 2 * padding < dilation * (k - 1) + 1 for n in size):
+                continue  # no output at all
+            out, live = _live_taps(conv, size)
+            window = packing.single_window(conv, torch.Size(size))
+            one = tuple(out) == (1, 1) and groups == 1 and dilation == 1 and live.any()
+            assert (window is not None) == bool(one), (k, stride, padding, size)
+            if window is not None:
+                taps = torch.zeros_like(live)
+                taps[padding:padding + window[0], padding:padding + window[1]] = True
+                assert torch.equal(taps, live), (k, stride, padding, size, window)
+                checked += 1
+    assert checked > 0 or groups != 1 or dilation != 1
+
+
+def test_a_one_position_convolution_is_a_product_of_its_window_not_a_pack(monkeypatch):
+    counting = _Counting()
+    monkeypatch.setattr(packing, "_mkldnn", counting)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 4, 3, 1, 1))
+    model.requires_grad_(False)
+    x = torch.rand(5, 3, 2, 2)  # 1x1 after the first convolution: both are one position
+    want = model(x)
+    with weights_packed(model):
+        got = model(x)
+    assert counting.reorders == 0
+    assert got.shape == want.shape == (5, 4, 1, 1)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_a_one_position_product_gives_the_gradient_in_the_input_layout(layout):
+    # a 2x2 input read whole: its gradient in another layout than the model's would send
+    # every layer before it down oneDNN's converting paths
+    conv = nn.Conv2d(4, 3, 3, 2, 1).requires_grad_(False).to(memory_format=layout)
+    x = torch.rand(2, 4, 2, 2).contiguous(memory_format=layout).requires_grad_(True)
+    with weights_packed(conv):
+        (grad,) = torch.autograd.grad(conv(x).sum(), x)
+    assert grad.is_contiguous(memory_format=layout)
+    assert not grad.is_contiguous(memory_format=({torch.channels_last, torch.contiguous_format}
+                                                 - {layout}).pop())
 
 
 class _Counting:

@@ -166,8 +166,9 @@ RUN_OPTIONS: dict[str, dict] = {
                                "--amp bf16 the fast layout for CPU convolutions"),
     "pack_weights": dict(action="store_true",
                          help="CPU, eager: lay each conv weight out for oneDNN once per call, "
-                              "not on every model call (faster at small batches; float32 "
-                              "rounding, not the plain model's bits)"),
+                              "not on every model call, and a conv with one output position as "
+                              "one matrix product (faster at small batches and small maps; "
+                              "float32 rounding, not the plain model's bits)"),
     "compile": dict(choices=[m for m in COMPILE_MODES if m],
                     help="torch.compile the model's forward with the loss head (None: eager; "
                          "reduce-overhead: CUDA graphs on GPUs)"),

@@ -10,6 +10,13 @@ convolution and one for the input gradient, which is the transposed convolution 
 gradient with the same weight (``mkldnn._convolution_transpose_pointwise``).  Only the input
 gradient exists: the weights are frozen (:func:`advfast.engine.core.frozen`).
 
+Where a convolution has one output position for its input (:func:`single_window`: ResNet's
+last stage on 32x32 images, where a 3x3 kernel meets a 1x1 or 2x2 map) the taps outside the
+input read only zero padding, and the convolution is one matrix product of the window its
+other taps read (no pack): oneDNN would run all nine taps and stream the weight once per
+image there (ResNet-18 at 3x32x32, batch 16, bf16: 3.5 ms for one 512x512 3x3 convolution,
+0.15 ms for the product; ONEDNN_VERBOSE shows both).
+
 The maths is the same convolution; the rounding is oneDNN's packed kernels' instead of eager
 PyTorch's choice (which is not oneDNN at every shape), so results agree with the plain model to
 float32 rounding, not bit for bit (tests/test_packed_weights.py: within 1e-5 of float64 truth).
@@ -23,6 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from advfast.engine.rows import memory_format_of
@@ -82,16 +90,37 @@ def output_padding(conv: nn.Conv2d, input_size: torch.Size,
             for i in range(2)]
 
 
+def single_window(conv: nn.Conv2d, size: torch.Size) -> tuple[int, int] | None:
+    """(rows, columns) of the input window that the convolution's one output position reads,
+    where it has one and the window is the input's first rows and columns (no groups, no
+    dilation, padding under the kernel): ResNet's last stage on 32x32 images, a 3x3 kernel
+    on a 1x1 or 2x2 input.  The kernel's other taps read only padding, so there the
+    convolution is a linear map of that window, taps [p, p + rows) x [q, q + columns)."""
+    if conv.groups != 1 or tuple(conv.dilation) != (1, 1):
+        return None
+    window = []
+    for i in range(2):
+        k, s, p, n = conv.kernel_size[i], conv.stride[i], conv.padding[i], size[i]
+        if not 0 <= n + 2 * p - k < s or p >= k:  # not one output position, or no tap inside
+            return None
+        window.append(min(n, k - p))
+    return window[0], window[1]
+
+
 class _Layouts:
     """One convolution's two weight layouts in one dtype, made at their first use from the
-    shapes seen there (oneDNN takes them for any batch size: the same bits), and its bias in
-    that dtype: autocast's casts, made once."""
+    shapes seen there, its matrices for the windows met (window_map), and its bias in that
+    dtype: autocast's casts, made once.  oneDNN takes the layouts at any batch size with the
+    same bits, but where its kernel for another batch size wants another blocking it lays the
+    pack out again on that call (ResNet-18's 256x256 3x3 weights at 14 rows against a pack
+    made at 16: ONEDNN_VERBOSE shows the reorder)."""
 
     def __init__(self, conv: nn.Conv2d, dtype: torch.dtype) -> None:
         self.conv, self.dtype = conv, dtype
         self.bias = None if conv.bias is None else conv.bias.detach().to(dtype)
         self._forward: torch.Tensor | None = None
         self._transposed: torch.Tensor | None = None
+        self._windows: dict[tuple[tuple[int, int], bool], torch.Tensor] = {}
 
     def forward_weight(self, x: torch.Tensor) -> torch.Tensor:
         if self._forward is None:
@@ -107,8 +136,31 @@ class _Layouts:
                 self._weight(), c.padding, padding, c.stride, c.dilation, c.groups, grad.shape)
         return self._transposed
 
+    def window_map(self, x: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+        """The convolution where its one output position reads ``window`` (single_window):
+        y[b, o] = sum over (channel, row, column) of x[b, c, row, column] W[o, c, p + row,
+        q + column] + bias, one matrix product [B, C*rows*columns] x [.., O]; y [B, O, 1, 1].
+        The window is flattened in x's memory order (a view where it is all of x), so the
+        input gradient comes back in x's layout: a channels_last gradient into a contiguous
+        model sends every layer before it down oneDNN's converting paths (ResNet-18 3x32x32
+        in float32, batch 1: a call 2.3x slower in a probe)."""
+        last = memory_format_of(x) == torch.channels_last
+        matrix = self._windows.get((window, last))
+        if matrix is None:
+            (p, q), (rows, columns) = self.conv.padding, window
+            taps = self._weight()[:, :, p:p + rows, q:q + columns]
+            matrix = _flat(taps, last).contiguous()
+            self._windows[(window, last)] = matrix
+        patch = _flat(x[:, :, :window[0], :window[1]], last)
+        return F.linear(patch, matrix, self.bias)[:, :, None, None]
+
     def _weight(self) -> torch.Tensor:
         return self.conv.weight.detach().to(self.dtype)
+
+
+def _flat(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """[N, C, H, W] -> [N, C*H*W], in (H, W, C) order for channels_last, else (C, H, W)."""
+    return (t.permute(0, 2, 3, 1) if channels_last else t).reshape(len(t), -1)
 
 
 class _Pack:
@@ -131,6 +183,9 @@ class _Pack:
         layouts = self._layouts.get(dtype)
         if layouts is None:
             layouts = self._layouts[dtype] = _Layouts(self.conv, dtype)
+        window = single_window(self.conv, x.shape[2:])
+        if window is not None:
+            return layouts.window_map(x.to(dtype), window)
         return _PackedConvolution.apply(x.to(dtype), layouts)
 
 
