@@ -80,9 +80,16 @@ def test_the_one_position_timing_takes_both_paths_and_puts_the_rule_back(monkeyp
         answers.append(rule(*args))
         return answers[-1]
     monkeypatch.setattr(packing, "single_window", watched)
+    convolution, convolved = packing._PackedConvolution.apply, []
+
+    def packed(*args):
+        convolved.append(len(answers))
+        return convolution(*args)
+    monkeypatch.setattr(packing._PackedConvolution, "apply", packed)
     times = batch_cost.one_position_gain(model, (3, 2, 2), [1, 3], 1, amp="bf16")
     assert sorted(times) == [1, 3] and all(a > 0 and b > 0 for a, b in times.values())
     assert packing.single_window is watched  # put back, also after the timed calls
     assert answers and all(a == (2, 2) for a in answers)  # the product timed, its input whole
+    assert convolved  # and the packed convolution without it
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all("forward" not in m.__dict__ for m in model.modules())

@@ -97,7 +97,7 @@ def _live_taps(conv: nn.Conv2d, size: tuple[int, int]) -> tuple[torch.Size, torc
 def test_the_window_is_where_the_one_output_position_reads(groups, dilation):
     checked = 0
     for k, stride, padding in ((1, 1, 0), (3, 1, 1), (3, 2, 1), (3, 3, 0), (2, 2, 1), (3, 1, 3),
-                               (5, 4, 2), (7, 2, 3)):
+                               (5, 4, 2), (7, 2, 3), (1, 3, 1)):
         conv = nn.Conv2d(2, 2, k, stride, padding, dilation, groups).requires_grad_(False)
         for size in itertools.product(range(1, 9), repeat=2):
             if any(n + 2 * padding < dilation * (k - 1) + 1 for n in size):
@@ -130,16 +130,28 @@ def test_a_one_position_convolution_is_a_product_of_its_window_not_a_pack(monkey
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_a_one_position_product_gives_the_gradient_in_the_input_layout(layout):
-    # a 2x2 input read whole: its gradient in another layout than the model's would send
-    # every layer before it down oneDNN's converting paths
-    conv = nn.Conv2d(4, 3, 3, 2, 1).requires_grad_(False).to(memory_format=layout)
-    x = torch.rand(2, 4, 2, 2).contiguous(memory_format=layout).requires_grad_(True)
+@pytest.mark.parametrize("k,stride,padding,size", [
+    (3, 2, 1, 2),  # read whole (ResNet-18's strided 3x3 at 32x32 images)
+    (1, 2, 0, 2),  # one pixel of four (its 1x1 shortcut there)
+    (3, 3, 1, 3),  # two rows and columns of three
+])
+def test_a_one_position_product_gives_the_gradient_in_the_input_layout(layout, k, stride,
+                                                                       padding, size):
+    # a gradient in another layout than the model's would send every layer before it down
+    # oneDNN's converting paths
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 3, k, stride, padding).requires_grad_(False).to(memory_format=layout)
+    x = torch.rand(2, 4, size, size).contiguous(memory_format=layout)
+    assert packing.single_window(conv, x.shape[2:]) is not None
+    up = torch.randn(2, 3, 1, 1)
     with weights_packed(conv):
-        (grad,) = torch.autograd.grad(conv(x).sum(), x)
+        x_ = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(conv(x_), x_, up)
     assert grad.is_contiguous(memory_format=layout)
     assert not grad.is_contiguous(memory_format=({torch.channels_last, torch.contiguous_format}
                                                  - {layout}).pop())
+    want = _truth(conv, x, up)[1]
+    assert (grad.double() - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 class _Counting:

@@ -140,10 +140,10 @@ class _Layouts:
         """The convolution where its one output position reads ``window`` (single_window):
         y[b, o] = sum over (channel, row, column) of x[b, c, row, column] W[o, c, p + row,
         q + column] + bias, one matrix product [B, C*rows*columns] x [.., O]; y [B, O, 1, 1].
-        The window is flattened in x's memory order (a view where it is all of x), so the
-        input gradient comes back in x's layout: a channels_last gradient into a contiguous
-        model sends every layer before it down oneDNN's converting paths (ResNet-18 3x32x32
-        in float32, batch 1: a call 2.3x slower in a probe)."""
+        The window is flattened in x's memory order (a view where it is all of x) and its
+        gradient comes back in x's layout: a channels_last gradient into a contiguous model
+        sends every layer before it down oneDNN's converting paths (ResNet-18 3x32x32 in
+        float32, batch 1: a call 2.3x slower in a probe)."""
         last = memory_format_of(x) == torch.channels_last
         matrix = self._windows.get((window, last))
         if matrix is None:
@@ -151,7 +151,10 @@ class _Layouts:
             taps = self._weight()[:, :, p:p + rows, q:q + columns]
             matrix = _flat(taps, last).contiguous()
             self._windows[(window, last)] = matrix
-        patch = _flat(x[:, :, :window[0], :window[1]], last)
+        if tuple(x.shape[2:]) == window:
+            patch = _flat(x, last)
+        else:  # slicing's own backward would give a contiguous gradient
+            patch = _Window.apply(x, window, last)
         return F.linear(patch, matrix, self.bias)[:, :, None, None]
 
     def _weight(self) -> torch.Tensor:
@@ -161,6 +164,27 @@ class _Layouts:
 def _flat(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """[N, C, H, W] -> [N, C*H*W], in (H, W, C) order for channels_last, else (C, H, W)."""
     return (t.permute(0, 2, 3, 1) if channels_last else t).reshape(len(t), -1)
+
+
+class _Window(torch.autograd.Function):
+    """The first (rows, columns) of x [N, C, H, W] flattened as :func:`_flat` does; its
+    gradient is zero outside the window and in x's memory format."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, window: tuple[int, int],  # type: ignore[override]
+                channels_last: bool) -> torch.Tensor:
+        ctx.shape, ctx.layout, ctx.window = x.shape, memory_format_of(x), window
+        ctx.channels_last = channels_last
+        return _flat(x[:, :, :window[0], :window[1]], channels_last)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (n, c), (rows, columns) = ctx.shape[:2], ctx.window
+        part = (grad.reshape(n, rows, columns, c).permute(0, 3, 1, 2) if ctx.channels_last
+                else grad.reshape(n, c, rows, columns))
+        x_grad = grad.new_zeros(ctx.shape).contiguous(memory_format=ctx.layout)
+        x_grad[:, :, :rows, :columns] = part
+        return x_grad, None, None
 
 
 class _Pack:
