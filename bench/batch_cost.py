@@ -28,12 +28,13 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
-from advfast.engine.core import autocast, weights_cast_once
 from advfast.engine import packing
+from advfast.engine.core import autocast, weights_cast_once
 from advfast.engine.packing import weights_packed
 from advfast.errors import UserError
 from advfast.io import models
@@ -85,67 +86,73 @@ def measure(model: torch.nn.Module, image_shape: tuple[int, ...], sizes: list[in
     return {n: statistics.median(t) for n, t in times.items()}
 
 
+def alternated(model: torch.nn.Module, inputs: dict[int, torch.Tensor], repeats: int,
+               variants: tuple[Callable[[], AbstractContextManager], ...],
+               amp: str | None = None) -> dict[int, tuple[float, ...]]:
+    """Batch size -> per variant, the median over ``repeats`` of the fastest of three calls
+    (forward + input-backward, under ``amp``) inside that variant's context; the variants in
+    turn within each size of each repeat, so that a change of load falls on all of them; the
+    first call inside each context (its casts, packs, oneDNN primitives) is not timed."""
+    times: dict[int, list[list[float]]] = {n: [[] for _ in variants] for n in inputs}
+    for _ in range(repeats):
+        for n, x in inputs.items():
+            for kept, variant in zip(times[n], variants):
+                with variant():
+                    call_seconds(model, x, True, amp)
+                    kept.append(fastest(model, x, True, amp))
+    return {n: tuple(statistics.median(t) for t in kept) for n, kept in times.items()}
+
+
 def cast_once_gain(model: torch.nn.Module, image_shape: tuple[int, ...], sizes: list[int],
                    repeats: int, amp: str,
                    channels_last: bool = False) -> dict[int, tuple[float, float]]:
     """Batch size -> (seconds of a call under autocast as a plain loop runs it, seconds with
-    the attacks' weights cast once, engine.core.weights_cast_once): medians over ``repeats``
-    of the fastest of three, the two taken in turn; inputs channels_last if asked (the model's
-    layout is the caller's)."""
-    inputs = batches(image_shape, sizes, channels_last)
-    times: dict[int, tuple[list[float], list[float]]] = {n: ([], []) for n in sizes}
-    for _ in range(repeats):
-        for n in sizes:
-            for kept, cast in zip(times[n], (nullcontext(), weights_cast_once(model, amp))):
-                with cast:
-                    call_seconds(model, inputs[n], True, amp)  # the first call of a layout
-                    kept.append(fastest(model, inputs[n], True, amp))
-    return {n: (statistics.median(a), statistics.median(b)) for n, (a, b) in times.items()}
+    the attacks' weights cast once, engine.core.weights_cast_once), :func:`alternated`;
+    inputs channels_last if asked (the model's layout is the caller's)."""
+    return alternated(model, batches(image_shape, sizes, channels_last), repeats,
+                      (nullcontext, lambda: weights_cast_once(model, amp)), amp)
 
 
 def packed_gain(model: torch.nn.Module, image_shape: tuple[int, ...], sizes: list[int],
                 repeats: int, channels_last: bool = False) -> dict[int, tuple[float, float]]:
     """Batch size -> (seconds of a float32 call of the plain model, seconds with its conv
-    weights packed once as ``pack_weights`` does, engine.packing.weights_packed): medians over
-    ``repeats`` of the fastest of three, the two taken in turn; the call that makes the packs
-    is not timed (an attack makes them once for all its iterations)."""
-    inputs = batches(image_shape, sizes, channels_last)
-    times: dict[int, tuple[list[float], list[float]]] = {n: ([], []) for n in sizes}
-    for _ in range(repeats):
-        for n in sizes:
-            plain, kept = times[n]
-            plain.append(fastest(model, inputs[n], True))
-            with weights_packed(model):
-                call_seconds(model, inputs[n], True)
-                kept.append(fastest(model, inputs[n], True))
-    return {n: (statistics.median(a), statistics.median(b)) for n, (a, b) in times.items()}
+    weights packed once as ``pack_weights`` does, engine.packing.weights_packed),
+    :func:`alternated` (the call that makes the packs is not timed: an attack makes them once
+    for all its iterations)."""
+    return alternated(model, batches(image_shape, sizes, channels_last), repeats,
+                      (nullcontext, lambda: weights_packed(model)))
+
+
+@contextmanager
+def _packed_under(model: torch.nn.Module, amp: str | None, rule) -> Iterator[None]:
+    """The model packed (its weights cast once under ``amp``) with ``rule`` standing in for
+    ``packing.single_window``, which is back afterwards."""
+    window = packing.single_window
+    packing.single_window = rule
+    try:
+        with weights_cast_once(model, amp), weights_packed(model):
+            yield
+    finally:
+        packing.single_window = window
 
 
 def one_position_gain(model: torch.nn.Module, image_shape: tuple[int, ...], sizes: list[int],
                       repeats: int, channels_last: bool = False,
                       amp: str | None = None) -> dict[int, tuple[float, float]]:
     """Batch size -> (seconds of a packed call without the one-position product, seconds
-    with it): the packs as ``pack_weights`` makes them, once with ``packing.single_window``
-    answering None for every convolution (each then runs as a packed convolution) and once as
-    it is, in turn; under ``amp`` with the weights cast once, as the attacks run; medians of
-    ``repeats`` of the fastest of three, the call that makes the packs not timed."""
-    inputs = batches(image_shape, sizes, channels_last)
-    times: dict[int, tuple[list[float], list[float]]] = {n: ([], []) for n in sizes}
+    with it), :func:`alternated`: the packs as ``pack_weights`` makes them, once with
+    ``packing.single_window`` answering None for every convolution (each then runs as a
+    packed convolution) and once as it is; under ``amp`` with the weights cast once, as the
+    attacks run."""
     window = packing.single_window
-    try:
-        for _ in range(repeats):
-            for n in sizes:
-                for kept, rule in zip(times[n], (lambda *_: None, window)):
-                    packing.single_window = rule
-                    with weights_cast_once(model, amp), weights_packed(model):
-                        call_seconds(model, inputs[n], True, amp)
-                        kept.append(fastest(model, inputs[n], True, amp))
-    finally:
-        packing.single_window = window
-    return {n: (statistics.median(a), statistics.median(b)) for n, (a, b) in times.items()}
+    return alternated(model, batches(image_shape, sizes, channels_last), repeats,
+                      (lambda: _packed_under(model, amp, lambda *_: None),
+                       lambda: _packed_under(model, amp, window)), amp)
 
 
 def _print_one_position(model: torch.nn.Module, shape: tuple[int, ...], args) -> dict:
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
     gains = one_position_gain(model, shape, args.sizes, args.repeats, args.channels_last,
                               args.amp)
     print(f"packed, {args.amp or 'float32'}{', channels_last' if args.channels_last else ''}: "
@@ -304,8 +311,6 @@ def main() -> int:
     if args.pack_weights and not args.amp:
         report["packed"] = _print_packed(model, shape, args)
     if args.one_position:
-        if args.channels_last:
-            model.to(memory_format=torch.channels_last)
         report["one_position"] = _print_one_position(model, shape, args)
     if args.json:
         write_json(args.json, report)  # strict JSON, written durably
