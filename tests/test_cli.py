@@ -182,6 +182,24 @@ def test_compile_on_the_cpu_says_why_eager_is_the_default(tmp_path, capsys, comm
     assert len(notes) == 1 and "--compile none aot_eager" in notes[0]
 
 
+@pytest.mark.parametrize("command", ["attack", "generate", "table1"])
+def test_bf16_on_a_cpu_without_bf16_instructions_says_it_is_emulated(tmp_path, capsys,
+                                                                     monkeypatch, command):
+    from advfast.cli import options
+
+    base = [command, "--n", "2", "--iterations", "2", "--device", "cpu", "--amp", "bf16"]
+    if command == "table1":
+        base += ["--no-figures", "--batch-size", "2"]
+    runs = [("amx", [], 0), ("avx512_bf16", [], 0), ("none", ["--quiet"], 0), ("none", [], 1)]
+    for k, (hardware, quiet, expected) in enumerate(runs):
+        monkeypatch.setattr(options, "cpu_bf16", lambda: hardware)
+        assert cli.main(base + quiet + ["--out", str(tmp_path / str(k))]) == 0
+        err = capsys.readouterr().err
+        notes = [line for line in err.splitlines() if "no bf16 instructions" in line]
+        assert len(notes) == expected, (hardware, quiet, err)
+    assert "--amp bf16 runs emulated" in notes[0] and "--peers none" in notes[0]
+
+
 @pytest.mark.parametrize("command,extra,attacks", [
     ("attack", ["--attack", "cw-l2", "--binary-search-steps", "1"], 1), ("generate", [], 1),
     ("table1", ["--no-figures", "--batch-size", "2"], 8)])

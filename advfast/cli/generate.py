@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from advfast.cli.options import (add_attack_command_options, arguments, attack_params,
-                                 compile_note, int_at_least)
+                                 int_at_least, running_notes)
 from advfast.engine.runtime import resolve_device
 from advfast.tools.generate import DTYPES, FORMATS, GenerateConfig
 from advfast.tools.generate import run as run_generate
@@ -30,5 +30,5 @@ def run(args: argparse.Namespace) -> int:
     given = arguments(args)
     config = GenerateConfig(params=params, **{k: v for k, v in given.items()
                                               if k in GenerateConfig.__dataclass_fields__})
-    compile_note(resolve_device(args.device), args.compile, args.quiet)
+    running_notes(resolve_device(args.device), args.compile, args.amp, args.quiet)
     return run_generate(config)

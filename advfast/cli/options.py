@@ -20,6 +20,7 @@ from advfast.io import models, selection
 from advfast.io.files import OutputFolder
 from advfast.attacks.eq11 import STEPS
 from advfast.tools import specs
+from advfast.tools.bench import cpu_bf16
 
 
 class Parser(argparse.ArgumentParser):
@@ -264,10 +265,23 @@ CPU_COMPILE_NOTE = ("note: torch.compile on the CPU ran 1.3-1.8x the eager floor
                     "'advfast bench --compile none {mode}' measures your model)")
 
 
-def compile_note(device: torch.device, mode: str | None, quiet: bool) -> None:
-    """The one-line note for --compile on a CPU device."""
-    if mode is not None and device.type == "cpu" and not quiet:
-        print(CPU_COMPILE_NOTE.format(mode=mode), file=sys.stderr)
+# Why --amp bf16 can be slower than fp32 on a CPU: without AMX or AVX512_BF16 oneDNN emulates
+# bf16 (measured in advfast bench on an AVX2-only AMD EPYC, docs/benchmarks.md).
+CPU_BF16_NOTE = ("note: this CPU has no bf16 instructions (AMX or AVX512_BF16), so --amp bf16 "
+                 "runs emulated; on an AVX2-only AMD EPYC it ran 10-14x the fp32 time "
+                 "('advfast bench --amp bf16 --peers none' measures your model)")
+
+
+def running_notes(device: torch.device, compile_mode: str | None, amp: str | None,
+                  quiet: bool) -> None:
+    """One line each on stderr for the running options that are slower than the default on
+    this CPU: --compile, and --amp bf16 where the CPU has no bf16 instructions."""
+    if quiet or device.type != "cpu":
+        return
+    if compile_mode is not None:
+        print(CPU_COMPILE_NOTE.format(mode=compile_mode), file=sys.stderr)
+    if amp == "bf16" and cpu_bf16() == "none":
+        print(CPU_BF16_NOTE, file=sys.stderr)
 
 
 def setup(args: argparse.Namespace):
@@ -276,7 +290,7 @@ def setup(args: argparse.Namespace):
         raise InvalidValue(f"--model {args.model} needs --data DIR (only the digits and mnist "
                            "models have built-in inputs)")
     device = resolve_device(args.device)
-    compile_note(device, getattr(args, "compile", None), args.quiet)
+    running_notes(device, getattr(args, "compile", None), args.amp, args.quiet)
     model = models.load(args.model, weights=args.weights, device=device,
                         num_classes=args.num_classes)
     source = selection.source_for(model, args.data, split=args.split, labels_csv=args.labels_csv,
