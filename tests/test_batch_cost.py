@@ -70,8 +70,11 @@ def test_the_packed_timing_leaves_every_forward_as_it_was():
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
-def test_the_one_position_timing_takes_both_paths_and_puts_the_rule_back(monkeypatch):
+@pytest.mark.parametrize("amp", [None, "bf16"])
+def test_the_one_position_timing_takes_both_paths_and_puts_the_rule_back(monkeypatch, amp):
     from advfast.engine import packing
+    if amp == "bf16" and not packing.bf16_packs_supported():
+        pytest.skip("oneDNN has no bf16 convolutions on this CPU")
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, 2, 1), torch.nn.Flatten(),
                                 torch.nn.Linear(4, 5)).eval().requires_grad_(False)
     rule, answers = packing.single_window, []
@@ -86,7 +89,7 @@ def test_the_one_position_timing_takes_both_paths_and_puts_the_rule_back(monkeyp
         convolved.append(len(answers))
         return convolution(*args)
     monkeypatch.setattr(packing._PackedConvolution, "apply", packed)
-    times = batch_cost.one_position_gain(model, (3, 2, 2), [1, 3], 1, amp="bf16")
+    times = batch_cost.one_position_gain(model, (3, 2, 2), [1, 3], 1, amp=amp)
     assert sorted(times) == [1, 3] and all(a > 0 and b > 0 for a, b in times.values())
     assert packing.single_window is watched  # put back, also after the timed calls
     assert answers and all(a == (2, 2) for a in answers)  # the product timed, its input whole

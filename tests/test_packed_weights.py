@@ -293,6 +293,11 @@ def _bf16_call(model, x):
     return y.detach(), grad
 
 
+BF16_PACKS = pytest.mark.skipif(not packing.bf16_packs_supported(),
+                                reason="oneDNN has no bf16 convolutions on this CPU")
+
+
+@BF16_PACKS
 @pytest.mark.parametrize("cast_once", [False, True])
 def test_under_bf16_the_packs_compute_as_autocast(cast_once, monkeypatch):
     counting = _Counting()
@@ -309,6 +314,25 @@ def test_under_bf16_the_packs_compute_as_autocast(cast_once, monkeypatch):
     for g, w in zip(got, want):  # the same bf16 maths (kernels may round differently)
         assert (g.float() - w.float()).abs().max() <= 1e-2 * w.float().abs().max()
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_without_onednn_bf16_a_bf16_convolution_runs_the_plain_way(monkeypatch):
+    # (an AVX2-only CPU: oneDNN's bf16 reorder refuses there, so nothing may ask for it)
+    monkeypatch.setattr(packing, "bf16_packs_supported", lambda: False)
+    counting = _Counting()
+    monkeypatch.setattr(packing, "_mkldnn", counting)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, 2))
+    model.requires_grad_(False)
+    x = torch.rand(4, 3, 9, 9)
+    want = _bf16_call(model, x)
+    with weights_packed(model):
+        got = _bf16_call(model, x)
+    assert counting.reorders == 0
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    with pytest.raises(ValueError, match="bf16 convolutions"):
+        advfast.Attack(small_model(), beta=0.1, pack_weights=True, amp="bf16")
+    advfast.Attack(small_model(), beta=0.1, pack_weights=True)  # float32 packs stay
 
 
 def test_a_call_outside_autocast_after_one_inside_stays_float32():

@@ -21,11 +21,13 @@ The maths is the same convolution; the rounding is oneDNN's packed kernels' inst
 PyTorch's choice (which is not oneDNN at every shape), so results agree with the plain model to
 float32 rounding, not bit for bit (tests/test_packed_weights.py: within 1e-5 of float64 truth).
 Under bf16 autocast the packs hold the weights in bfloat16 and the input is cast as autocast
-would cast it.
+would cast it, on CPUs where oneDNN has bf16 convolutions (:func:`bf16_packs_supported`);
+elsewhere bf16 convolutions run the plain way.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -40,9 +42,18 @@ _mkldnn = torch.ops.mkldnn
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
+@functools.cache
+def bf16_packs_supported() -> bool:
+    """Whether oneDNN lays out and runs bf16 convolution weights on this CPU (AVX-512 BW, VL
+    and DQ, or AVX-NE-CONVERT; torch's own test): elsewhere its reorder refuses bf16 (an
+    AVX2-only AMD EPYC), and bf16 itself runs emulated."""
+    return bool(_mkldnn._is_mkldnn_bf16_supported())
+
+
 def check_packable(device: torch.device, amp: str | None, compile: str | None) -> None:
     """One-line InvalidValue where ``pack_weights`` cannot apply: it is for eager calls of a
-    model on the CPU with oneDNN, in float32 or under bf16 autocast."""
+    model on the CPU with oneDNN, in float32 or under bf16 autocast where oneDNN has bf16
+    convolutions."""
     if device.type != "cpu":
         raise InvalidValue(f"pack_weights is for models on the CPU (oneDNN), this one is on "
                            f"{device.type}")
@@ -54,6 +65,10 @@ def check_packable(device: torch.device, amp: str | None, compile: str | None) -
                            "weights out itself")
     if amp not in (None, "bf16"):
         raise InvalidValue(f"pack_weights runs in float32 or bf16, not under amp={amp!r}")
+    if amp == "bf16" and not bf16_packs_supported():
+        raise InvalidValue("pack_weights under bf16 needs oneDNN's bf16 convolutions (a CPU "
+                           "with AVX-512 BW/VL/DQ or AVX-NE-CONVERT), which this CPU lacks: "
+                           "pack in float32, or run bf16 unpacked")
 
 
 class _PackedConvolution(torch.autograd.Function):
@@ -201,8 +216,9 @@ class _Pack:
         dtype = torch.get_autocast_dtype("cpu") if autocasting else self.conv.weight.dtype
         # what the packs are not for goes the plain way, which treats (or refuses) it as
         # before: an unbatched image, another input dtype than the float32 autocast casts or
-        # the one the convolution computes in
-        if x.dim() != 4 or x.dtype not in ((torch.float32, dtype) if autocasting else (dtype,)):
+        # the one the convolution computes in, bf16 where oneDNN has no bf16 convolutions
+        if (x.dim() != 4 or x.dtype not in ((torch.float32, dtype) if autocasting else (dtype,))
+                or (dtype == torch.bfloat16 and not bf16_packs_supported())):
             return nn.Conv2d.forward(self.conv, x)
         layouts = self._layouts.get(dtype)
         if layouts is None:
