@@ -293,6 +293,16 @@ def _bf16_call(model, x):
     return y.detach(), grad
 
 
+def _two_convolutions(monkeypatch):
+    """Reorders counted, and a frozen model of two convolutions (the second on the first's
+    output) with an input for it."""
+    counting = _Counting()
+    monkeypatch.setattr(packing, "_mkldnn", counting)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, 2))
+    return counting, model.requires_grad_(False), torch.rand(4, 3, 9, 9)
+
+
 BF16_PACKS = pytest.mark.skipif(not packing.bf16_packs_supported(),
                                 reason="oneDNN has no bf16 convolutions on this CPU")
 
@@ -300,12 +310,7 @@ BF16_PACKS = pytest.mark.skipif(not packing.bf16_packs_supported(),
 @BF16_PACKS
 @pytest.mark.parametrize("cast_once", [False, True])
 def test_under_bf16_the_packs_compute_as_autocast(cast_once, monkeypatch):
-    counting = _Counting()
-    monkeypatch.setattr(packing, "_mkldnn", counting)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, 2))
-    model.requires_grad_(False)
-    x = torch.rand(4, 3, 9, 9)
+    counting, model, x = _two_convolutions(monkeypatch)
     want = _bf16_call(model, x)
     with weights_cast_once(model, "bf16" if cast_once else None), weights_packed(model):
         got = _bf16_call(model, x)
@@ -319,12 +324,7 @@ def test_under_bf16_the_packs_compute_as_autocast(cast_once, monkeypatch):
 def test_without_onednn_bf16_a_bf16_convolution_runs_the_plain_way(monkeypatch):
     # (an AVX2-only CPU: oneDNN's bf16 reorder refuses there, so nothing may ask for it)
     monkeypatch.setattr(packing, "bf16_packs_supported", lambda: False)
-    counting = _Counting()
-    monkeypatch.setattr(packing, "_mkldnn", counting)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, 2))
-    model.requires_grad_(False)
-    x = torch.rand(4, 3, 9, 9)
+    counting, model, x = _two_convolutions(monkeypatch)
     want = _bf16_call(model, x)
     with weights_packed(model):
         got = _bf16_call(model, x)
